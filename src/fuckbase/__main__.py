@@ -1,0 +1,3 @@
+from fuckbase.cli import main
+
+main()

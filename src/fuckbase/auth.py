@@ -1,0 +1,123 @@
+"""Credentials: Basic headers or body fields, hashed database passwords, constant-time checks.
+
+Database passwords are stored as scrypt hashes. Checking scrypt on every request would cost
+tens of milliseconds, so a credential that verified once is remembered as a keyed digest
+(HMAC with a per-process random key), compared in constant time on later requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import asyncio
+import os
+from typing import Any
+
+from fuckbase.errors import ApiError, invalid
+
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+_PROCESS_KEY = os.urandom(32)
+
+
+def hash_password(password: str) -> str:
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P)
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        got = hashlib.scrypt(
+            password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p)
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got.hex(), digest)
+
+
+def make_db_auth(username: str, password: str) -> dict[str, str]:
+    """The stored form of a database's credentials: never the password itself."""
+    return {"username": username, "hash": hash_password(password)}
+
+
+def parse_basic(header: str | None) -> tuple[str, str] | None:
+    """(user, password) from an `Authorization: Basic …` header value, or None."""
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic" or not token:
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep:
+        return None
+    return user, password
+
+
+def body_credentials(body: dict[str, Any], field: str) -> tuple[str, str] | None:
+    """(user, password) from a body object such as `"auth": {"username", "password"}`."""
+    raw = body.get(field)
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise invalid(f'"{field}" must be an object with "username" and "password"')
+    user, password = raw.get("username"), raw.get("password")
+    if not isinstance(user, str) or not isinstance(password, str):
+        raise invalid(f'"{field}" must have string "username" and "password"')
+    return user, password
+
+
+class AdminGuard:
+    """Checks the admin credentials, when an admin user is configured."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self.enabled = bool(username)
+        self._user = username.encode()
+        self._password = password.encode()
+
+    def check(self, header: str | None, body: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        creds = parse_basic(header) or body_credentials(body, "admin_auth")
+        ok = False
+        if creds is not None:
+            user_ok = hmac.compare_digest(creds[0].encode(), self._user)
+            password_ok = hmac.compare_digest(creds[1].encode(), self._password)
+            ok = user_ok and password_ok
+        if not ok:
+            raise ApiError(401, "ADMIN_AUTH_REQUIRED", "Admin authentication required")
+
+
+class DatabaseGuard:
+    """Checks per-database credentials against their stored hash, remembering successes."""
+
+    def __init__(self) -> None:
+        self._verified: dict[str, bytes] = {}
+
+    async def check(
+        self, stored: dict[str, str], header: str | None, body: dict[str, Any]
+    ) -> None:
+        creds = parse_basic(header) or body_credentials(body, "auth")
+        if creds is None or not await self._matches(stored, creds):
+            raise ApiError(401, "AUTH_FAILED", "Authentication failed")
+
+    async def _matches(self, stored: dict[str, str], creds: tuple[str, str]) -> bool:
+        user, password = creds
+        token = hmac.new(_PROCESS_KEY, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+        remembered = self._verified.get(stored["hash"])
+        if remembered is not None and hmac.compare_digest(remembered, token):
+            return True
+        user_ok = hmac.compare_digest(user.encode(), stored["username"].encode())
+        # scrypt takes tens of milliseconds: off the event loop
+        password_ok = await asyncio.to_thread(verify_password, password, stored["hash"])
+        if user_ok and password_ok:
+            self._verified[stored["hash"]] = token
+        return user_ok and password_ok

@@ -1,0 +1,158 @@
+"""The `fuckbase` command: flags (each with its FUCKBASE_* environment twin) to Settings.
+
+`fuckbase [--port …]` serves, exactly as the original's command line does; subcommands do
+other jobs. Bad configuration ends the process with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fuckbase import __version__
+from fuckbase.config import COMPRESSIONS, DURABILITY_MODES, LOG_LEVELS, ConfigError, S3Settings, Settings
+
+
+def _opt(*decls: str, env: str, **kw: Any) -> Any:
+    return click.option(*decls, envvar=env, show_envvar=True, **kw)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@_opt("--port", env="FUCKBASE_PORT", type=int, default=8080, show_default=True, help="TCP port to listen on.")
+@_opt("--host", env="FUCKBASE_HOST", default="0.0.0.0", show_default=True, help="Address to bind.")
+@_opt(
+    "--data-dir",
+    env="FUCKBASE_DATA_DIR",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("./data"),
+    show_default=True,
+    help="Where the data lives (created if missing).",
+)
+@_opt("--admin-username", env="FUCKBASE_ADMIN_USERNAME", default="", help="Admin user; enables admin auth.")
+@_opt("--admin-password", env="FUCKBASE_ADMIN_PASSWORD", default="", help="Admin password.")
+@_opt(
+    "--log-level",
+    env="FUCKBASE_LOG_LEVEL",
+    type=click.Choice(LOG_LEVELS),
+    default="info",
+    show_default=True,
+    help="Log verbosity; info and debug include the access log.",
+)
+@_opt("--log-file", env="FUCKBASE_LOG_FILE", default="", help="Log to this file instead of stdout.")
+@_opt(
+    "--access-log/--no-access-log",
+    env="FUCKBASE_ACCESS_LOG",
+    default=True,
+    show_default=True,
+    help="One line per request at log level info or debug.",
+)
+@_opt(
+    "--durability",
+    env="FUCKBASE_DURABILITY",
+    type=click.Choice(DURABILITY_MODES),
+    default="os",
+    show_default=True,
+    help="os: a write is acknowledged once the OS has it (survives kill -9; fsync every second). "
+    "fsync: acknowledged only after fsync (survives power loss).",
+)
+@_opt(
+    "--max-body-size",
+    env="FUCKBASE_MAX_BODY_SIZE",
+    type=int,
+    default=16 * 1024 * 1024,
+    show_default=True,
+    help="Largest request body in bytes; larger ones get 413.",
+)
+@_opt("--s3-endpoint", env="FUCKBASE_S3_ENDPOINT", default="", help="host:port (plain http), http(s)://…, or empty for AWS.")
+@_opt("--s3-bucket", env="FUCKBASE_S3_BUCKET", default="", help="Bucket for backups; enables S3.")
+@_opt("--s3-access-key", env="FUCKBASE_S3_ACCESS_KEY", default="", help="S3 access key id.")
+@_opt("--s3-secret-key", env="FUCKBASE_S3_SECRET_KEY", default="", help="S3 secret key (never logged).")
+@_opt("--s3-region", env="FUCKBASE_S3_REGION", default="us-east-1", show_default=True, help="S3 region.")
+@_opt(
+    "--backup-interval",
+    env="FUCKBASE_BACKUP_INTERVAL",
+    type=float,
+    default=None,
+    help="Minutes between automatic full backups; 0 disables. Default: 60 with S3, off otherwise.",
+)
+@_opt(
+    "--backup-dir",
+    env="FUCKBASE_BACKUP_DIR",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Local backup folder when no S3 bucket is set. Default: <data-dir>/backups.",
+)
+@_opt("--backup-retention", env="FUCKBASE_BACKUP_RETENTION", type=int, default=0, help="Keep the newest N automatic backups (0: all).")
+@_opt(
+    "--backup-compression",
+    env="FUCKBASE_BACKUP_COMPRESSION",
+    type=click.Choice(COMPRESSIONS),
+    default="none",
+    show_default=True,
+    help="Compression of new backups.",
+)
+@_opt(
+    "--restore-on-start",
+    env="FUCKBASE_RESTORE_ON_START",
+    default="",
+    help="'latest' or a backup name: restore it when the data dir is empty at startup.",
+)
+@click.version_option(__version__, prog_name="fuckbase")
+@click.pass_context
+def cli(ctx: click.Context, **opts: Any) -> None:
+    """FuckBase: a small, fast HTTP database. Without a subcommand, runs the server."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fuckbase.server import StartupError, run
+
+    settings = settings_from(opts)
+    try:
+        run(settings)
+    except (ConfigError, StartupError) as exc:
+        fail(str(exc))
+
+
+def settings_from(opts: dict[str, Any]) -> Settings:
+    return Settings(
+        host=opts["host"],
+        port=opts["port"],
+        data_dir=opts["data_dir"],
+        admin_username=opts["admin_username"],
+        admin_password=opts["admin_password"],
+        log_level=opts["log_level"],
+        log_file=opts["log_file"],
+        access_log=opts["access_log"],
+        durability=opts["durability"],
+        max_body_bytes=opts["max_body_size"],
+        s3=S3Settings(
+            endpoint=opts["s3_endpoint"],
+            bucket=opts["s3_bucket"],
+            access_key=opts["s3_access_key"],
+            secret_key=opts["s3_secret_key"],
+            region=opts["s3_region"],
+        ),
+        backup_dir=opts["backup_dir"],
+        backup_interval_minutes=opts["backup_interval"],
+        backup_retention=opts["backup_retention"],
+        backup_compression=opts["backup_compression"],
+        restore_on_start=opts["restore_on_start"],
+    )
+
+
+def fail(message: str) -> None:
+    click.echo(f"fuckbase: error: {message}", err=True)
+    sys.exit(2)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        fail(exc.format_message())
+    except click.exceptions.Abort:
+        sys.exit(130)

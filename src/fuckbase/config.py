@@ -1,0 +1,100 @@
+"""Server settings: one immutable object built by the CLI from flags, environment and defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DURABILITY_MODES = ("os", "fsync")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+COMPRESSIONS = ("none", "gzip", "zstd")
+
+
+class ConfigError(ValueError):
+    """Configuration that cannot work; reported as one line before anything binds."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str = ""
+    bucket: str = ""
+    access_key: str = field(default="", repr=False)
+    secret_key: str = field(default="", repr=False)
+    region: str = "us-east-1"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bucket)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    data_dir: Path = Path("./data")
+    admin_username: str = ""
+    admin_password: str = field(default="", repr=False)
+    log_level: str = "info"
+    log_file: str = ""
+    access_log: bool = True
+    durability: str = "os"
+    max_body_bytes: int = 16 * 1024 * 1024
+    s3: S3Settings = field(default_factory=S3Settings)
+    backup_dir: Path | None = None
+    backup_interval_minutes: float | None = None
+    backup_retention: int = 0
+    backup_compression: str = "none"
+    restore_on_start: str = ""
+
+    @property
+    def admin_enabled(self) -> bool:
+        return bool(self.admin_username)
+
+    @property
+    def effective_backup_dir(self) -> Path:
+        return self.backup_dir if self.backup_dir is not None else self.data_dir / "backups"
+
+    @property
+    def effective_backup_interval(self) -> float:
+        """Minutes between automatic backups: 60 with S3 as in the original, off for the local folder."""
+        if self.backup_interval_minutes is not None:
+            return self.backup_interval_minutes
+        return 60.0 if self.s3.enabled else 0.0
+
+    def validate(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is out of range 1-65535")
+        if self.durability not in DURABILITY_MODES:
+            raise ConfigError(f"durability must be one of {', '.join(DURABILITY_MODES)}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("max body size must be at least 1024 bytes")
+        if self.backup_interval_minutes is not None and self.backup_interval_minutes < 0:
+            raise ConfigError("backup interval must be >= 0 minutes")
+        if self.backup_retention < 0:
+            raise ConfigError("backup retention must be >= 0")
+        if self.backup_compression not in COMPRESSIONS:
+            raise ConfigError(f"backup compression must be one of {', '.join(COMPRESSIONS)}")
+        if bool(self.admin_username) != bool(self.admin_password):
+            raise ConfigError("admin username and admin password must be given together")
+        if self.s3.enabled and bool(self.s3.access_key) != bool(self.s3.secret_key):
+            raise ConfigError("S3 access key and secret key must be given together")
+        _check_writable_dir(self.data_dir, "data dir")
+
+def _check_writable_dir(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{what} {str(path)!r} cannot be created: {exc.strerror}") from None
+    if not path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {str(path)!r} is not writable")
+    probe = path / ".write-probe"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not writable: {exc.strerror}") from None

@@ -1,0 +1,565 @@
+"""Durable storage: LMDB on disk, one group-committed write path, an in-memory catalog and indexes.
+
+Every write is an operation queued on the event loop. All operations queued during one loop
+tick run in a single LMDB write transaction ("group commit"); their callers are answered only
+after that transaction has committed (and, with durability "fsync", reached the disk). Reads
+open their own LMDB read transaction: they see the last commit and never wait for the writer.
+The catalog (databases, sets, index definitions) and the index contents live in memory and are
+changed inside the same synchronous step as the commit, so readers always see the two agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import orjson
+
+from fuckbase.errors import ApiError, conflict, invalid, not_found
+from fuckbase.indexes import SORTABLE, Index, IndexDef, make_index
+
+log = logging.getLogger("fuckbase.engine")
+
+MAP_SIZE = 1 << 40  # address space only; the file grows as data is written
+INLINE_KEY_MAX = 480  # LMDB keys are at most 511 bytes; longer keys are stored by digest
+BUILD_CHUNK = 4096  # entries indexed per loop tick while an index is built
+GC_CHUNK = 8192  # entries deleted per commit when a dropped set is reclaimed
+SYNC_INTERVAL = 1.0  # seconds between background fsyncs with durability "os"
+
+_DB_PREFIX = b"db:"
+_GC_PREFIX = b"gc:"
+_SEQ_KEY = b"seq"
+
+
+def data_key(prefix: bytes, key: str) -> bytes:
+    kb = key.encode()
+    if len(kb) <= INLINE_KEY_MAX:
+        return prefix + b"k" + kb
+    return prefix + b"h" + hashlib.sha256(kb).digest()
+
+
+def stored_value(key: str, raw: bytes) -> bytes:
+    """What LMDB holds for an entry: the JSON, preceded by the key when the key was digested."""
+    kb = key.encode()
+    if len(kb) <= INLINE_KEY_MAX:
+        return raw
+    return len(kb).to_bytes(2, "big") + kb + raw
+
+
+def decode_entry(lkey: bytes, stored: bytes) -> tuple[str, bytes]:
+    """(key, JSON bytes) of one LMDB entry of the data table."""
+    if lkey[8:9] == b"k":
+        return lkey[9:].decode(), stored
+    n = int.from_bytes(stored[:2], "big")
+    return stored[2 : 2 + n].decode(), stored[2 + n :]
+
+
+def _value_of_stored(key: str, stored: bytes | None) -> bytes | None:
+    if stored is None:
+        return None
+    kb = key.encode()
+    if len(kb) <= INLINE_KEY_MAX:
+        return stored
+    n = int.from_bytes(stored[:2], "big")
+    if stored[2 : 2 + n] != kb:
+        return None
+    return stored[2 + n :]
+
+
+def decode_json(raw: bytes) -> Any:
+    return orjson.loads(raw)
+
+
+@dataclass
+class SetState:
+    name: str
+    id: int
+    indexes: dict[str, Index] = field(default_factory=dict)
+    building: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+    count: int = 0
+
+    @property
+    def prefix(self) -> bytes:
+        return self.id.to_bytes(8, "big")
+
+
+@dataclass
+class DatabaseState:
+    name: str
+    id: int
+    auth: dict[str, str] | None = None
+    sets: dict[str, SetState] = field(default_factory=dict)
+
+    def record(self) -> bytes:
+        return orjson.dumps(
+            {
+                "id": self.id,
+                "auth": self.auth,
+                "sets": {
+                    s.name: {
+                        "id": s.id,
+                        "indexes": {n: i.definition.to_json() for n, i in s.indexes.items()},
+                    }
+                    for s in self.sets.values()
+                },
+            }
+        )
+
+    @property
+    def key_count(self) -> int:
+        return sum(s.count for s in self.sets.values())
+
+
+Op = Callable[[lmdb.Transaction], Any]
+
+
+class Engine:
+    """The one owner of the data directory. All methods run on the event loop thread."""
+
+    def __init__(self, path: Path, durability: str = "os") -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.durability = durability
+        self.env = lmdb.open(
+            str(path),
+            map_size=MAP_SIZE,
+            max_dbs=4,
+            sync=False,
+            metasync=False,
+            readahead=False,
+            max_readers=512,
+        )
+        self.meta = self.env.open_db(b"meta")
+        self.data = self.env.open_db(b"data")
+        self.databases: dict[str, DatabaseState] = {}
+        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.commits = 0
+        self._load()
+
+    # ----------------------------------------------------------------- life cycle
+
+    def _load(self) -> None:
+        """Rebuild the in-memory catalog and index contents from what is on disk."""
+        self.databases = {}
+        with self.env.begin(db=self.meta) as txn:
+            for k, v in txn.cursor(db=self.meta):
+                if not k.startswith(_DB_PREFIX):
+                    continue
+                rec = orjson.loads(v)
+                db = DatabaseState(k[len(_DB_PREFIX) :].decode(), rec["id"], rec.get("auth"))
+                for sname, srec in rec["sets"].items():
+                    s = SetState(sname, srec["id"])
+                    for iname, idef in srec["indexes"].items():
+                        s.indexes[iname] = make_index(IndexDef.from_json(iname, idef))
+                    db.sets[sname] = s
+                self.databases[db.name] = db
+        with self.env.begin(db=self.data) as txn:
+            for db in self.databases.values():
+                for s in db.sets.values():
+                    self._scan_set(txn, s)
+
+    def _scan_set(self, txn: lmdb.Transaction, s: SetState) -> None:
+        cur = txn.cursor(db=self.data)
+        prefix = s.prefix
+        count = 0
+        indexes = list(s.indexes.values())
+        if cur.set_range(prefix):
+            for lkey, stored in cur:
+                if not lkey.startswith(prefix):
+                    break
+                count += 1
+                if indexes:
+                    key, raw = decode_entry(lkey, stored)
+                    obj = orjson.loads(raw)
+                    for idx in indexes:
+                        idx.update(key, obj, obj)
+        s.count = count
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Begin background work: reclaiming dropped sets, periodic fsync."""
+        self._loop = loop
+        self._spawn(self._collect_garbage())
+        if self.durability == "os":
+            self._spawn(self._sync_periodically())
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        self._flush()
+        await asyncio.sleep(0)
+        self.env.sync(True)
+        self.env.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _sync_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL)
+            await asyncio.to_thread(self.env.sync, True)
+
+    # ----------------------------------------------------------------- the write path
+
+    async def submit(self, op: Op) -> Any:
+        """Runs `op` in a write transaction; returns its result once the commit is durable.
+
+        With durability "os" a commit costs a few microseconds (no fsync), so `op` commits at
+        once, without a suspension. With "fsync", operations queued during one loop tick
+        share one commit and one fsync (group commit), which runs off the event loop.
+        """
+        if self.durability == "os":
+            try:
+                with self.env.begin(write=True) as txn:
+                    result = op(txn)
+            except ApiError:
+                raise  # raised before the operation changed anything
+            except Exception as exc:
+                raise self._recover(exc) from exc
+            self.commits += 1
+            return result
+        return await self._enqueue(op)
+
+    def _recover(self, exc: Exception) -> ApiError:
+        """After a failed commit the in-memory state may be ahead of the disk: reload it."""
+        log.error("write failed, reloading state from disk: %s", exc)
+        self._load()
+        return ApiError(500, "INTERNAL_ERROR", f"write failed: {exc}")
+
+    def _enqueue(self, op: Op) -> asyncio.Future[Any]:
+        loop = self._loop or asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((op, fut))
+        return fut
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        results: list[Any] = []
+        try:
+            with self.env.begin(write=True) as txn:
+                for op, _ in batch:
+                    try:
+                        results.append(op(txn))
+                    except ApiError as exc:
+                        results.append(_Failed(exc))
+        except Exception as exc:  # the commit itself failed: disk full, I/O error
+            results = [_Failed(self._recover(exc))] * len(batch)
+            _resolve(batch, results)
+            return
+        self.commits += 1
+        if self.durability == "fsync":
+            self._spawn(self._sync_then_resolve(batch, results))
+        else:
+            _resolve(batch, results)
+
+    async def _sync_then_resolve(self, batch: list[tuple[Op, asyncio.Future[Any]]], results: list[Any]) -> None:
+        await asyncio.to_thread(self.env.sync, True)
+        _resolve(batch, results)
+
+    # ----------------------------------------------------------------- catalog helpers
+
+    def database(self, name: str) -> DatabaseState:
+        db = self.databases.get(name)
+        if db is None:
+            raise not_found("DB_NOT_FOUND", f"database {name!r} not found")
+        return db
+
+    @staticmethod
+    def set_of(db: DatabaseState, name: str) -> SetState:
+        s = db.sets.get(name)
+        if s is None:
+            raise not_found("SET_NOT_FOUND", f"set {name!r} not found in database {db.name!r}")
+        return s
+
+    def _live(self, db: DatabaseState) -> None:
+        """An operation queued for a database that was dropped or replaced meanwhile fails cleanly."""
+        if self.databases.get(db.name) is not db:
+            raise not_found("DB_NOT_FOUND", f"database {db.name!r} not found")
+
+    def _next_id(self, txn: lmdb.Transaction) -> int:
+        cur = txn.get(_SEQ_KEY, db=self.meta)
+        n = int.from_bytes(cur, "big") + 1 if cur else 1
+        txn.put(_SEQ_KEY, n.to_bytes(8, "big"), db=self.meta)
+        return n
+
+    def _save(self, txn: lmdb.Transaction, db: DatabaseState) -> None:
+        txn.put(_DB_PREFIX + db.name.encode(), db.record(), db=self.meta)
+
+    def _new_set(self, txn: lmdb.Transaction, db: DatabaseState, name: str) -> SetState:
+        s = SetState(name, self._next_id(txn))
+        db.sets[name] = s
+        self._save(txn, db)
+        return s
+
+    # ----------------------------------------------------------------- writes
+
+    async def create_database(self, name: str, auth: dict[str, str] | None) -> None:
+        def op(txn: lmdb.Transaction) -> None:
+            if name in self.databases:
+                raise conflict("DB_ALREADY_EXISTS", f"database {name!r} already exists")
+            db = DatabaseState(name, self._next_id(txn), auth)
+            self._save(txn, db)
+            self.databases[name] = db
+
+        await self.submit(op)
+
+    async def drop_database(self, db: DatabaseState) -> None:
+        def op(txn: lmdb.Transaction) -> None:
+            self._live(db)
+            txn.delete(_DB_PREFIX + db.name.encode(), db=self.meta)
+            self._forget_sets(txn, db.sets.values())
+            del self.databases[db.name]
+
+        await self.submit(op)
+
+    def _forget_sets(self, txn: lmdb.Transaction, sets: Any) -> None:
+        """Marks sets' data for reclaiming in the background; a drop is O(sets), not O(entries)."""
+        for s in sets:
+            txn.put(_GC_PREFIX + s.prefix, b"", db=self.meta)
+            for fut in s.building.values():
+                if not fut.done():
+                    fut.set_exception(not_found("INDEX_NOT_FOUND", "the index was dropped while building"))
+                    fut.exception()
+        if self._loop is not None:
+            self._spawn(self._collect_garbage())
+
+    async def create_set(self, db: DatabaseState, name: str) -> None:
+        def op(txn: lmdb.Transaction) -> None:
+            self._live(db)
+            if name in db.sets:
+                raise conflict("SET_ALREADY_EXISTS", f"set {name!r} already exists")
+            self._new_set(txn, db, name)
+
+        await self.submit(op)
+
+    async def put(self, db: DatabaseState, set_name: str, key: str, value: Any, raw: bytes) -> None:
+        dkey_suffix = stored_value(key, raw)
+
+        def op(txn: lmdb.Transaction) -> None:
+            self._live(db)
+            s = db.sets.get(set_name)
+            if s is None:
+                s = self._new_set(txn, db, set_name)
+            old = txn.replace(data_key(s.prefix, key), dkey_suffix, db=self.data)
+            if old is None:
+                s.count += 1
+            if s.indexes:
+                old_obj = None if old is None else orjson.loads(decode_entry(_long_marker(key), old)[1])
+                for idx in s.indexes.values():
+                    idx.update(key, old_obj, value)
+
+        await self.submit(op)
+
+    async def delete(self, db: DatabaseState, set_name: str, key: str) -> None:
+        def op(txn: lmdb.Transaction) -> None:
+            self._live(db)
+            s = self.set_of(db, set_name)
+            old = txn.pop(data_key(s.prefix, key), db=self.data)
+            if old is None:
+                raise not_found("KEY_NOT_FOUND", f"key {key!r} not found")
+            s.count -= 1
+            if s.indexes:
+                old_obj = orjson.loads(decode_entry(_long_marker(key), old)[1])
+                for idx in s.indexes.values():
+                    idx.update(key, old_obj, None)
+
+        await self.submit(op)
+
+    async def create_index(self, db: DatabaseState, set_name: str, definition: IndexDef) -> None:
+        """Registers the index (later writes keep it current), then indexes existing entries."""
+
+        def op(txn: lmdb.Transaction) -> tuple[SetState, Index, asyncio.Future[None]]:
+            self._live(db)
+            s = self.set_of(db, set_name)
+            if definition.name in s.indexes:
+                raise conflict("INDEX_ALREADY_EXISTS", f"index {definition.name!r} already exists")
+            idx = make_index(definition)
+            s.indexes[definition.name] = idx
+            self._save(txn, db)
+            built: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            s.building[definition.name] = built
+            return s, idx, built
+
+        s, idx, built = await self.submit(op)
+        self._spawn(self._build_index(db, s, idx, built))
+        await built
+
+    async def _build_index(
+        self, db: DatabaseState, s: SetState, idx: Index, built: asyncio.Future[None]
+    ) -> None:
+        """Indexes the committed entries a chunk per tick, so other requests go on meanwhile.
+
+        Writes committed during the build update the index themselves; re-indexing an entry
+        the scan reaches later is idempotent, so the result is exact.
+        """
+        start = s.prefix
+        try:
+            while True:
+                if built.done() or s.indexes.get(idx.definition.name) is not idx:
+                    return
+                last = None
+                with self.env.begin(db=self.data) as txn:
+                    cur = txn.cursor()
+                    n = 0
+                    if cur.set_range(start):
+                        for lkey, stored in cur:
+                            if not lkey.startswith(s.prefix):
+                                break
+                            key, raw = decode_entry(lkey, stored)
+                            obj = orjson.loads(raw)
+                            idx.update(key, obj, obj)
+                            last = lkey
+                            n += 1
+                            if n >= BUILD_CHUNK:
+                                break
+                if last is None or n < BUILD_CHUNK:
+                    break
+                start = last + b"\x00"
+                await asyncio.sleep(0)
+            if not built.done():
+                built.set_result(None)
+        finally:
+            if s.building.get(idx.definition.name) is built:
+                del s.building[idx.definition.name]
+
+    async def drop_index(self, db: DatabaseState, set_name: str, name: str) -> None:
+        def op(txn: lmdb.Transaction) -> None:
+            self._live(db)
+            s = self.set_of(db, set_name)
+            if name not in s.indexes:
+                raise not_found("INDEX_NOT_FOUND", f"index {name!r} not found")
+            del s.indexes[name]
+            fut = s.building.pop(name, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(not_found("INDEX_NOT_FOUND", "the index was dropped while building"))
+                fut.exception()
+            self._save(txn, db)
+
+        await self.submit(op)
+
+    # ----------------------------------------------------------------- reads
+
+    def get(self, s: SetState, key: str) -> bytes | None:
+        with self.env.begin(db=self.data) as txn:
+            return _value_of_stored(key, txn.get(data_key(s.prefix, key)))
+
+    def get_many(self, s: SetState, keys: list[str]) -> list[tuple[str, bytes]]:
+        out = []
+        with self.env.begin(db=self.data) as txn:
+            for key in keys:
+                raw = _value_of_stored(key, txn.get(data_key(s.prefix, key)))
+                if raw is not None:
+                    out.append((key, raw))
+        return out
+
+    async def index(self, s: SetState, name: str) -> Index:
+        """An index ready to query; waits while it is still being built."""
+        idx = s.indexes.get(name)
+        if idx is None:
+            raise not_found("INDEX_NOT_FOUND", f"index {name!r} not found in set {s.name!r}")
+        building = s.building.get(name)
+        if building is not None:
+            await asyncio.shield(building)
+        return idx
+
+    # ----------------------------------------------------------------- reclaiming space
+
+    async def _collect_garbage(self) -> None:
+        """Deletes the entries of dropped or replaced sets, a bounded chunk per commit."""
+        while True:
+            with self.env.begin(db=self.meta) as txn:
+                pending = [k for k, _ in txn.cursor(db=self.meta) if k.startswith(_GC_PREFIX)]
+            if not pending:
+                return
+            for marker in pending:
+                prefix = marker[len(_GC_PREFIX) :]
+                while not await self.submit(lambda txn, p=prefix, m=marker: self._reclaim(txn, p, m)):
+                    pass
+
+    def _reclaim(self, txn: lmdb.Transaction, prefix: bytes, marker: bytes) -> bool:
+        cur = txn.cursor(db=self.data)
+        n = 0
+        if cur.set_range(prefix):
+            while cur.key().startswith(prefix) and n < GC_CHUNK:
+                if not cur.delete():
+                    break
+                n += 1
+        if n < GC_CHUNK:
+            txn.delete(marker, db=self.meta)
+            return True
+        return False
+
+    # ----------------------------------------------------------------- snapshots
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self)
+
+
+class Snapshot:
+    """A consistent read-only view of all databases at one instant (an LMDB read transaction).
+
+    Usable from one worker thread at a time; writers go on while it is open.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._txn = engine.env.begin()
+
+    def databases(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for k, v in self._txn.cursor(db=self._engine.meta):
+            if k.startswith(_DB_PREFIX):
+                out[k[len(_DB_PREFIX) :].decode()] = orjson.loads(v)
+        return out
+
+    def entries(self, set_id: int) -> Iterator[tuple[str, bytes]]:
+        prefix = set_id.to_bytes(8, "big")
+        cur = self._txn.cursor(db=self._engine.data)
+        if cur.set_range(prefix):
+            for lkey, stored in cur:
+                if not lkey.startswith(prefix):
+                    break
+                yield decode_entry(lkey, stored)
+
+    def close(self) -> None:
+        self._txn.abort()
+
+
+def _long_marker(key: str) -> bytes:
+    """A fake LMDB key whose marker byte tells decode_entry how `key`'s entry is stored."""
+    return b"\0" * 8 + (b"k" if len(key.encode()) <= INLINE_KEY_MAX else b"h")
+
+
+def _resolve(batch: list[tuple[Op, asyncio.Future[Any]]], results: list[Any]) -> None:
+    for (_, fut), result in zip(batch, results):
+        if fut.done():  # its caller went away
+            continue
+        if isinstance(result, _Failed):
+            fut.set_exception(result.error)
+        else:
+            fut.set_result(result)
+
+
+class _Failed:
+    """An operation's error, kept in its outcome slot until its caller wakes up."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ApiError) -> None:
+        self.error = error
+
+
+__all__ = ["Engine", "DatabaseState", "SetState", "Snapshot", "invalid", "SORTABLE"]

@@ -1,0 +1,162 @@
+"""Assembles the server from Settings and runs it in one process on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+import uvloop
+from granian.constants import Interfaces
+from granian.server.embed import Server
+from prometheus_client.core import Metric
+
+from fuckbase import openapi
+from fuckbase.accesslog import AccessLog
+from fuckbase.api import Api
+from fuckbase.auth import AdminGuard
+from fuckbase.config import Settings
+from fuckbase.engine import Engine
+from fuckbase.http import JSON, TEXT, HttpApp
+from fuckbase.metrics import Metrics, counter, gauge
+
+log = logging.getLogger("fuckbase")
+
+RUNTIME_THREADS = int(os.environ.get("FUCKBASE_IO_THREADS", "2"))  # granian I/O threads
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+
+
+class StartupError(RuntimeError):
+    """The server cannot start; the message is the one line the operator sees."""
+
+
+def log_stream(settings: Settings) -> TextIO:
+    if settings.log_file:
+        return open(settings.log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    return sys.stdout
+
+
+def setup_logging(settings: Settings, stream: TextIO) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS[settings.log_level])
+    # granian's own chatter (including its "embedded server is experimental" notice)
+    logging.getLogger("_granian").setLevel(logging.ERROR)
+    logging.getLogger("granian").setLevel(logging.ERROR)
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """One server per data directory: a second one would corrupt the in-memory indexes' view."""
+    fd = os.open(data_dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"data dir {str(data_dir)!r} is in use by another fuckbase process") from None
+    return fd
+
+
+class Service:
+    """Everything one server process owns, wired together."""
+
+    def __init__(self, settings: Settings, stream: TextIO) -> None:
+        self.settings = settings
+        self.engine = Engine(settings.data_dir / "store", settings.durability)
+        self.metrics = Metrics()
+        self.metrics.add_source(self._engine_metrics)
+        self.api = Api(self.engine, AdminGuard(settings.admin_username, settings.admin_password), self._info)
+        want_access = settings.access_log and settings.log_level in ("debug", "info")
+        self.access_log = AccessLog(stream) if want_access else None
+        openapi_body = orjson.dumps(openapi.spec())
+        self.app = HttpApp(
+            self.api,
+            self.metrics,
+            self.access_log,
+            settings.max_body_bytes,
+            {
+                "/health": lambda: (200, JSON, b'{"status":"ok"}'),
+                "/metrics": lambda: (200, TEXT, self.metrics.render()),
+                "/openapi.json": lambda: (200, JSON, openapi_body),
+            },
+        )
+
+    def _info(self) -> dict[str, Any]:
+        return {"durability": self.settings.durability}
+
+    def _engine_metrics(self) -> Iterable[Metric]:
+        dbs = self.engine.databases
+        yield gauge("fuckbase_databases", "Databases on this node", [], [([], len(dbs))])
+        yield gauge(
+            "fuckbase_keys",
+            "Keys per database",
+            ["database"],
+            (([name], db.key_count) for name, db in sorted(dbs.items())),
+        )
+        yield counter("fuckbase_commits", "Group commits to the storage engine", [], [([], self.engine.commits)])
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.engine.start(loop)
+        tasks = []
+        if self.access_log is not None:
+            tasks.append(loop.create_task(self.access_log.run()))
+        server = Server(
+            self.app,
+            address=self.settings.host,
+            port=self.settings.port,
+            interface=Interfaces.RSGI,
+            websockets=False,
+            backlog=2048,
+            runtime_threads=RUNTIME_THREADS,
+            log_enabled=False,
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.stop)
+        log.info(
+            "fuckbase listening on %s:%d, data in %s, durability %s",
+            self.settings.host,
+            self.settings.port,
+            self.settings.data_dir,
+            self.settings.durability,
+        )
+        try:
+            await server.serve()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.engine.close()
+            log.info("fuckbase stopped")
+
+
+def run(settings: Settings) -> None:
+    """Validate, lock the data dir, load the data, then serve until SIGTERM/SIGINT."""
+    settings.validate()
+    stream = log_stream(settings)
+    setup_logging(settings, stream)
+    lock_data_dir(settings.data_dir)
+    _check_port_free(settings.host, settings.port)
+    service = Service(settings, stream)
+    uvloop.run(service.run())
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None

@@ -1,0 +1,147 @@
+"""Fixtures: the real server as a subprocess on a free port, talked to over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+class ServerProcess:
+    """One `fuckbase` process; start, stop, kill -9 and restart on the same data dir."""
+
+    def __init__(self, data_dir: Path, args: list[str] | None = None, env: dict[str, str] | None = None):
+        self.data_dir = data_dir
+        self.args = args or []
+        self.env = env or {}
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"server-{self.port}.log"
+        self.client: httpx.Client | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FUCKBASE_")}
+        env.update(self.env)
+        cmd = [
+            sys.executable,
+            "-m",
+            "fuckbase",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            *self.args,
+        ]
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    self.client = httpx.Client(base_url=self.url, timeout=60)
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not start: {self.log()[-2000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> httpx.Response:
+        assert self.client is not None
+        if body is None:
+            body = {}
+        if isinstance(body, (bytes, str)):
+            return self.client.post(path, content=body, **kw)
+        return self.client.post(path, json=body, **kw)
+
+    def ok(self, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+        r = self.post(path, body, **kw)
+        assert r.status_code == 200, r.text
+        data = r.json()
+        assert data["status"] == "success"
+        return data  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill9(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> ServerProcess:
+        self.stop()
+        return self.start()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Any]:
+    """Factory: make_server(args=[...], env={...}) -> a started ServerProcess, stopped at teardown."""
+    servers: list[ServerProcess] = []
+
+    def make(args: list[str] | None = None, env: dict[str, str] | None = None, data_dir: Path | None = None) -> ServerProcess:
+        d = data_dir or tmp_path / f"data{len(servers)}"
+        srv = ServerProcess(d, args, env)
+        servers.append(srv)
+        return srv.start()
+
+    yield make
+    for srv in servers:
+        srv.stop()
+
+
+@pytest.fixture
+def server(make_server: Any) -> ServerProcess:
+    return make_server()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def shop(server: ServerProcess) -> ServerProcess:
+    """A server with database "shop" holding set "users"."""
+    server.ok("/create", {"name": "shop"})
+    server.ok("/set/create", {"database": "shop", "name": "users"})
+    return server
