@@ -1,0 +1,81 @@
+"""Configuration: flags beat environment beat defaults; bad configuration fails in one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FUCKBASE_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "fuckbase", *args], capture_output=True, text=True, env=full_env, timeout=30
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--port", "70000"], {}, "port 70000 is out of range"),
+        (["--port", "abc"], {}, "'abc' is not a valid integer"),
+        ([], {"FUCKBASE_PORT": "0"}, "port 0 is out of range"),
+        (["--bogus"], {}, "No such option"),
+        (["--data-dir", "/proc/version/x"], {}, "cannot be created"),
+        (["--log-level", "loud"], {}, "loud"),
+        (["--durability", "maybe"], {}, "maybe"),
+        (["--admin-username", "root"], {}, "admin username and admin password must be given together"),
+        (["--backup-interval", "-1"], {}, "backup interval"),
+    ],
+)
+def test_bad_configuration_fails_in_one_line(args: list[str], env: dict[str, str], needle: str, tmp_path: Path) -> None:
+    extra = [] if "--data-dir" in args else ["--data-dir", str(tmp_path / "d")]
+    r = run_cli(*args, *extra, env=env)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0]
+    assert r.stdout == ""
+
+
+def test_port_in_use(tmp_path: Path, make_server: Any) -> None:
+    srv = make_server()
+    r = run_cli("--host", "127.0.0.1", "--port", str(srv.port), "--data-dir", str(tmp_path / "other"))
+    assert r.returncode != 0
+    assert "cannot listen" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_every_flag_and_env() -> None:
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for flag in ["--port", "--host", "--data-dir", "--admin-username", "--admin-password", "--log-level",
+                 "--log-file", "--s3-endpoint", "--s3-bucket", "--s3-access-key", "--s3-secret-key",
+                 "--s3-region", "--backup-interval", "--durability", "--max-body-size"]:
+        assert flag in r.stdout
+    assert "FUCKBASE_PORT" in r.stdout and "FUCKBASE_LOG_FILE" in r.stdout
+
+
+def test_flag_beats_env_beats_default(make_server: Any, tmp_path: Path) -> None:
+    # env sets the log file; the flag --log-level error silences the access log
+    log_file = tmp_path / "fb.log"
+    srv = make_server(env={"FUCKBASE_LOG_FILE": str(log_file), "FUCKBASE_LOG_LEVEL": "info"}, args=["--log-level", "error"])
+    srv.ok("/create", {"name": "d"})
+    srv.stop()
+    assert log_file.exists()
+    assert "access" not in log_file.read_text()
+
+
+def test_access_log_and_log_file(make_server: Any, tmp_path: Path) -> None:
+    log_file = tmp_path / "fb.log"
+    srv = make_server(args=["--log-file", str(log_file), "--admin-username", "root", "--admin-password", "topsecret"])
+    srv.post("/create", {"name": "d"})
+    srv.stop()
+    text = log_file.read_text()
+    assert "access POST /create 401" in text
+    assert "topsecret" not in text
