@@ -16,6 +16,7 @@ import orjson
 
 from fuckbase import __version__
 from fuckbase.auth import AdminGuard, DatabaseGuard, body_credentials, make_db_auth
+from fuckbase.backup import BackupService
 from fuckbase.engine import DatabaseState, Engine, SetState
 from fuckbase.errors import ApiError, invalid
 from fuckbase.indexes import BASIC, SORTABLE, IndexDef, SortableIndex, match_text
@@ -152,9 +153,16 @@ def success(message: str | None = None, **fields: Any) -> bytes:
 class Api:
     """Binds the endpoint handlers to one engine and one configuration."""
 
-    def __init__(self, engine: Engine, admin: AdminGuard, extra_info: Callable[[], dict[str, Any]]):
+    def __init__(
+        self,
+        engine: Engine,
+        admin: AdminGuard,
+        backups: BackupService,
+        extra_info: Callable[[], dict[str, Any]],
+    ):
         self.engine = engine
         self.admin = admin
+        self.backups = backups
         self.db_guard = DatabaseGuard()
         self.started = time.monotonic()
         self._extra_info = extra_info
@@ -173,6 +181,10 @@ class Api:
             "/index/query": self.query,
             "/index/query/sorted": self.query_sorted,
             "/index/query/multi-sorted": self.query_multi_sorted,
+            "/backup/create": self.backup_create,
+            "/backup/list": self.backup_list,
+            "/backup/restore": self.backup_restore,
+            "/backup/verify": self.backup_verify,
         }
 
     async def _open(self, body: dict[str, Any], headers: Headers) -> DatabaseState:
@@ -341,3 +353,34 @@ class Api:
             b'{"status":"success","count":%d,"total":%d,"offset":%d,"limit":%d,"data":[%s]}'
             % (len(entries), total, offset, limit, _entries_json(entries))
         )
+
+    # backups
+
+    def _optional_database(self, body: dict[str, Any]) -> str | None:
+        """`{}`, `{"database": null}` (the Ruby client's "all") and `""` mean every database."""
+        if body.get("database") in (None, ""):
+            return None
+        return database_name(body)
+
+    async def backup_create(self, body: dict[str, Any], headers: Headers) -> bytes:
+        self.admin.check(headers.get("x-admin-authorization"), body)
+        database = self._optional_database(body)
+        result = await self.backups.create(database)
+        message = "Database backed up successfully" if database else "All databases backed up successfully"
+        return success(message, **result, target=self.backups.target)
+
+    async def backup_list(self, body: dict[str, Any], headers: Headers) -> bytes:
+        self.admin.check(headers.get("x-admin-authorization"), body)
+        backups = await self.backups.list(self._optional_database(body))
+        return success(backups=backups, target=self.backups.target)
+
+    async def backup_restore(self, body: dict[str, Any], headers: Headers) -> bytes:
+        self.admin.check(headers.get("x-admin-authorization"), body)
+        result = await self.backups.restore(body.get("backup_name"))
+        message = "All databases restored successfully" if result["full"] else "Database restored successfully"
+        return success(message, **result)
+
+    async def backup_verify(self, body: dict[str, Any], headers: Headers) -> bytes:
+        self.admin.check(headers.get("x-admin-authorization"), body)
+        result = await self.backups.verify(body.get("backup_name"))
+        return success("Backup is valid", **result)

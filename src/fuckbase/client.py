@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import builtins
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar, overload
 
@@ -436,7 +436,9 @@ def _create_index(s: _SetRef, name: str, field: str) -> _Call[None]:
     return _Call("/index/create", s.body(name=name, field=field), _nothing, auth=s.auth)
 
 
-def _create_sortable_index(s: _SetRef, name: str, primary_field: str, sort_fields: Sequence[str]) -> _Call[None]:
+def _create_sortable_index(
+    s: _SetRef, name: str, primary_field: str, sort_fields: Sequence[str]
+) -> _Call[None]:
     if isinstance(sort_fields, str):
         raise TypeError("sort_fields must be a sequence of field names, not one string")
     body = s.body(name=name, primary_field=primary_field, sort_fields=list(sort_fields))
@@ -451,7 +453,9 @@ def _query(s: _SetRef, index: str, value: QueryValue) -> _Call[list[Entry]]:
     return _Call("/index/query", s.body(index=index, value=value), _query_result, auth=s.auth)
 
 
-def _query_sorted(s: _SetRef, index: str, value: QueryValue, sort: Sort | None, offset: int, limit: int) -> _Call[Page]:
+def _query_sorted(
+    s: _SetRef, index: str, value: QueryValue, sort: Sort | None, offset: int, limit: int
+) -> _Call[Page]:
     body = s.body(index=index, value=value, pagination={"offset": offset, "limit": limit})
     if sort is not None:
         body["sort"] = _sort_spec(sort)
@@ -473,16 +477,42 @@ def _query_multi_sorted(
     return _Call("/index/query/multi-sorted", body, _page, auth=s.auth)
 
 
-def _check_page_size(page_size: int) -> None:
-    if page_size < 1:
-        raise ValueError("page_size must be at least 1")
-
-
 def _next_offset(page: Page) -> int | None:
     """Where the page after `page` starts, or None when `page` was the last one."""
     if not page.items or not page.has_more:
         return None
     return page.offset + len(page.items)
+
+
+def _entries_of_pages(fetch: Callable[[int], Page], page_size: int) -> Iterator[Entry]:
+    """The entries of the pages `fetch(offset)` returns, one request per page, on demand."""
+    if page_size < 1:  # checked now, not at the first next()
+        raise ValueError("page_size must be at least 1")
+
+    def walk() -> Iterator[Entry]:
+        offset: int | None = 0
+        while offset is not None:
+            page = fetch(offset)
+            yield from page.items
+            offset = _next_offset(page)
+
+    return walk()
+
+
+def _async_entries_of_pages(fetch: Callable[[int], Awaitable[Page]], page_size: int) -> AsyncIterator[Entry]:
+    """The asyncio twin of `_entries_of_pages`."""
+    if page_size < 1:
+        raise ValueError("page_size must be at least 1")
+
+    async def walk() -> AsyncIterator[Entry]:
+        offset: int | None = 0
+        while offset is not None:
+            page = await fetch(offset)
+            for entry in page.items:
+                yield entry
+            offset = _next_offset(page)
+
+    return walk()
 
 
 def _backup_create(database: str | None) -> _Call[dict[str, Any]]:
@@ -530,7 +560,9 @@ class Client:
 
     def _run(self, call: _Call[T]) -> T:
         try:
-            resp = self._http.post(call.path, content=_encode(call.body), headers=_headers(call, self._admin_header))
+            resp = self._http.post(
+                call.path, content=_encode(call.body), headers=_headers(call, self._admin_header)
+            )
         except httpx.TransportError as exc:
             raise _connection_error(self.url, call, exc) from exc
         return _finish(call, resp.status_code, resp.content)
@@ -675,23 +707,17 @@ class Set:
         """Every match of `query_sorted`, fetched lazily page by page.
 
         Pages are separate requests: writes in between may shift entries across pages."""
-        _check_page_size(page_size)
-        offset: int | None = 0
-        while offset is not None:
-            page = self.query_sorted(index, value, sort, offset, page_size)
-            yield from page.items
-            offset = _next_offset(page)
+        return _entries_of_pages(
+            lambda offset: self.query_sorted(index, value, sort, offset, page_size), page_size
+        )
 
     def iter_multi_sorted(
         self, index: str, value: QueryValue, sort: Sequence[Sort], page_size: int = 100
     ) -> Iterator[Entry]:
         """Every match of `query_multi_sorted`, fetched lazily page by page."""
-        _check_page_size(page_size)
-        offset: int | None = 0
-        while offset is not None:
-            page = self.query_multi_sorted(index, value, sort, offset, page_size)
-            yield from page.items
-            offset = _next_offset(page)
+        return _entries_of_pages(
+            lambda offset: self.query_multi_sorted(index, value, sort, offset, page_size), page_size
+        )
 
     def __repr__(self) -> str:
         return f"Set({self.database!r}, {self.name!r})"
@@ -884,29 +910,21 @@ class AsyncSet:
         """One page of matches of a sortable index, ordered by several sort fields in turn."""
         return await self._client._run(_query_multi_sorted(self._ref, index, value, sort, offset, limit))
 
-    async def iter_sorted(
+    def iter_sorted(
         self, index: str, value: QueryValue, sort: Sort | None = None, page_size: int = 100
     ) -> AsyncIterator[Entry]:
         """Every match of `query_sorted`, fetched lazily page by page (`async for`)."""
-        _check_page_size(page_size)
-        offset: int | None = 0
-        while offset is not None:
-            page = await self.query_sorted(index, value, sort, offset, page_size)
-            for entry in page.items:
-                yield entry
-            offset = _next_offset(page)
+        return _async_entries_of_pages(
+            lambda offset: self.query_sorted(index, value, sort, offset, page_size), page_size
+        )
 
-    async def iter_multi_sorted(
+    def iter_multi_sorted(
         self, index: str, value: QueryValue, sort: Sequence[Sort], page_size: int = 100
     ) -> AsyncIterator[Entry]:
         """Every match of `query_multi_sorted`, fetched lazily page by page (`async for`)."""
-        _check_page_size(page_size)
-        offset: int | None = 0
-        while offset is not None:
-            page = await self.query_multi_sorted(index, value, sort, offset, page_size)
-            for entry in page.items:
-                yield entry
-            offset = _next_offset(page)
+        return _async_entries_of_pages(
+            lambda offset: self.query_multi_sorted(index, value, sort, offset, page_size), page_size
+        )
 
     def __repr__(self) -> str:
         return f"AsyncSet({self.database!r}, {self.name!r})"

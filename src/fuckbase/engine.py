@@ -502,10 +502,137 @@ class Engine:
             return True
         return False
 
-    # ----------------------------------------------------------------- snapshots
+    # ----------------------------------------------------------------- snapshots and restores
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self)
+
+    def staging(self) -> Staging:
+        return Staging(self)
+
+    async def _index_staged(self, s: SetState) -> None:
+        """Fills the indexes of a staged set from its entries, a chunk per loop tick."""
+        start = s.prefix
+        indexes = list(s.indexes.values())
+        while indexes:
+            last, n = None, 0
+            with self.env.begin(db=self.data) as txn:
+                cur = txn.cursor()
+                if cur.set_range(start):
+                    for lkey, stored in cur:
+                        if not lkey.startswith(s.prefix) or n >= BUILD_CHUNK:
+                            break
+                        key, raw = decode_entry(lkey, stored)
+                        obj = orjson.loads(raw)
+                        for idx in indexes:
+                            idx.update(key, None, obj)
+                        last, n = lkey, n + 1
+            if last is None or n < BUILD_CHUNK:
+                return
+            start = last + b"\x00"
+            await asyncio.sleep(0)
+
+
+@dataclass
+class StagedDatabase:
+    """A database being restored; its name and auth may arrive after its sets in the stream."""
+
+    name: str | None = None
+    auth: dict[str, str] | None = None
+    sets: dict[str, SetState] = field(default_factory=dict)
+
+
+class Staging:
+    """Databases being restored: written aside under fresh set ids, then swapped in by one commit.
+
+    Until `commit`, nothing visible changes. Every staged set is marked for reclaiming from
+    the moment it exists, so an abandoned or crashed restore leaves no residue; the swap
+    removes those marks and marks the replaced sets instead.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.databases: list[StagedDatabase] = []
+        self._needs_scan: list[SetState] = []
+
+    def add_database(self) -> StagedDatabase:
+        staged = StagedDatabase()
+        self.databases.append(staged)
+        return staged
+
+    async def add_set(self, db: StagedDatabase, name: str) -> SetState:
+        existing = db.sets.get(name)
+        if existing is not None:
+            return existing
+        engine = self._engine
+
+        def op(txn: lmdb.Transaction) -> SetState:
+            s = SetState(name, engine._next_id(txn))
+            txn.put(_GC_PREFIX + s.prefix, b"", db=engine.meta)
+            return s
+
+        s = db.sets[name] = await engine.submit(op)
+        return s
+
+    async def add_index(self, db: StagedDatabase, set_name: str, definition: IndexDef) -> None:
+        s = await self.add_set(db, set_name)
+        if definition.name in s.indexes:
+            raise invalid(f"index {definition.name!r} appears twice for set {set_name!r}")
+        s.indexes[definition.name] = make_index(definition)
+        if s.count and s not in self._needs_scan:
+            self._needs_scan.append(s)  # entries came before the definition
+
+    async def write(self, s: SetState, entries: list[tuple[str, Any, bytes]]) -> None:
+        """Stores (key, value, JSON) entries in a staged set and feeds its indexes."""
+        engine = self._engine
+
+        def op(txn: lmdb.Transaction) -> None:
+            for key, value, raw in entries:
+                old = txn.replace(data_key(s.prefix, key), stored_value(key, raw), db=engine.data)
+                old_value = None
+                if old is None:
+                    s.count += 1
+                elif s.indexes:  # the backup repeats a key: the last one wins, as in JSON
+                    old_value = orjson.loads(decode_entry(_long_marker(key), old)[1])
+                for idx in s.indexes.values():
+                    idx.update(key, old_value, value)
+
+        await engine.submit(op)
+
+    async def commit(self, replace_all: bool) -> None:
+        """Swaps the staged databases in, in one commit: readers see all old or all new."""
+        engine = self._engine
+        names = [d.name for d in self.databases]
+        if None in names or len(set(names)) != len(names):
+            raise invalid("the backup names a database twice, or not at all")
+        for s in self._needs_scan:
+            s.indexes = {n: make_index(i.definition) for n, i in s.indexes.items()}
+            await engine._index_staged(s)
+
+        def op(txn: lmdb.Transaction) -> None:
+            replaced = list(engine.databases.values()) if replace_all else [
+                engine.databases[n] for n in names if n in engine.databases
+            ]
+            for old in replaced:
+                txn.delete(_DB_PREFIX + old.name.encode(), db=engine.meta)
+                engine._forget_sets(txn, old.sets.values())
+                del engine.databases[old.name]
+            for staged in self.databases:
+                assert staged.name is not None
+                db = DatabaseState(staged.name, engine._next_id(txn), staged.auth, dict(staged.sets))
+                for s in db.sets.values():
+                    txn.delete(_GC_PREFIX + s.prefix, db=engine.meta)
+                engine._save(txn, db)
+                engine.databases[db.name] = db
+
+        await engine.submit(op)
+        self.databases = []
+
+    def abort(self) -> None:
+        """Drops what was staged; the reclaim marks written by add_set do the rest."""
+        self.databases = []
+        if self._engine._loop is not None:
+            self._engine._spawn(self._engine._collect_garbage())
 
 
 class Snapshot:

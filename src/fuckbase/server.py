@@ -22,10 +22,13 @@ from fuckbase import openapi
 from fuckbase.accesslog import AccessLog
 from fuckbase.api import Api
 from fuckbase.auth import AdminGuard
+from fuckbase.backup import BackupService
 from fuckbase.config import Settings
 from fuckbase.engine import Engine
+from fuckbase.errors import ApiError
 from fuckbase.http import JSON, TEXT, HttpApp
 from fuckbase.metrics import Metrics, counter, gauge
+from fuckbase.objectstore import open_store
 
 log = logging.getLogger("fuckbase")
 
@@ -74,7 +77,20 @@ class Service:
         self.engine = Engine(settings.data_dir / "store", settings.durability)
         self.metrics = Metrics()
         self.metrics.add_source(self._engine_metrics)
-        self.api = Api(self.engine, AdminGuard(settings.admin_username, settings.admin_password), self._info)
+        store = open_store(
+            s3_endpoint=settings.s3.endpoint,
+            s3_bucket=settings.s3.bucket,
+            s3_access_key=settings.s3.access_key,
+            s3_secret_key=settings.s3.secret_key,
+            s3_region=settings.s3.region,
+            local_dir=settings.effective_backup_dir,
+        )
+        self.backups = BackupService(
+            self.engine, store, settings.backup_compression, settings.backup_retention
+        )
+        self.metrics.add_source(self.backups.stats.metrics)
+        admin = AdminGuard(settings.admin_username, settings.admin_password)
+        self.api = Api(self.engine, admin, self.backups, self._info)
         want_access = settings.access_log and settings.log_level in ("debug", "info")
         self.access_log = AccessLog(stream) if want_access else None
         openapi_body = orjson.dumps(openapi.spec())
@@ -91,7 +107,11 @@ class Service:
         )
 
     def _info(self) -> dict[str, Any]:
-        return {"durability": self.settings.durability}
+        return {
+            "durability": self.settings.durability,
+            "backup_target": self.backups.target,
+            "backup_interval_minutes": self.settings.effective_backup_interval,
+        }
 
     def _engine_metrics(self) -> Iterable[Metric]:
         dbs = self.engine.databases
@@ -107,7 +127,12 @@ class Service:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.engine.start(loop)
+        if self.settings.restore_on_start:
+            await self._restore_on_start(self.settings.restore_on_start)
         tasks = []
+        interval = self.settings.effective_backup_interval
+        if interval > 0:
+            tasks.append(loop.create_task(self.backups.run_schedule(interval)))
         if self.access_log is not None:
             tasks.append(loop.create_task(self.access_log.run()))
         server = Server(
@@ -137,6 +162,21 @@ class Service:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.engine.close()
             log.info("fuckbase stopped")
+
+
+    async def _restore_on_start(self, which: str) -> None:
+        """Disaster recovery of a new node: restore only into an empty data dir, never over data."""
+        if self.engine.databases:
+            log.info("restore-on-start skipped: the data dir already holds databases")
+            return
+        name = await self.backups.latest_full() if which == "latest" else which
+        if name is None:
+            raise StartupError(f"restore-on-start: no full backup found in {self.backups.target}")
+        try:
+            result = await self.backups.restore(name)
+        except ApiError as exc:
+            raise StartupError(f"restore-on-start of {name} failed: {exc.message}") from None
+        log.info("restore-on-start: restored %s (%d databases)", name, len(result["databases"]))
 
 
 def run(settings: Settings) -> None:

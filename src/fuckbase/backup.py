@@ -1,0 +1,617 @@
+"""Backups: consistent snapshots streamed to an object store, validated all-or-nothing restores.
+
+This module knows the object layout (`backups/<database>/<YYYYMMDD-HHMMSS>.json`,
+`backups/full/…`) and the rules around it; it talks to storage only through ObjectStore and to
+the data only through the engine's Snapshot and Staging, so it never knows which backend or
+which on-disk format is in use.
+
+Every backup gets a sidecar `<name>.sha256` (JSON: checksum, sizes, counts). The sidecar is
+created first, with a create-only write, which claims the name: two backups in the same second
+— on this node or another — never overwrite each other. Restores verify the checksum when a
+sidecar exists (backups made by the original implementation have none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import re
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import zstandard
+from prometheus_client.core import Metric
+
+from fuckbase.auth import make_db_auth
+from fuckbase.backupformat import (
+    FORMAT_VERSION,
+    BackupInvalid,
+    BackupReader,
+    Checksummer,
+    DatabaseEnd,
+    DatabaseMeta,
+    DatabaseStart,
+    Entries,
+    Record,
+    SetStart,
+    database_header,
+    entry_line,
+    set_header,
+)
+from fuckbase.engine import Engine, SetState, Snapshot, StagedDatabase, Staging
+from fuckbase.errors import ApiError, invalid, not_found
+from fuckbase.indexes import BASIC, SORTABLE, IndexDef
+from fuckbase.metrics import counter, gauge
+from fuckbase.objectstore import AlreadyExists, NotFound, ObjectStore, ObjectStoreError
+
+log = logging.getLogger("fuckbase.backup")
+
+PREFIX = "backups/"
+FULL_FOLDER = "full"
+EXTENSIONS = {"none": ".json", "gzip": ".json.gz", "zstd": ".json.zst"}
+SIDECAR = ".sha256"
+PENDING = b"pending"
+CHUNK_BYTES = 1 << 20
+MAX_KEY_BYTES = 1024
+_NAME = re.compile(r"backups/([A-Za-z0-9_.\-]{1,64})/(\d{8}-\d{6})(?:_(\d+))?(\.json(?:\.gz|\.zst)?)")
+_DB_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def _storage_error(code: str, exc: ObjectStoreError) -> ApiError:
+    return ApiError(504 if exc.kind == "timeout" else 502, code, str(exc))
+
+
+def parse_name(name: Any) -> re.Match[str]:
+    """A restorable backup name: `backups/<folder>/<timestamp>[_n].json[.gz|.zst]`, else 400."""
+    if not isinstance(name, str) or not name:
+        raise invalid('"backup_name" is required')
+    m = _NAME.fullmatch(name)
+    if m is None or ".." in name.split("/"):
+        raise invalid(
+            '"backup_name" must look like backups/<database>/YYYYMMDD-HHMMSS.json (or .json.gz, .json.zst)'
+        )
+    return m
+
+
+@dataclass
+class BackupStats:
+    """What /metrics reports about backups."""
+
+    last_success: dict[str, float] = field(default_factory=dict)
+    last_duration: dict[str, float] = field(default_factory=dict)
+    last_bytes: dict[str, int] = field(default_factory=dict)
+    failures: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def failed(self, op: str, kind: str) -> None:
+        self.failures[(op, kind)] = self.failures.get((op, kind), 0) + 1
+
+    def metrics(self) -> Iterable[Metric]:
+        yield gauge("fuckbase_backup_last_success_timestamp_seconds", "Last successful operation",
+                    ["operation"], (([k], v) for k, v in self.last_success.items()))
+        yield gauge("fuckbase_backup_last_duration_seconds", "Duration of the last successful operation",
+                    ["operation"], (([k], v) for k, v in self.last_duration.items()))
+        yield gauge("fuckbase_backup_last_bytes", "Size of the last backup created or restored",
+                    ["operation"], (([k], v) for k, v in self.last_bytes.items()))
+        yield counter("fuckbase_backup_failures", "Failed backup operations by kind",
+                      ["operation", "kind"], (([op, kind], n) for (op, kind), n in self.failures.items()))
+
+
+class BackupService:
+    def __init__(self, engine: Engine, store: ObjectStore, compression: str = "none",
+                 retention: int = 0) -> None:
+        self.engine = engine
+        self.store = store
+        self.compression = compression
+        self.retention = retention
+        self.stats = BackupStats()
+        self._restore_lock = asyncio.Lock()
+        self._last_auto_commits = -1
+
+    @property
+    def target(self) -> str:
+        return self.store.description
+
+    # ------------------------------------------------------------------ create
+
+    async def create(self, database: str | None, automatic: bool = False) -> dict[str, Any]:
+        started = time.monotonic()
+        if database is not None:
+            self.engine.database(database)  # 404 before any storage work
+        snapshot = self.engine.snapshot()
+        commits = self.engine.commits
+        name = None
+        try:
+            try:
+                await self.store.ensure_ready()
+                name = await self._claim(database or FULL_FOLDER)
+                chunks, counts = self._encode(snapshot, database)
+                stored = await self.store.put_stream(name, chunks)
+                sidecar = {
+                    "sha256": counts.checksum.hexdigest(),
+                    "json_size": counts.checksum.size,
+                    "size": stored,
+                    "entries": counts.entries,
+                    "database": database or "all",
+                    "automatic": automatic,
+                    "format": FORMAT_VERSION,
+                }
+                await self.store.put_bytes(name + SIDECAR, orjson.dumps(sidecar))
+            except ObjectStoreError as exc:
+                self.stats.failed("create", exc.kind)
+                await self._release(name)
+                raise _storage_error("BACKUP_FAILED", exc) from None
+            except BaseException:
+                self.stats.failed("create", "error")
+                await self._release(name)
+                raise
+        finally:
+            snapshot.close()
+        if automatic:
+            self._last_auto_commits = commits
+        elapsed = time.monotonic() - started
+        self.stats.last_success["create"] = time.time()
+        self.stats.last_duration["create"] = elapsed
+        self.stats.last_bytes["create"] = stored
+        log.info("backup %s written: %d entries, %d bytes in %.2fs", name, counts.entries, stored, elapsed)
+        return {"backup_name": name, "size": stored, "entries": counts.entries, "database": database or "all"}
+
+    async def _release(self, name: str | None) -> None:
+        """Best effort: forget the claim of a backup that failed, so list and restore never see it."""
+        if name is None:
+            return
+        for key in (name, name + SIDECAR):
+            try:
+                await asyncio.shield(self.store.delete(key))
+            except (ObjectStoreError, asyncio.CancelledError):
+                log.warning("could not remove %s of a failed backup", key)
+
+    async def _claim(self, folder: str) -> str:
+        """Reserves a fresh name by creating its sidecar; later names in one second get _2, _3…"""
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        ext = EXTENSIONS[self.compression]
+        for n in range(1, 1000):
+            name = f"{PREFIX}{folder}/{stamp}{'' if n == 1 else f'_{n:02d}'}{ext}"
+            try:
+                await self.store.put_bytes(name + SIDECAR, PENDING, create_only=True)
+                return name
+            except AlreadyExists:
+                continue
+        raise ApiError(503, "BACKUP_FAILED", "too many backups in one second")
+
+    def _encode(self, snapshot: Snapshot, database: str | None) -> tuple[AsyncIterator[bytes], _Counts]:
+        """The backup's bytes, produced in a worker thread a chunk at a time (bounded memory)."""
+        counts = _Counts()
+        lines = _backup_lines(snapshot, database, counts)
+        compress = _compressor(self.compression)
+
+        def next_chunk() -> bytes | None:
+            parts: list[bytes] = []
+            size = 0
+            for line in lines:
+                counts.checksum.update(line)
+                parts.append(line)
+                size += len(line)
+                if size >= CHUNK_BYTES:
+                    break
+            if not parts:
+                tail = compress(None)
+                return tail or None
+            return compress(b"".join(parts))
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while True:
+                chunk = await asyncio.to_thread(next_chunk)
+                if chunk is None:
+                    return
+                if chunk:
+                    yield chunk
+
+        return chunks(), counts
+
+    # ------------------------------------------------------------------ list
+
+    async def list(self, database: str | None) -> list[dict[str, Any]]:
+        if database is not None and (not _DB_NAME.fullmatch(database) or database in (".", "..")):
+            raise invalid('"database" is not a valid database name')
+        prefix = f"{PREFIX}{database}/" if database else PREFIX
+        try:
+            objects = await self.store.list(prefix)
+        except ObjectStoreError as exc:
+            self.stats.failed("list", exc.kind)
+            raise _storage_error("LIST_FAILED", exc) from None
+        out = []
+        for obj in objects:
+            m = _NAME.fullmatch(obj.key)
+            if m is None:
+                continue
+            folder, stamp, seq = m.group(1), m.group(2), int(m.group(3) or 1)
+            when = datetime.strptime(stamp, "%Y%m%d-%H%M%S").replace(tzinfo=UTC)
+            out.append((when, seq, {
+                "name": obj.key,
+                "timestamp": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "size": obj.size,
+                "database": "all" if folder == FULL_FOLDER else folder,
+            }))
+        out.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        return [entry for _, _, entry in out]
+
+    # ------------------------------------------------------------------ restore and verify
+
+    async def restore(self, name: Any) -> dict[str, Any]:
+        m = parse_name(name)
+        started = time.monotonic()
+        async with self._restore_lock:
+            staging = self.engine.staging()
+            try:
+                result = await self._read(m, staging)
+                await staging.commit(replace_all=result["full"])
+            except BaseException:
+                staging.abort()
+                raise
+        elapsed = time.monotonic() - started
+        self.stats.last_success["restore"] = time.time()
+        self.stats.last_duration["restore"] = elapsed
+        self.stats.last_bytes["restore"] = result["size"]
+        log.info("restored %s: %d databases, %d entries in %.2fs", name, len(result["databases"]),
+                 result["entries"], elapsed)
+        return result
+
+    async def verify(self, name: Any) -> dict[str, Any]:
+        return await self._read(parse_name(name), None)
+
+    async def _read(self, m: re.Match[str], staging: Staging | None) -> dict[str, Any]:
+        """Streams the object through the parser; with staging, also writes it aside."""
+        name = m.group(0)
+        full = m.group(1) == FULL_FOLDER
+        op = "restore" if staging is not None else "verify"
+        try:
+            expected = await self._sidecar(name)
+            stream = await self.store.get_stream(name)
+            applier = _Applier(staging, full)
+            reader = BackupReader()
+            checksum = Checksummer()
+            decompress = _decompressor(m.group(4))
+            size = 0
+            async for chunk in stream:
+                size += len(chunk)
+                data = decompress(chunk)
+                checksum.update(data)
+                records = await asyncio.to_thread(reader.feed, data) if len(data) > 65536 else reader.feed(data)
+                await applier.apply(records)
+            tail = decompress(None)
+            checksum.update(tail)
+            await applier.apply(reader.feed(tail) if tail else [])
+            await applier.apply(reader.finish())
+        except NotFound:
+            raise not_found("BACKUP_NOT_FOUND", f"no backup named {name!r}") from None
+        except ObjectStoreError as exc:
+            self.stats.failed(op, exc.kind)
+            raise _storage_error("RESTORE_FAILED", exc) from None
+        except (zlib.error, zstandard.ZstdError, EOFError, gzip.BadGzipFile) as exc:
+            self.stats.failed(op, "invalid")
+            raise BackupInvalid(f"cannot decompress: {exc}") from None
+        except ApiError:
+            self.stats.failed(op, "invalid")
+            raise
+        if expected is not None and expected.get("sha256") != checksum.hexdigest():
+            self.stats.failed(op, "invalid")
+            raise BackupInvalid("checksum mismatch: the object was changed or damaged")
+        if reader.full is not full:
+            self.stats.failed(op, "invalid")
+            what = "full backup" if full else "database backup"
+            raise BackupInvalid(f"{name} is in the {'full' if full else 'database'} folder but is not a {what}")
+        applier.check_complete()
+        return {
+            "backup_name": name,
+            "full": full,
+            "databases": applier.names,
+            "entries": applier.entries,
+            "size": size,
+            "checksum": "verified" if expected is not None else "none (backup has no checksum)",
+        }
+
+    async def _sidecar(self, name: str) -> dict[str, Any] | None:
+        try:
+            raw = await self.store.get_bytes(name + SIDECAR)
+        except NotFound:
+            return None
+        if raw == PENDING:
+            raise BackupInvalid("this backup never completed")
+        try:
+            sidecar = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise BackupInvalid("its checksum file is damaged") from None
+        if not isinstance(sidecar, dict):
+            raise BackupInvalid("its checksum file is damaged")
+        return sidecar
+
+    # ------------------------------------------------------------------ automation
+
+    async def run_schedule(self, interval_minutes: float) -> None:
+        """Full backups every interval, skipped when nothing changed; failures retried next tick."""
+        while True:
+            await asyncio.sleep(interval_minutes * 60)
+            if self.engine.commits == self._last_auto_commits:
+                continue
+            try:
+                result = await self.create(None, automatic=True)
+                await self.apply_retention()
+                log.info("automatic backup %s done", result["backup_name"])
+            except ApiError as exc:
+                log.error("automatic backup failed: %s", exc.message)
+            except Exception:
+                log.exception("automatic backup failed")
+
+    async def apply_retention(self) -> None:
+        """Keeps the newest N automatic backups; manual ones are never deleted."""
+        if self.retention <= 0:
+            return
+        automatic = []
+        for entry in await self.list(None):
+            if entry["database"] != "all":
+                continue
+            try:
+                sidecar = orjson.loads(await self.store.get_bytes(entry["name"] + SIDECAR))
+            except (NotFound, orjson.JSONDecodeError):
+                continue
+            if isinstance(sidecar, dict) and sidecar.get("automatic"):
+                automatic.append(entry["name"])
+        for name in automatic[self.retention:]:
+            await self.store.delete(name)
+            await self.store.delete(name + SIDECAR)
+            log.info("retention: deleted %s", name)
+
+    async def latest_full(self) -> str | None:
+        backups = await self.list(FULL_FOLDER)
+        return backups[0]["name"] if backups else None
+
+
+# ---------------------------------------------------------------------- encoding
+
+
+@dataclass
+class _Counts:
+    checksum: Checksummer = field(default_factory=Checksummer)
+    entries: int = 0
+
+
+def _index_map(record: dict[str, Any]) -> dict[str, Any]:
+    """Index definitions in the original's shape: one map per database, keyed by index name."""
+    out: dict[str, Any] = {}
+    for set_name, srec in record["sets"].items():
+        for iname, idef in srec["indexes"].items():
+            d: dict[str, Any] = {"name": iname, "set_name": set_name, "field": idef["field"],
+                                 "type": idef.get("type", BASIC)}
+            if idef.get("sort_fields"):
+                d["sort_fields"] = idef["sort_fields"]
+            key = iname if iname not in out else f"{set_name}/{iname}"
+            out[key] = d
+    return out
+
+
+def _database_lines(snapshot: Snapshot, name: str, record: dict[str, Any], counts: _Counts,
+                    head: bytes) -> Iterator[bytes]:
+    yield head + b"\n"
+    for i, (set_name, srec) in enumerate(sorted(record["sets"].items())):
+        yield (b"," if i else b"") + set_header(set_name) + b"\n"
+        first = True
+        for key, raw in snapshot.entries(srec["id"]):
+            yield entry_line(first, key, raw)
+            first = False
+            counts.entries += 1
+        yield b"}}\n"
+    yield b"}}\n"
+
+
+def _backup_lines(snapshot: Snapshot, database: str | None, counts: _Counts) -> Iterator[bytes]:
+    databases = snapshot.databases()
+    if database is not None:
+        record = databases.get(database)
+        if record is None:
+            raise not_found("DB_NOT_FOUND", f"database {database!r} not found")
+        head = b'{"fuckbase_format":%d,' % FORMAT_VERSION + database_header(
+            database, _index_map(record), record.get("auth"))[1:]
+        yield from _database_lines(snapshot, database, record, counts, head)
+        return
+    yield b'{"fuckbase_format":%d,"databases":{\n' % FORMAT_VERSION
+    set_count = 0
+    for i, (name, record) in enumerate(sorted(databases.items())):
+        head = (b"," if i else b"") + orjson.dumps(name) + b":" + database_header(
+            name, _index_map(record), record.get("auth"))
+        lines = _database_lines(snapshot, name, record, counts, head)
+        for line in lines:
+            yield line
+        set_count += len(record["sets"])
+    metadata = {
+        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "version": "1.0.0",
+        "database_count": len(databases),
+        "set_count": set_count,
+        "entry_count": counts.entries,
+    }
+    yield b'},"metadata":' + orjson.dumps(metadata) + b"}\n"
+
+
+def _compressor(kind: str) -> Callable[[bytes | None], bytes]:
+    """f(data) compresses a chunk; f(None) flushes the end of the stream."""
+    if kind == "gzip":
+        z = zlib.compressobj(1, zlib.DEFLATED, 31)
+        return lambda data: z.compress(data) if data is not None else z.flush()
+    if kind == "zstd":
+        c = zstandard.ZstdCompressor(level=3).compressobj()
+        return lambda data: c.compress(data) if data is not None else c.flush()
+    return lambda data: data if data is not None else b""
+
+
+def _decompressor(extension: str) -> Callable[[bytes | None], bytes]:
+    if extension == ".json.gz":
+        z = zlib.decompressobj(47)
+
+        def gunzip(data: bytes | None) -> bytes:
+            if data is not None:
+                return z.decompress(data)
+            if not z.eof:
+                raise EOFError("the compressed stream ends early")
+            return z.flush()
+
+        return gunzip
+    if extension == ".json.zst":
+        d = zstandard.ZstdDecompressor().decompressobj()
+
+        def unzstd(data: bytes | None) -> bytes:
+            if data is not None:
+                return d.decompress(data)
+            if not d.eof:
+                raise EOFError("the compressed stream ends early")
+            return b""
+
+        return unzstd
+    return lambda data: data if data is not None else b""
+
+
+# ---------------------------------------------------------------------- applying records
+
+
+class _Applier:
+    """Validates records and, when restoring, writes them into the staging area."""
+
+    def __init__(self, staging: Staging | None, full: bool) -> None:
+        self.staging = staging
+        self.full = full
+        self.names: list[str] = []
+        self.entries = 0
+        self._db: StagedDatabase | None = None
+        self._db_fields: dict[str, Any] = {}
+        self._set: SetState | None = None
+        self._set_name: str | None = None
+        self._databases_seen = 0
+
+    async def apply(self, records: list[Record]) -> None:
+        for rec in records:
+            if isinstance(rec, Entries):
+                await self._entries(rec)
+            elif isinstance(rec, SetStart):
+                await self._set_start(rec.name)
+            elif isinstance(rec, DatabaseMeta):
+                await self._meta(rec.fields)
+            elif isinstance(rec, DatabaseStart):
+                self._databases_seen += 1
+                if not self.full and self._databases_seen > 1:
+                    raise BackupInvalid("a database backup holds more than one database")
+                self._db = self.staging.add_database() if self.staging is not None else StagedDatabase()
+                self._db_fields = {}
+                self._set = None
+            elif isinstance(rec, DatabaseEnd):
+                self._end_database()
+
+    def _need_db(self) -> StagedDatabase:
+        if self._db is None:
+            raise BackupInvalid("data outside a database")
+        return self._db
+
+    async def _meta(self, fields: dict[str, Any]) -> None:
+        db = self._need_db()
+        self._db_fields.update(fields)
+        if "name" in fields:
+            name = fields["name"]
+            if not isinstance(name, str) or not _DB_NAME.fullmatch(name) or name in ("full", ".", ".."):
+                raise BackupInvalid(f"bad database name {name!r}")
+            if db.name is not None and db.name != name:
+                raise BackupInvalid("a database has two names")
+            db.name = name
+        if "fuckbase_auth" in fields:
+            auth = fields["fuckbase_auth"]
+            if auth is not None:
+                if (not isinstance(auth, dict) or not isinstance(auth.get("username"), str)
+                        or not isinstance(auth.get("hash"), str)):
+                    raise BackupInvalid("malformed fuckbase_auth")
+                db.auth = {"username": auth["username"], "hash": auth["hash"]}
+        elif "auth" in fields and db.auth is None:
+            db.auth = await _plaintext_auth(fields["auth"])
+        if "indexes" in fields:
+            await self._indexes(db, fields["indexes"])
+
+    async def _indexes(self, db: StagedDatabase, indexes: Any) -> None:
+        if indexes is None:
+            return
+        if not isinstance(indexes, dict):
+            raise BackupInvalid('"indexes" must be an object')
+        for key, d in indexes.items():
+            if not isinstance(d, dict):
+                raise BackupInvalid(f"index {key!r} is malformed")
+            name, set_name, fld = d.get("name") or key, d.get("set_name"), d.get("field")
+            kind = d.get("type", BASIC)
+            sort_fields = d.get("sort_fields") or []
+            if (not all(isinstance(v, str) and v for v in (name, set_name, fld))
+                    or kind not in (BASIC, SORTABLE)
+                    or not isinstance(sort_fields, list)
+                    or not all(isinstance(f, str) and f for f in sort_fields)
+                    or (kind == SORTABLE and not sort_fields)):
+                raise BackupInvalid(f"index {key!r} is malformed")
+            if self.staging is not None:
+                definition = IndexDef(name, fld, kind, tuple(sort_fields) if kind == SORTABLE else ())
+                await self.staging.add_index(db, set_name, definition)
+
+    async def _set_start(self, name: Any) -> None:
+        db = self._need_db()
+        if not isinstance(name, str) or not name or len(name) > 256 or re.search(r"[\x00-\x1f\x7f]", name):
+            raise BackupInvalid(f"bad set name {name!r}")
+        self._set_name = name
+        self._set = await self.staging.add_set(db, name) if self.staging is not None else None
+
+    async def _entries(self, rec: Entries) -> None:
+        if self._set_name is None:
+            raise BackupInvalid("entries outside a set")
+        batch = []
+        for key, value in rec.items:
+            if not isinstance(key, str) or not key or len(key.encode(errors="replace")) > MAX_KEY_BYTES:
+                raise BackupInvalid(f"bad key {key!r:.80}")
+            try:
+                raw = orjson.dumps(value)
+            except TypeError as exc:
+                raise BackupInvalid(f"bad value for key {key!r:.80}: {exc}") from None
+            batch.append((key, value, raw))
+        self.entries += len(batch)
+        if self.staging is not None and self._set is not None:
+            await self.staging.write(self._set, batch)
+
+    def _end_database(self) -> None:
+        db = self._need_db()
+        if db.name is None:
+            raise BackupInvalid('a database has no "name"')
+        if "sets" not in self._db_fields:
+            raise BackupInvalid(f'database {db.name!r} has no "sets"')
+        if db.name in self.names:
+            raise BackupInvalid(f"database {db.name!r} appears twice")
+        self.names.append(db.name)
+        self._db = None
+        self._set = None
+        self._set_name = None
+
+    def check_complete(self) -> None:
+        if self._db is not None:
+            raise BackupInvalid("the backup ends inside a database")
+        if not self.full and len(self.names) != 1:
+            raise BackupInvalid("a database backup must hold exactly one database")
+
+
+async def _plaintext_auth(auth: Any) -> dict[str, str] | None:
+    """The original writes {"Username","Password","Enabled"} in plaintext: hash it on the way in."""
+    if auth is None:
+        return None
+    if not isinstance(auth, dict):
+        raise BackupInvalid('"auth" must be an object')
+    lowered = {str(k).lower(): v for k, v in auth.items()}
+    user, password = lowered.get("username"), lowered.get("password")
+    enabled = lowered.get("enabled", True)
+    if not enabled or not user or not password:
+        return None
+    if not isinstance(user, str) or not isinstance(password, str):
+        raise BackupInvalid('"auth" username and password must be strings')
+    return await asyncio.to_thread(make_db_auth, user, password)
