@@ -7,6 +7,7 @@ other jobs. Bad configuration ends the process with one line on stderr and exit 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,79 @@ def cli(ctx: click.Context, **opts: Any) -> None:
         run(settings)
     except (ConfigError, StartupError) as exc:
         fail(str(exc))
+
+
+@cli.group()
+@_opt("--url", env="FUCKBASE_URL", default="http://127.0.0.1:8080", show_default=True, help="The server.")
+@_opt("--admin-username", env="FUCKBASE_ADMIN_USERNAME", default="", help="Admin user, if the server has one.")
+@_opt("--admin-password", env="FUCKBASE_ADMIN_PASSWORD", default="", help="Admin password.")
+@_opt("--timeout", env="FUCKBASE_TIMEOUT", type=float, default=3600.0, show_default=True, help="Seconds to wait.")
+@click.pass_context
+def backup(ctx: click.Context, url: str, admin_username: str, admin_password: str, timeout: float) -> None:
+    """Back up, list, restore and verify through a running server."""
+    ctx.obj = (url, (admin_username, admin_password) if admin_username else None, timeout)
+
+
+@backup.command("create")
+@click.option("--database", default=None, help="One database; all databases when omitted.")
+@click.pass_obj
+def backup_create(obj: Any, database: str | None) -> None:
+    """Back up one database, or all of them (a full backup)."""
+    result = _remote(obj, f"backing up {database or 'all databases'}", lambda c: c.backups.create(database))
+    click.echo(f"{result['backup_name']}  {result['size']} bytes, {result['entries']} entries")
+
+
+@backup.command("list")
+@click.option("--database", default=None, help="Only this database's backups (it need not exist here).")
+@click.pass_obj
+def backup_list(obj: Any, database: str | None) -> None:
+    """List backups, newest first."""
+    for b in _remote(obj, "listing backups", lambda c: c.backups.list(database)):
+        click.echo(f"{b.timestamp}  {b.database:<20} {b.size:>12}  {b.name}")
+
+
+@backup.command("restore")
+@click.argument("name")
+@click.pass_obj
+def backup_restore(obj: Any, name: str) -> None:
+    """Restore a backup (replaces that database, or every database for a full backup)."""
+    result = _remote(obj, f"restoring {name}", lambda c: c.backups.restore(name))
+    click.echo(f"restored {', '.join(result['databases'])}: {result['entries']} entries")
+
+
+@backup.command("verify")
+@click.argument("name")
+@click.pass_obj
+def backup_verify(obj: Any, name: str) -> None:
+    """Read a backup fully and check it, without applying it."""
+    result = _remote(obj, f"verifying {name}", lambda c: c.backups.verify(name))
+    click.echo(f"valid: {result['entries']} entries, checksum {result['checksum']}")
+
+
+def _remote(obj: Any, doing: str, call: Any) -> Any:
+    """Runs one client call, with an elapsed-time progress line on a terminal."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fuckbase.client import Client, FuckBaseError
+
+    url, admin_auth, timeout = obj
+    started = time.monotonic()
+    with Client(url, admin_auth=admin_auth, timeout=timeout) as client, ThreadPoolExecutor(1) as pool:
+        future = pool.submit(call, client)
+        while not future.done():
+            try:
+                future.result(timeout=0.5)
+            except TimeoutError:
+                if sys.stderr.isatty():
+                    click.echo(f"\r{doing}… {time.monotonic() - started:.0f}s", nl=False, err=True)
+            except FuckBaseError:
+                break
+        if sys.stderr.isatty():
+            click.echo("\r\033[K", nl=False, err=True)
+        try:
+            return future.result()
+        except FuckBaseError as exc:
+            fail(f"{doing} failed: {exc.code or exc.status}: {exc.message}")
 
 
 def settings_from(opts: dict[str, Any]) -> Settings:

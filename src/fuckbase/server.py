@@ -77,14 +77,17 @@ class Service:
         self.engine = Engine(settings.data_dir / "store", settings.durability)
         self.metrics = Metrics()
         self.metrics.add_source(self._engine_metrics)
-        store = open_store(
-            s3_endpoint=settings.s3.endpoint,
-            s3_bucket=settings.s3.bucket,
-            s3_access_key=settings.s3.access_key,
-            s3_secret_key=settings.s3.secret_key,
-            s3_region=settings.s3.region,
-            local_dir=settings.effective_backup_dir,
-        )
+        try:
+            store = open_store(
+                s3_endpoint=settings.s3.endpoint,
+                s3_bucket=settings.s3.bucket,
+                s3_access_key=settings.s3.access_key,
+                s3_secret_key=settings.s3.secret_key,
+                s3_region=settings.s3.region,
+                local_dir=settings.effective_backup_dir,
+            )
+        except ValueError as exc:
+            raise StartupError(f"bad S3 configuration: {exc}") from None
         self.backups = BackupService(
             self.engine, store, settings.backup_compression, settings.backup_retention
         )
