@@ -189,8 +189,12 @@ class BackupService:
         counts = _Counts()
         lines = _backup_lines(snapshot, database, counts)
         compress = _compressor(self.compression)
+        finished = False
 
         def next_chunk() -> bytes | None:
+            nonlocal finished
+            if finished:
+                return None
             parts: list[bytes] = []
             size = 0
             for line in lines:
@@ -200,8 +204,8 @@ class BackupService:
                 if size >= CHUNK_BYTES:
                     break
             if not parts:
-                tail = compress(None)
-                return tail or None
+                finished = True
+                return compress(None)
             return compress(b"".join(parts))
 
         async def chunks() -> AsyncIterator[bytes]:
