@@ -73,6 +73,14 @@ def _opt(*decls: str, env: str, **kw: Any) -> Any:
 @_opt("--s3-secret-key", env="FUCKBASE_S3_SECRET_KEY", default="", help="S3 secret key (never logged).")
 @_opt("--s3-region", env="FUCKBASE_S3_REGION", default="us-east-1", show_default=True, help="S3 region.")
 @_opt(
+    "--s3-timeout",
+    env="FUCKBASE_S3_TIMEOUT",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds one storage step may take (retries included) before the request fails.",
+)
+@_opt(
     "--backup-interval",
     env="FUCKBASE_BACKUP_INTERVAL",
     type=float,
@@ -207,6 +215,7 @@ def settings_from(opts: dict[str, Any]) -> Settings:
             access_key=opts["s3_access_key"],
             secret_key=opts["s3_secret_key"],
             region=opts["s3_region"],
+            timeout=opts["s3_timeout"],
         ),
         backup_dir=opts["backup_dir"],
         backup_interval_minutes=opts["backup_interval"],

@@ -22,6 +22,7 @@ class S3Settings:
     access_key: str = field(default="", repr=False)
     secret_key: str = field(default="", repr=False)
     region: str = "us-east-1"
+    timeout: float = 30.0  # seconds per storage step before a backup request fails
 
     @property
     def enabled(self) -> bool:
@@ -73,6 +74,8 @@ class Settings:
             raise ConfigError("max body size must be at least 1024 bytes")
         if self.backup_interval_minutes is not None and self.backup_interval_minutes < 0:
             raise ConfigError("backup interval must be >= 0 minutes")
+        if self.s3.timeout <= 0:
+            raise ConfigError("S3 timeout must be > 0 seconds")
         if self.backup_retention < 0:
             raise ConfigError("backup retention must be >= 0")
         if self.backup_compression not in COMPRESSIONS:

@@ -85,6 +85,7 @@ class Service:
                 s3_secret_key=settings.s3.secret_key,
                 s3_region=settings.s3.region,
                 local_dir=settings.effective_backup_dir,
+                op_timeout=settings.s3.timeout,
             )
         except ValueError as exc:
             raise StartupError(f"bad S3 configuration: {exc}") from None
