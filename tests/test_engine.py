@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -106,3 +107,23 @@ async def test_reclaim_resumes_after_restart(tmp_path: Path) -> None:
     else:
         raise AssertionError("reclaim did not resume")
     await engine.close()
+
+
+async def test_storage_map_grows_on_demand(tmp_path: Path, monkeypatch: Any) -> None:
+    import fuckbase.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MIN_MAP_SIZE", 1 << 20)
+    monkeypatch.setattr(engine_module, "ROOM_CHECK_EVERY", 1)
+    engine = Engine(tmp_path / "store")
+    engine.start(asyncio.get_running_loop())
+    await engine.create_database("d", None)
+    db = engine.database("d")
+    value = {"v": "x" * 2000}
+    for i in range(3000):  # ~6 MB through a 1 MiB initial map
+        await engine.put(db, "s", f"k{i}", value, orjson.dumps(value))
+    assert engine.env.info()["map_size"] >= 8 << 20
+    assert engine.get(db.sets["s"], "k2999") == orjson.dumps(value)
+    await engine.close()
+    reopened = Engine(tmp_path / "store")
+    assert reopened.database("d").sets["s"].count == 3000
+    reopened.env.close()

@@ -26,7 +26,8 @@ from fuckbase.indexes import SORTABLE, Index, IndexDef, make_index
 
 log = logging.getLogger("fuckbase.engine")
 
-MAP_SIZE = 1 << 40  # address space only; the file grows as data is written
+MIN_MAP_SIZE = 1 << 30  # the map (and the sparse file) doubles whenever it is half full
+ROOM_CHECK_EVERY = 64  # commits between checks of the map's fill level
 INLINE_KEY_MAX = 480  # LMDB keys are at most 511 bytes; longer keys are stored by digest
 BUILD_CHUNK = 4096  # entries indexed per loop tick while an index is built
 GC_CHUNK = 8192  # entries deleted per commit when a dropped set is reclaimed
@@ -125,15 +126,22 @@ class Engine:
     def __init__(self, path: Path, durability: str = "os") -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.durability = durability
+        existing = path / "data.mdb"
+        used = existing.stat().st_size if existing.exists() else 0
+        # writemap: a commit writes into the shared mapping instead of calling pwrite per page,
+        # about 4x cheaper; the page cache has the data at once, so it survives kill -9.
         self.env = lmdb.open(
             str(path),
-            map_size=MAP_SIZE,
+            map_size=max(MIN_MAP_SIZE, used),
             max_dbs=4,
             sync=False,
             metasync=False,
+            writemap=True,
             readahead=False,
             max_readers=512,
         )
+        self._page_size = self.env.stat()["psize"]
+        self.open_snapshots = 0
         self.meta = self.env.open_db(b"meta")
         self.data = self.env.open_db(b"data")
         self.databases: dict[str, DatabaseState] = {}
@@ -217,6 +225,8 @@ class Engine:
         once, without a suspension. With "fsync", operations queued during one loop tick
         share one commit and one fsync (group commit), which runs off the event loop.
         """
+        if self.commits % ROOM_CHECK_EVERY == 0:
+            self.ensure_room()
         if self.durability == "os":
             try:
                 with self.env.begin(write=True) as txn:
@@ -233,7 +243,19 @@ class Engine:
         """After a failed commit the in-memory state may be ahead of the disk: reload it."""
         log.error("write failed, reloading state from disk: %s", exc)
         self._load()
+        if isinstance(exc, lmdb.MapFullError):
+            self.ensure_room()
+            return ApiError(503, "STORAGE_BUSY", "the storage was growing; retry the request")
         return ApiError(500, "INTERNAL_ERROR", f"write failed: {exc}")
+
+    def ensure_room(self) -> None:
+        """Doubles the map when it is half full. Growing aborts open read transactions, so it
+        waits while a backup snapshot is open (the map keeps half its size in reserve)."""
+        info = self.env.info()
+        used = (info["last_pgno"] + 1) * self._page_size
+        if used * 2 > info["map_size"] and self.open_snapshots == 0:
+            self.env.set_mapsize(info["map_size"] * 2)
+            log.info("storage map grown to %d MiB", info["map_size"] * 2 >> 20)
 
     def _enqueue(self, op: Op) -> asyncio.Future[Any]:
         loop = self._loop or asyncio.get_running_loop()
@@ -585,6 +607,7 @@ class Staging:
     async def write(self, s: SetState, entries: list[tuple[str, Any, bytes]]) -> None:
         """Stores (key, value, JSON) entries in a staged set and feeds its indexes."""
         engine = self._engine
+        engine.ensure_room()
 
         def op(txn: lmdb.Transaction) -> None:
             for key, value, raw in entries:
@@ -644,6 +667,8 @@ class Snapshot:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._txn = engine.env.begin()
+        engine.open_snapshots += 1
+        self._closed = False
 
     def databases(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -662,7 +687,10 @@ class Snapshot:
                 yield decode_entry(lkey, stored)
 
     def close(self) -> None:
-        self._txn.abort()
+        if not self._closed:
+            self._closed = True
+            self._txn.abort()
+            self._engine.open_snapshots -= 1
 
 
 def _long_marker(key: str) -> bytes:
