@@ -573,13 +573,14 @@ class _Applier:
         if self._set_name is None:
             raise BackupInvalid("entries outside a set")
         batch = []
-        for key, value in rec.items:
+        for key, value, raw in rec.items:
             if not isinstance(key, str) or not key or len(key.encode(errors="replace")) > MAX_KEY_BYTES:
                 raise BackupInvalid(f"bad key {key!r:.80}")
-            try:
-                raw = orjson.dumps(value)
-            except TypeError as exc:
-                raise BackupInvalid(f"bad value for key {key!r:.80}: {exc}") from None
+            if raw is None:
+                try:
+                    raw = orjson.dumps(value)
+                except TypeError as exc:
+                    raise BackupInvalid(f"bad value for key {key!r:.80}: {exc}") from None
             batch.append((key, value, raw))
         self.entries += len(batch)
         if self.staging is not None and self._set is not None:

@@ -57,7 +57,8 @@ class SetStart:
 
 @dataclass
 class Entries:
-    items: list[tuple[str, Any]] = field(default_factory=list)
+    # (key, value, the value's JSON when the reader has it at hand, else None)
+    items: list[tuple[str, Any, bytes | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -135,10 +136,15 @@ class LineReader:
                 self._flush(out)
                 self.state = "sets"
                 return
-            pair = orjson.loads(b"{" + (line[1:] if line[:1] == b"," else line) + b"}")
+            body = line[1:] if line[:1] == b"," else line
+            pair = orjson.loads(b"{" + body + b"}")
             if len(pair) != 1:
                 raise BackupInvalid("an entry line holds more than one entry")
-            self._pending.items.append(next(iter(pair.items())))
+            key, value = next(iter(pair.items()))
+            # we wrote `orjson(key):value`: when the key reads back the same, the rest is the value
+            head = orjson.dumps(key) + b":"
+            raw = body[len(head) :] if body.startswith(head) else None
+            self._pending.items.append((key, value, raw))
             if len(self._pending.items) >= ENTRIES_PER_RECORD:
                 self._flush(out)
         elif state == "sets":
@@ -320,7 +326,7 @@ class EventReader:
         self._builder = None
         n = len(p)
         if n == (6 if self.full else 4):  # …data.<key>
-            self._pending.items.append((p[-1], value))
+            self._pending.items.append((p[-1], value, None))
             if len(self._pending.items) >= ENTRIES_PER_RECORD:
                 self._flush(out)
         elif n == 1 and p[0] == "metadata":
