@@ -29,6 +29,16 @@ async def _bulk_load(engine: Engine, db_name: str, set_name: str, n: int) -> Non
     await engine.submit(load)
 
 
+async def _until_reclaimed(engine: Engine, prefix: bytes) -> None:
+    for _ in range(300):
+        await asyncio.sleep(0.01)
+        with engine.env.begin(db=engine.data) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(prefix) or not cur.key().startswith(prefix):
+                return
+    raise AssertionError("the dropped set's entries were not reclaimed")
+
+
 async def test_index_build_does_not_stop_reads(tmp_path: Path) -> None:
     engine = Engine(tmp_path / "store")
     engine.start(asyncio.get_running_loop())
@@ -78,14 +88,7 @@ async def test_dropped_database_space_is_reclaimed(tmp_path: Path) -> None:
     await _bulk_load(engine, "big", "s", 20_000)
     prefix = engine.database("big").sets["s"].prefix
     await engine.drop_database(engine.database("big"))
-    for _ in range(200):
-        await asyncio.sleep(0.01)
-        with engine.env.begin(db=engine.data) as txn:
-            cur = txn.cursor()
-            if not cur.set_range(prefix) or not cur.key().startswith(prefix):
-                break
-    else:
-        raise AssertionError("dropped data was not reclaimed")
+    await _until_reclaimed(engine, prefix)
     await engine.close()
 
 
@@ -98,14 +101,7 @@ async def test_reclaim_resumes_after_restart(tmp_path: Path) -> None:
     engine = Engine(tmp_path / "store")
     assert "big" not in engine.databases
     engine.start(asyncio.get_running_loop())
-    for _ in range(300):
-        await asyncio.sleep(0.01)
-        with engine.env.begin(db=engine.data) as txn:
-            cur = txn.cursor()
-            if not cur.set_range(prefix) or not cur.key().startswith(prefix):
-                break
-    else:
-        raise AssertionError("reclaim did not resume")
+    await _until_reclaimed(engine, prefix)
     await engine.close()
 
 

@@ -19,6 +19,18 @@ docs = st.fixed_dictionaries({"p": st.sampled_from(["x", "y"]), "s1": maybe, "s2
 ops = st.lists(st.tuples(st.sampled_from([f"k{i}" for i in range(12)]), st.one_of(st.none(), docs)), max_size=60)
 
 
+def replay(idx: BasicIndex | SortableIndex, ops: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Applies puts (doc) and deletes (None) to the index; returns the resulting data."""
+    state: dict[str, Any] = {}
+    for key, doc in ops:
+        idx.update(key, state.get(key), doc)
+        if doc is None:
+            state.pop(key, None)
+        else:
+            state[key] = doc
+    return state
+
+
 def reference(state: dict[str, Any], text: str, order: list[tuple[str, bool]]) -> list[str]:
     keys = sorted(k for k, v in state.items() if match_text(v["p"]) == text)
     for field, desc in reversed(order):
@@ -38,13 +50,7 @@ def reference(state: dict[str, Any], text: str, order: list[tuple[str, bool]]) -
 )
 def test_sortable_pages_match_reference(ops: list[tuple[str, Any]], order: list[tuple[str, bool]], offset: int, limit: int) -> None:
     idx = SortableIndex(IndexDef("i", "p", SORTABLE, ("s1", "s2")))
-    state: dict[str, Any] = {}
-    for key, doc in ops:
-        idx.update(key, state.get(key), doc)
-        if doc is None:
-            state.pop(key, None)
-        else:
-            state[key] = doc
+    state = replay(idx, ops)
     for text in ("x", "y"):
         expected = reference(state, text, order)
         total, page = idx.page(text, order, offset, limit)
@@ -57,13 +63,7 @@ def test_sortable_pages_match_reference(ops: list[tuple[str, Any]], order: list[
 @given(ops=ops)
 def test_basic_index_matches_reference(ops: list[tuple[str, Any]]) -> None:
     idx = BasicIndex(IndexDef("i", "s1"))
-    state: dict[str, Any] = {}
-    for key, doc in ops:
-        idx.update(key, state.get(key), doc)
-        if doc is None:
-            state.pop(key, None)
-        else:
-            state[key] = doc
+    state = replay(idx, ops)
     texts = {match_text(v["s1"]) for v in state.values() if "s1" in v}
     for text in texts | {"nothing"}:
         want = sorted(k for k, v in state.items() if "s1" in v and match_text(v["s1"]) == text)

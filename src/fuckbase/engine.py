@@ -427,35 +427,39 @@ class Engine:
         Writes committed during the build update the index themselves; re-indexing an entry
         the scan reaches later is idempotent, so the result is exact.
         """
-        start = s.prefix
         try:
-            while True:
-                if built.done() or s.indexes.get(idx.definition.name) is not idx:
-                    return
-                last = None
-                with self.env.begin(db=self.data) as txn:
-                    cur = txn.cursor()
-                    n = 0
-                    if cur.set_range(start):
-                        for lkey, stored in cur:
-                            if not lkey.startswith(s.prefix):
-                                break
-                            key, raw = decode_entry(lkey, stored)
-                            obj = orjson.loads(raw)
-                            idx.update(key, obj, obj)
-                            last = lkey
-                            n += 1
-                            if n >= BUILD_CHUNK:
-                                break
-                if last is None or n < BUILD_CHUNK:
-                    break
-                start = last + b"\x00"
-                await asyncio.sleep(0)
-            if not built.done():
+            wanted = lambda: not built.done() and s.indexes.get(idx.definition.name) is idx  # noqa: E731
+            if await self._index_existing(s, [idx], wanted) and not built.done():
                 built.set_result(None)
         finally:
             if s.building.get(idx.definition.name) is built:
                 del s.building[idx.definition.name]
+
+    async def _index_existing(self, s: SetState, indexes: list[Index], wanted: Callable[[], bool]) -> bool:
+        """Feeds a set's committed entries to `indexes`, a chunk per loop tick, while `wanted()`.
+
+        Re-indexing an entry is idempotent (update with old == new), so entries that writes
+        already indexed meanwhile come out right. False if abandoned.
+        """
+        start = s.prefix
+        while wanted():
+            last, n = None, 0
+            with self.env.begin(db=self.data) as txn:
+                cur = txn.cursor()
+                if cur.set_range(start):
+                    for lkey, stored in cur:
+                        if not lkey.startswith(s.prefix) or n >= BUILD_CHUNK:
+                            break
+                        key, raw = decode_entry(lkey, stored)
+                        obj = orjson.loads(raw)
+                        for idx in indexes:
+                            idx.update(key, obj, obj)
+                        last, n = lkey, n + 1
+            if last is None or n < BUILD_CHUNK:
+                return True
+            start = last + b"\x00"
+            await asyncio.sleep(0)
+        return False
 
     async def drop_index(self, db: DatabaseState, set_name: str, name: str) -> None:
         def op(txn: lmdb.Transaction) -> None:
@@ -531,30 +535,6 @@ class Engine:
 
     def staging(self) -> Staging:
         return Staging(self)
-
-    async def _index_staged(self, s: SetState) -> None:
-        """Fills the indexes of a staged set from its entries, a chunk per loop tick."""
-        start = s.prefix
-        indexes = list(s.indexes.values())
-        while indexes:
-            last, n = None, 0
-            with self.env.begin(db=self.data) as txn:
-                cur = txn.cursor()
-                if cur.set_range(start):
-                    for lkey, stored in cur:
-                        if not lkey.startswith(s.prefix) or n >= BUILD_CHUNK:
-                            break
-                        key, raw = decode_entry(lkey, stored)
-                        obj = orjson.loads(raw)
-                        for idx in indexes:
-                            idx.update(key, None, obj)
-                        last, n = lkey, n + 1
-            if last is None or n < BUILD_CHUNK:
-                return
-            start = last + b"\x00"
-            await asyncio.sleep(0)
-
-
 @dataclass
 class StagedDatabase:
     """A database being restored; its name and auth may arrive after its sets in the stream."""
@@ -630,7 +610,7 @@ class Staging:
             raise invalid("the backup names a database twice, or not at all")
         for s in self._needs_scan:
             s.indexes = {n: make_index(i.definition) for n, i in s.indexes.items()}
-            await engine._index_staged(s)
+            await engine._index_existing(s, list(s.indexes.values()), lambda: True)
 
         def op(txn: lmdb.Transaction) -> None:
             replaced = list(engine.databases.values()) if replace_all else [
