@@ -58,6 +58,8 @@ EXTENSIONS = {"none": ".json", "gzip": ".json.gz", "zstd": ".json.zst"}
 SIDECAR = ".sha256"
 PENDING = b"pending"
 CHUNK_BYTES = 1 << 20
+CLEANUP_ATTEMPTS = 6  # a failed backup's leftovers are retried for about 10 minutes
+CLEANUP_PAUSE = 30.0
 MAX_KEY_BYTES = 1024
 _NAME = re.compile(r"backups/([A-Za-z0-9_.\-]{1,64})/(\d{8}-\d{6})(?:_(\d+))?(\.json(?:\.gz|\.zst)?)")
 _DB_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -112,6 +114,7 @@ class BackupService:
         self.stats = BackupStats()
         self._restore_lock = asyncio.Lock()
         self._last_auto_commits = -1
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
     def target(self) -> str:
@@ -162,14 +165,21 @@ class BackupService:
         return {"backup_name": name, "size": stored, "entries": counts.entries, "database": database or "all"}
 
     async def _release(self, name: str | None) -> None:
-        """Best effort: forget the claim of a backup that failed, so list and restore never see it."""
-        if name is None:
-            return
-        for key in (name, name + SIDECAR):
+        """Forgets the claim of a failed backup in the background: the failing request returns
+        at once, and the cleanup retries while the storage recovers."""
+        if name is not None:
+            task = asyncio.get_running_loop().create_task(self._remove_failed(name))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+
+    async def _remove_failed(self, name: str) -> None:
+        for attempt in range(CLEANUP_ATTEMPTS):
             try:
-                await asyncio.shield(self.store.delete(key))
-            except (ObjectStoreError, asyncio.CancelledError):
-                log.warning("could not remove %s of a failed backup", key)
+                await asyncio.gather(self.store.delete(name), self.store.delete(name + SIDECAR))
+                return
+            except ObjectStoreError as exc:
+                log.warning("cleanup of failed backup %s: %s (attempt %d)", name, exc, attempt + 1)
+                await asyncio.sleep(CLEANUP_PAUSE * (attempt + 1))
 
     async def _claim(self, folder: str) -> str:
         """Reserves a fresh name by creating its sidecar; later names in one second get _2, _3…"""

@@ -56,6 +56,9 @@ def setup_logging(settings: Settings, stream: TextIO) -> None:
     # granian's own chatter (including its "embedded server is experimental" notice)
     logging.getLogger("_granian").setLevel(logging.ERROR)
     logging.getLogger("granian").setLevel(logging.ERROR)
+    # httpx logs each request's URL at INFO: for S3 those are presigned (credential id, signature)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 def lock_data_dir(data_dir: Path) -> int:
@@ -173,13 +176,13 @@ class Service:
         if self.engine.databases:
             log.info("restore-on-start skipped: the data dir already holds databases")
             return
-        name = await self.backups.latest_full() if which == "latest" else which
-        if name is None:
-            raise StartupError(f"restore-on-start: no full backup found in {self.backups.target}")
         try:
+            name = await self.backups.latest_full() if which == "latest" else which
+            if name is None:
+                raise StartupError(f"restore-on-start: no full backup found in {self.backups.target}")
             result = await self.backups.restore(name)
         except ApiError as exc:
-            raise StartupError(f"restore-on-start of {name} failed: {exc.message}") from None
+            raise StartupError(f"restore-on-start of {which} failed: {exc.message}") from None
         log.info("restore-on-start: restored %s (%d databases)", name, len(result["databases"]))
 
 
