@@ -15,7 +15,6 @@ Full backup:      {"databases": {name: <database backup>}, "metadata": {…}}
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -92,5 +92,3 @@ def counter(name: str, doc: str, labels: list[str], samples: Iterable[tuple[list
         family.add_metric(label_values, value)
     return family
 
-
-__all__ = ["Metrics", "gauge", "counter"]
