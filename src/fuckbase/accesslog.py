@@ -32,7 +32,8 @@ class AccessLog:
                 second = int(ts)
                 stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             lines.append(
-                f"{stamp}.{int(ts % 1 * 1000):03d}Z access {method} {path} {status} {seconds * 1e3:.3f}ms\n"
+                "%s.%03dZ access %s %s %d %dus\n"
+                % (stamp, (ts - second) * 1000, method, path, status, seconds * 1e6)
             )
         self._stream.write("".join(lines))
         self._stream.flush()
