@@ -92,6 +92,8 @@ def _remember(cache: set[str], name: str) -> None:
 
 def key_field(body: dict[str, Any]) -> str:
     key = text_field(body, "key")
+    if len(key) <= MAX_KEY_BYTES // 4:  # at most 4 bytes per character: short enough
+        return key
     try:
         n = len(key.encode())
     except UnicodeEncodeError:

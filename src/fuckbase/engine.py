@@ -87,10 +87,10 @@ class SetState:
     indexes: dict[str, Index] = field(default_factory=dict)
     building: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     count: int = 0
+    prefix: bytes = field(init=False)  # the set's keys in the data table start with it
 
-    @property
-    def prefix(self) -> bytes:
-        return self.id.to_bytes(8, "big")
+    def __post_init__(self) -> None:
+        self.prefix = self.id.to_bytes(8, "big")
 
 
 @dataclass
@@ -501,7 +501,10 @@ class Engine:
     # ----------------------------------------------------------------- reads
 
     def get(self, s: SetState, key: str) -> bytes | None:
+        kb = key.encode()
         with self.env.begin(db=self.data) as txn:
+            if len(kb) <= INLINE_KEY_MAX:  # the common case, without a second encode
+                return txn.get(s.prefix + b"k" + kb)  # type: ignore[no-any-return]
             return _value_of_stored(key, txn.get(data_key(s.prefix, key)))
 
     def get_many(self, s: SetState, keys: list[str]) -> list[tuple[str, bytes]]:

@@ -99,7 +99,7 @@ class HttpApp:
             raw = await self._read_chunked(proto)
         if len(raw) > self.max_body:
             raise self._too_large()
-        if not raw.strip():
+        if not raw or raw.isspace():
             return {}
         try:
             body = orjson.loads(raw)
