@@ -55,3 +55,36 @@ def test_any_key_and_value_round_trip(shop: ServerProcess, key: str, value: Any)
 def test_server_survived(shop: ServerProcess) -> None:
     assert shop.client is not None
     assert shop.client.get("/health").status_code == 200
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_backups_never_break_the_server(shop: ServerProcess, data: st.DataObject) -> None:
+    """Random damage to a real backup: the answer is success or 422, never a 5xx, and a refused
+    restore leaves the data as it was."""
+    shop.ok("/set/put", {"database": "shop", "set": "users", "key": "anchor", "value": {"n": 1}})
+    if not hasattr(shop, "_fuzz_backup"):
+        name = shop.ok("/backup/create", {"database": "shop"})["backup_name"]
+        path = shop.data_dir / "backups" / name
+        (shop.data_dir / "backups" / (name + ".sha256")).unlink()  # judge the structure, not the checksum
+        shop._fuzz_backup = (name, path, path.read_bytes())  # type: ignore[attr-defined]
+    name, path, original = shop._fuzz_backup  # type: ignore[attr-defined]
+    blob = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
+        pos = data.draw(st.integers(0, max(0, len(blob) - 1)))
+        if kind == "flip" and blob:
+            blob[pos] = data.draw(st.integers(0, 255))
+        elif kind == "cut":
+            del blob[pos:]
+        elif kind == "insert":
+            blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+        elif blob:
+            del blob[pos : pos + data.draw(st.integers(1, 16))]
+    path.write_bytes(bytes(blob))
+    r = shop.post("/backup/restore", {"backup_name": name})
+    assert r.status_code in (200, 422), r.text
+    if r.status_code == 422:
+        assert r.json()["code"] == "BACKUP_INVALID"
+        assert shop.ok("/set/get", {"database": "shop", "set": "users", "key": "anchor"})["data"] == {"n": 1}
+    path.write_bytes(original)
