@@ -49,10 +49,6 @@ class Settings:
     restore_on_start: str = ""
 
     @property
-    def admin_enabled(self) -> bool:
-        return bool(self.admin_username)
-
-    @property
     def effective_backup_dir(self) -> Path:
         return self.backup_dir if self.backup_dir is not None else self.data_dir / "backups"
 
