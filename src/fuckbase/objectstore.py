@@ -155,7 +155,7 @@ _XML_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
 _STATUS = re.compile(r"status code: (\d{3})")
 
 
-def _s3_failure(exc: BaseError, op_timeout: float) -> tuple[str, str]:
+def _s3_failure(exc: BaseException, op_timeout: float) -> tuple[str, str]:
     """(kind, short reason) for an obstore error, read from its text since it has no fields."""
     text = str(exc)
     code_match = _XML_CODE.search(text)
@@ -173,7 +173,8 @@ def _s3_failure(exc: BaseError, op_timeout: float) -> tuple[str, str]:
         return "unavailable", "S3 refused the connection"
     if "kind: Connect" in text:
         return "unavailable", "cannot connect to S3"
-    if not status and ("connection closed" in text.lower() or "ConnectionReset" in text):
+    if not status and ("connection closed" in text.lower() or "ConnectionReset" in text
+                       or "error sending request" in text):
         return "unavailable", "S3 closed the connection"
     if detail:
         return "error", f"S3 answered {detail}"
@@ -254,7 +255,6 @@ class S3ObjectStore:
             return NotFound(f"cannot {action}: no such object")
         if isinstance(exc, AlreadyExistsError | PreconditionError):
             return AlreadyExists(f"cannot {action}: it already exists")
-        assert isinstance(exc, BaseError)
         kind, reason = _s3_failure(exc, self._op_timeout)
         return ObjectStoreError(f"cannot {action}: {reason}", kind)
 
@@ -263,7 +263,7 @@ class S3ObjectStore:
         try:
             async with asyncio.timeout(self._op_timeout):
                 return await aw
-        except (TimeoutError, FileNotFoundError, BaseError) as exc:
+        except (TimeoutError, OSError, BaseError) as exc:  # obstore raises plain OSError too
             raise self._error(action, exc) from exc
 
     async def ensure_ready(self) -> None:
