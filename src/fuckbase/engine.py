@@ -388,14 +388,14 @@ class Engine:
         await self.submit(op)
 
     async def put(self, db: DatabaseState, set_name: str, key: str, value: Any, raw: bytes) -> None:
-        dkey_suffix = stored_value(key, raw)
+        stored = stored_value(key, raw)
 
         def op(txn: lmdb.Transaction) -> None:
             self._live(db)
             s = db.sets.get(set_name)
             if s is None:
                 s = self._new_set(txn, db, set_name)
-            old = txn.replace(data_key(s.prefix, key), dkey_suffix, db=self.data)
+            old = txn.replace(data_key(s.prefix, key), stored, db=self.data)
             if old is None:
                 s.count += 1
             if s.indexes:

@@ -99,10 +99,10 @@ class BasicIndex:
         self._entries: dict[str, str | set[str]] = {}
 
     def update(self, key: str, old: Any, new: Any) -> None:
-        old_v = field_of(old, self.field)
-        new_v = field_of(new, self.field)
-        old_t = None if old_v is _MISSING else match_text(old_v)
-        new_t = None if new_v is _MISSING else match_text(new_v)
+        f = self.field
+        # inline field lookups: this runs for every write and every restored entry
+        old_t = match_text(old[f]) if type(old) is dict and f in old else None
+        new_t = match_text(new[f]) if type(new) is dict and f in new else None
         if old_t == new_t:
             if new_t is not None:
                 self._add(new_t, key)
