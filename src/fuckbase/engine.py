@@ -33,6 +33,7 @@ log = logging.getLogger("fuckbase.engine")
 MIN_MAP_SIZE = 1 << 30  # the map (and the sparse file) doubles whenever it is half full
 ROOM_CHECK_EVERY = 64  # commits between checks of the map's fill level
 TRIM_EVERY = 16  # staged restore writes (of ~4096 entries) between unmapping written pages
+STAGING_COMMIT = 512  # restored entries per commit: ~3 ms of the event loop
 INLINE_KEY_MAX = 480  # LMDB keys are at most 511 bytes; longer keys are stored by digest
 BUILD_CHUNK = 4096  # entries indexed per loop tick while an index is built
 GC_CHUNK = 8192  # entries deleted per commit when a dropped set is reclaimed
@@ -609,12 +610,20 @@ class Staging:
             self._needs_scan.append(s)  # entries came before the definition
 
     async def write(self, s: SetState, entries: list[tuple[str, Any, bytes]]) -> None:
-        """Stores (key, value, JSON) entries in a staged set and feeds its indexes."""
+        """Stores (key, value, JSON) entries in a staged set and feeds its indexes, a few
+        hundred per commit with a loop turn between, so requests wait a few ms at most."""
         engine = self._engine
         engine.ensure_room()
         self._writes += 1
         if self._writes % TRIM_EVERY == 0:
             engine.trim_resident()
+        for start in range(0, len(entries), STAGING_COMMIT):
+            if start:
+                await asyncio.sleep(0)
+            await self._write(s, entries[start : start + STAGING_COMMIT])
+
+    async def _write(self, s: SetState, entries: list[tuple[str, Any, bytes]]) -> None:
+        engine = self._engine
 
         def op(txn: lmdb.Transaction) -> None:
             for key, value, raw in entries:
