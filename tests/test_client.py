@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import ServerProcess, free_port
+
 from fuckbase import client as fb
 from fuckbase.client import (
     AdminAuthRequired,

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 from conftest import ServerProcess
+
 from fuckbase.client import (
     AdminAuthRequired,
     AsyncClient,
@@ -23,8 +23,6 @@ from fuckbase.client import (
     KeyNotFound,
     NotFoundError,
 )
-
-
 
 ADMIN = ("admin", "adm1n-pw")
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")

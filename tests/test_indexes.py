@@ -7,7 +7,14 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuckbase.indexes import SORTABLE, BasicIndex, IndexDef, SortableIndex, match_text, sort_key
+from fuckbase.indexes import (
+    SORTABLE,
+    BasicIndex,
+    IndexDef,
+    SortableIndex,
+    match_text,
+    sort_key,
+)
 
 field_values = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 5), st.sampled_from([1.5, -0.5, 2.0]), st.sampled_from(["a", "b", "B", "aa", ""])

@@ -7,7 +7,6 @@ response body as bytes; failures are ApiError. Nothing here knows about HTTP fra
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -20,17 +19,19 @@ from fuckbase.backup import BackupService
 from fuckbase.engine import DatabaseState, Engine, SetState
 from fuckbase.errors import ApiError, invalid
 from fuckbase.indexes import BASIC, SORTABLE, IndexDef, SortableIndex, match_text
+from fuckbase.names import (
+    MAX_KEY_BYTES,
+    MAX_NAME_CHARS,
+    is_database_name,
+    is_key,
+    is_object_name,
+)
 
-MAX_KEY_BYTES = 1024
-MAX_NAME_CHARS = 256
 DEFAULT_LIMIT = 10
-_DB_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # names that passed validation, by kind: most requests repeat a few names
 _VALID_DB_NAMES: set[str] = set()
 _VALID_OBJECT_NAMES: set[str] = set()
 _VALID_NAMES_MAX = 65536
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-RESERVED_DB_NAMES = {"full", ".", ".."}
 
 PUT_OK = b'{"status":"success","message":"Data stored successfully"}'
 DELETE_OK = b'{"status":"success","message":"Data deleted successfully"}'
@@ -63,7 +64,7 @@ def database_name(body: dict[str, Any], field: str = "database") -> str:
     name = text_field(body, field)
     if name in _VALID_DB_NAMES:
         return name
-    if not _DB_NAME.fullmatch(name) or name in RESERVED_DB_NAMES:
+    if not is_database_name(name):
         if name == "full":
             raise invalid('database name "full" is reserved (it names the full-backup folder)')
         raise invalid(
@@ -78,7 +79,7 @@ def object_name(body: dict[str, Any], field: str) -> str:
     name = text_field(body, field)
     if name in _VALID_OBJECT_NAMES:
         return name
-    if len(name) > MAX_NAME_CHARS or _CONTROL.search(name):
+    if not is_object_name(name):
         raise invalid(f'"{field}" must be 1-{MAX_NAME_CHARS} characters without control characters')
     _remember(_VALID_OBJECT_NAMES, name)
     return name
@@ -92,13 +93,7 @@ def _remember(cache: set[str], name: str) -> None:
 
 def key_field(body: dict[str, Any]) -> str:
     key = text_field(body, "key")
-    if len(key) <= MAX_KEY_BYTES // 4:  # at most 4 bytes per character: short enough
-        return key
-    try:
-        n = len(key.encode())
-    except UnicodeEncodeError:
-        raise invalid('"key" must be valid UTF-8 text') from None
-    if n > MAX_KEY_BYTES:
+    if not is_key(key):
         raise invalid(f'"key" must be at most {MAX_KEY_BYTES} bytes of UTF-8')
     return key
 

@@ -7,11 +7,11 @@ tens of milliseconds, so a credential that verified once is remembered as a keye
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
-import asyncio
 import os
 from typing import Any
 

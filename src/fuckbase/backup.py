@@ -48,6 +48,7 @@ from fuckbase.engine import Engine, SetState, Snapshot, StagedDatabase, Staging
 from fuckbase.errors import ApiError, invalid, not_found
 from fuckbase.indexes import BASIC, SORTABLE, IndexDef
 from fuckbase.metrics import counter, gauge
+from fuckbase.names import is_database_name, is_key, is_object_name
 from fuckbase.objectstore import AlreadyExists, NotFound, ObjectStore, ObjectStoreError
 
 log = logging.getLogger("fuckbase.backup")
@@ -60,9 +61,7 @@ PENDING = b"pending"
 CHUNK_BYTES = 1 << 20
 CLEANUP_ATTEMPTS = 6  # a failed backup's leftovers are retried for about 10 minutes
 CLEANUP_PAUSE = 30.0
-MAX_KEY_BYTES = 1024
 _NAME = re.compile(r"backups/([A-Za-z0-9_.\-]{1,64})/(\d{8}-\d{6})(?:_(\d+))?(\.json(?:\.gz|\.zst)?)")
-_DB_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def _storage_error(code: str, exc: ObjectStoreError) -> ApiError:
@@ -231,8 +230,6 @@ class BackupService:
     # ------------------------------------------------------------------ list
 
     async def list(self, database: str | None) -> list[dict[str, Any]]:
-        if database is not None and (not _DB_NAME.fullmatch(database) or database in (".", "..")):
-            raise invalid('"database" is not a valid database name')
         prefix = f"{PREFIX}{database}/" if database else PREFIX
         try:
             objects = await self.store.list(prefix)
@@ -534,7 +531,7 @@ class _Applier:
         self._db_fields.update(fields)
         if "name" in fields:
             name = fields["name"]
-            if not isinstance(name, str) or not _DB_NAME.fullmatch(name) or name in ("full", ".", ".."):
+            if not is_database_name(name):
                 raise BackupInvalid(f"bad database name {name!r}")
             if db.name is not None and db.name != name:
                 raise BackupInvalid("a database has two names")
@@ -574,7 +571,7 @@ class _Applier:
 
     async def _set_start(self, name: Any) -> None:
         db = self._need_db()
-        if not isinstance(name, str) or not name or len(name) > 256 or re.search(r"[\x00-\x1f\x7f]", name):
+        if not is_object_name(name):
             raise BackupInvalid(f"bad set name {name!r}")
         self._set_name = name
         self._set = await self.staging.add_set(db, name) if self.staging is not None else None
@@ -584,7 +581,7 @@ class _Applier:
             raise BackupInvalid("entries outside a set")
         batch = []
         for key, value, raw in rec.items:
-            if not isinstance(key, str) or not key or len(key.encode(errors="replace")) > MAX_KEY_BYTES:
+            if not is_key(key):
                 raise BackupInvalid(f"bad key {key!r:.80}")
             if raw is None:
                 try:

@@ -14,7 +14,14 @@ from typing import Any
 import click
 
 from fuckbase import __version__
-from fuckbase.config import COMPRESSIONS, DURABILITY_MODES, LOG_LEVELS, ConfigError, S3Settings, Settings
+from fuckbase.config import (
+    COMPRESSIONS,
+    DURABILITY_MODES,
+    LOG_LEVELS,
+    ConfigError,
+    S3Settings,
+    Settings,
+)
 
 
 def _opt(*decls: str, env: str, **kw: Any) -> Any:

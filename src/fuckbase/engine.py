@@ -400,7 +400,7 @@ class Engine:
             if old is None:
                 s.count += 1
             if s.indexes:
-                old_obj = None if old is None else orjson.loads(decode_entry(_long_marker(key), old)[1])
+                old_obj = None if old is None else orjson.loads(_value_of_stored(key, old) or b"null")
                 for idx in s.indexes.values():
                     idx.update(key, old_obj, value)
 
@@ -415,7 +415,7 @@ class Engine:
                 raise not_found("KEY_NOT_FOUND", f"key {key!r} not found")
             s.count -= 1
             if s.indexes:
-                old_obj = orjson.loads(decode_entry(_long_marker(key), old)[1])
+                old_obj = orjson.loads(_value_of_stored(key, old) or b"null")
                 for idx in s.indexes.values():
                     idx.update(key, old_obj, None)
 
@@ -632,7 +632,7 @@ class Staging:
                 if old is None:
                     s.count += 1
                 elif s.indexes:  # the backup repeats a key: the last one wins, as in JSON
-                    old_value = orjson.loads(decode_entry(_long_marker(key), old)[1])
+                    old_value = orjson.loads(_value_of_stored(key, old) or b"null")
                 for idx in s.indexes.values():
                     idx.update(key, old_value, value)
 
@@ -708,11 +708,6 @@ class Snapshot:
             self._closed = True
             self._txn.abort()
             self._engine.open_snapshots -= 1
-
-
-def _long_marker(key: str) -> bytes:
-    """A fake LMDB key whose marker byte tells decode_entry how `key`'s entry is stored."""
-    return b"\0" * 8 + (b"k" if len(key.encode()) <= INLINE_KEY_MAX else b"h")
 
 
 def _resolve(batch: list[tuple[Op, asyncio.Future[Any]]], results: list[Any]) -> None:

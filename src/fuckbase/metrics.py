@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -80,15 +81,14 @@ def _le(bound: float) -> str:
 
 
 def gauge(name: str, doc: str, labels: list[str], samples: Iterable[tuple[list[str], float]]) -> Metric:
-    family = GaugeMetricFamily(name, doc, labels=labels)
-    for label_values, value in samples:
-        family.add_metric(label_values, value)
-    return family
+    return _filled(GaugeMetricFamily(name, doc, labels=labels), samples)
 
 
 def counter(name: str, doc: str, labels: list[str], samples: Iterable[tuple[list[str], float]]) -> Metric:
-    family = CounterMetricFamily(name, doc, labels=labels)
+    return _filled(CounterMetricFamily(name, doc, labels=labels), samples)
+
+
+def _filled(family: GaugeMetricFamily | CounterMetricFamily, samples: Iterable[tuple[list[str], float]]) -> Metric:
     for label_values, value in samples:
         family.add_metric(label_values, value)
     return family
-

@@ -1,0 +1,33 @@
+"""The naming rules of the contract, shared by the API and by restores of backups."""
+
+from __future__ import annotations
+
+import re
+
+MAX_KEY_BYTES = 1024
+MAX_NAME_CHARS = 256
+RESERVED_DB_NAMES = frozenset({"full", ".", ".."})  # "full" names the full-backup folder
+_DB_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def is_database_name(name: object) -> bool:
+    """1-64 of A-Z a-z 0-9 _ - ., not "." or "..", and not the reserved "full"."""
+    return isinstance(name, str) and bool(_DB_NAME.fullmatch(name)) and name not in RESERVED_DB_NAMES
+
+
+def is_object_name(name: object) -> bool:
+    """A set or index name: 1-256 characters, no control characters."""
+    return isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS and not _CONTROL.search(name)
+
+
+def is_key(key: object) -> bool:
+    """1-1024 bytes of UTF-8."""
+    if not isinstance(key, str) or not key:
+        return False
+    if len(key) <= MAX_KEY_BYTES // 4:  # at most 4 bytes per character: short enough
+        return True
+    try:
+        return len(key.encode()) <= MAX_KEY_BYTES
+    except UnicodeEncodeError:
+        return False
