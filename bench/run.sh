@@ -27,4 +27,6 @@ for script in get put query; do
   done
   echo "$script median req/s: $(sort -n "$data/$script.rps" | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')"
 done
-echo "server RSS after the run: $(( $(awk '/VmRSS/ {print $2}' /proc/$pid/status) / 1024 )) MB"
+rss=0  # the fuckbase process plus its granian worker
+for p in $pid $(cat /proc/$pid/task/*/children); do rss=$(( rss + $(awk '/VmRSS/ {print $2}' /proc/$p/status) )); done
+echo "server RSS after the run: $(( rss / 1024 )) MB"

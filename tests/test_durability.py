@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -143,3 +145,43 @@ def test_concurrent_puts_keep_indexes_exact(make_server: Any) -> None:
     page = srv.ok("/index/query/sorted", {"database": "d", "set": "s", "index": "srt", "value": "x", "pagination": {"limit": 100}})
     assert page["total"] == len(present)
     assert sorted(e["key"] for e in page["data"]) == sorted(present)
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out.extend(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_kill9_takes_the_worker_down_with_it(make_server: Any) -> None:
+    """granian serves from a forked worker: it must not outlive the `fuckbase` process."""
+    srv = make_server()
+    assert srv.proc is not None
+    workers = _children(srv.proc.pid)
+    assert workers and all(_alive(w) for w in workers)
+    srv.kill9()
+    deadline = time.monotonic() + 5
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(_alive(w) for w in workers)
+    srv.start()  # the lock and the port are free again
+    srv.ok("/create", {"name": "after"})
+
+
+def test_stop_is_clean_and_flushes(make_server: Any) -> None:
+    srv = make_server()
+    srv.ok("/create", {"name": "shop"})
+    srv.ok("/set/put", {"database": "shop", "set": "s", "key": "k", "value": 1})
+    assert srv.proc is not None
+    proc = srv.proc
+    srv.stop()
+    assert proc.returncode == 0
+    assert "fuckbase stopped" in srv.log()

@@ -6,9 +6,8 @@ response body as bytes; failures are ApiError. Nothing here knows about HTTP fra
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import orjson
@@ -45,7 +44,8 @@ class Headers(Protocol):
     def get(self, key: str, default: Any = None) -> Any: ...
 
 
-Handler = Callable[[dict[str, Any], Headers], Awaitable[bytes]]
+Handler = Callable[[dict[str, Any], Headers], bytes]
+RunAsync = Callable[[Coroutine[Any, Any, Any]], Any]
 
 
 # ---------------------------------------------------------------- field validation
@@ -155,11 +155,13 @@ class Api:
         engine: Engine,
         admin: AdminGuard,
         backups: BackupService,
+        run_async: RunAsync,
         extra_info: Callable[[], dict[str, Any]],
     ):
         self.engine = engine
         self.admin = admin
         self.backups = backups
+        self._run = run_async  # runs a backup coroutine on the I/O loop, waits for its result
         self.db_guard = DatabaseGuard()
         self.started = time.monotonic()
         self._extra_info = extra_info
@@ -184,23 +186,23 @@ class Api:
             "/backup/verify": self.backup_verify,
         }
 
-    async def _open(self, body: dict[str, Any], headers: Headers) -> DatabaseState:
+    def _open(self, body: dict[str, Any], headers: Headers) -> DatabaseState:
         """The request's database, after its credentials (if it has any) are checked."""
         db = self.engine.database(database_name(body))
         if db.auth:
-            await self.db_guard.check(db.auth, headers.get("authorization"), body)
+            self.db_guard.check(db.auth, headers.get("authorization"), body)
         return db
 
-    async def _open_set(self, body: dict[str, Any], headers: Headers) -> SetState:
+    def _open_set(self, body: dict[str, Any], headers: Headers) -> SetState:
         set_name = object_name(body, "set")
         db = self.engine.database(database_name(body))
-        if db.auth:  # checked inline: the unauthenticated hot path skips a coroutine
-            await self.db_guard.check(db.auth, headers.get("authorization"), body)
+        if db.auth:
+            self.db_guard.check(db.auth, headers.get("authorization"), body)
         return self.engine.set_of(db, set_name)
 
     # databases and server
 
-    async def create_database(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def create_database(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
         name = database_name(body, "name")
         creds = body_credentials(body, "auth")
@@ -208,20 +210,20 @@ class Api:
         if creds is not None:
             if not creds[0] or not creds[1]:
                 raise invalid('"auth" needs a non-empty "username" and "password"')
-            stored = await asyncio.to_thread(make_db_auth, *creds)
-        await self.engine.create_database(name, stored)
+            stored = make_db_auth(*creds)
+        self.engine.create_database(name, stored)
         return success("Database created successfully", data={"database": name})
 
-    async def drop_database(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def drop_database(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
         name = database_name(body, "name")
         db = self.engine.database(name)
         if db.auth and not self.admin.enabled:
-            await self.db_guard.check(db.auth, headers.get("authorization"), body)
-        await self.engine.drop_database(db)
+            self.db_guard.check(db.auth, headers.get("authorization"), body)
+        self.engine.drop_database(db)
         return DROP_OK
 
-    async def server_info(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def server_info(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
         minutes = int(time.monotonic() - self.started) // 60
         uptime = f"{minutes // 1440}d {minutes // 60 % 24}h {minutes % 60}m"
@@ -234,17 +236,17 @@ class Api:
 
     # sets and data
 
-    async def create_set(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def create_set(self, body: dict[str, Any], headers: Headers) -> bytes:
         name = object_name(body, "name")
-        db = await self._open(body, headers)
-        await self.engine.create_set(db, name)
+        db = self._open(body, headers)
+        self.engine.create_set(db, name)
         return success("Set created successfully", data={"set": name})
 
-    async def list_sets(self, body: dict[str, Any], headers: Headers) -> bytes:
-        db = await self._open(body, headers)
+    def list_sets(self, body: dict[str, Any], headers: Headers) -> bytes:
+        db = self._open(body, headers)
         return success(data={"sets": sorted(db.sets)})
 
-    async def put(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def put(self, body: dict[str, Any], headers: Headers) -> bytes:
         set_name = object_name(body, "set")
         key = key_field(body)
         if "value" not in body:
@@ -252,36 +254,36 @@ class Api:
         value = body["value"]
         db = self.engine.database(database_name(body))
         if db.auth:
-            await self.db_guard.check(db.auth, headers.get("authorization"), body)
-        await self.engine.put(db, set_name, key, value, orjson.dumps(value))
+            self.db_guard.check(db.auth, headers.get("authorization"), body)
+        self.engine.put(db, set_name, key, value, orjson.dumps(value))
         return PUT_OK
 
-    async def get(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def get(self, body: dict[str, Any], headers: Headers) -> bytes:
         key = key_field(body)
-        s = await self._open_set(body, headers)
+        s = self._open_set(body, headers)
         raw = self.engine.get(s, key)
         if raw is None:
             raise ApiError(404, "KEY_NOT_FOUND", f"key {key!r} not found")
         return b'{"status":"success","data":' + raw + b"}"
 
-    async def delete(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def delete(self, body: dict[str, Any], headers: Headers) -> bytes:
         set_name = object_name(body, "set")
         key = key_field(body)
-        db = await self._open(body, headers)
-        await self.engine.delete(db, set_name, key)
+        db = self._open(body, headers)
+        self.engine.delete(db, set_name, key)
         return DELETE_OK
 
     # indexes
 
-    async def create_index(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def create_index(self, body: dict[str, Any], headers: Headers) -> bytes:
         set_name = object_name(body, "set")
         name = object_name(body, "name")
         field = object_name(body, "field")
-        db = await self._open(body, headers)
-        await self.engine.create_index(db, set_name, IndexDef(name, field, BASIC))
+        db = self._open(body, headers)
+        self.engine.create_index(db, set_name, IndexDef(name, field, BASIC))
         return success("Index created successfully", data={"index": name})
 
-    async def create_sortable_index(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def create_sortable_index(self, body: dict[str, Any], headers: Headers) -> bytes:
         set_name = object_name(body, "set")
         name = object_name(body, "name")
         field = object_name(body, "primary_field")
@@ -294,36 +296,35 @@ class Api:
             raise invalid('"sort_fields" must be a non-empty list of field names')
         if len(set(sort_fields)) != len(sort_fields):
             raise invalid('"sort_fields" must not repeat a field')
-        db = await self._open(body, headers)
+        db = self._open(body, headers)
         definition = IndexDef(name, field, SORTABLE, tuple(sort_fields))
-        await self.engine.create_index(db, set_name, definition)
+        self.engine.create_index(db, set_name, definition)
         return success("Sortable index created successfully", data={"index": name})
 
-    async def drop_index(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def drop_index(self, body: dict[str, Any], headers: Headers) -> bytes:
         set_name = object_name(body, "set")
         name = object_name(body, "name")
-        db = await self._open(body, headers)
-        await self.engine.drop_index(db, set_name, name)
+        db = self._open(body, headers)
+        self.engine.drop_index(db, set_name, name)
         return INDEX_DROP_OK
 
-    async def query(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def query(self, body: dict[str, Any], headers: Headers) -> bytes:
         name = object_name(body, "index")
         text = _match_value(body)
-        s = await self._open_set(body, headers)
-        idx = await self.engine.index(s, name)
-        entries = self.engine.get_many(s, idx.lookup(text))
+        s = self._open_set(body, headers)
+        entries = self.engine.lookup(s, self.engine.index(s, name), text)
         return b'{"status":"success","data":{"count":%d,"data":[%s]}}' % (
             len(entries),
             _entries_json(entries),
         )
 
-    async def query_sorted(self, body: dict[str, Any], headers: Headers) -> bytes:
-        return await self._sorted(body, headers, multi=False)
+    def query_sorted(self, body: dict[str, Any], headers: Headers) -> bytes:
+        return self._sorted(body, headers, multi=False)
 
-    async def query_multi_sorted(self, body: dict[str, Any], headers: Headers) -> bytes:
-        return await self._sorted(body, headers, multi=True)
+    def query_multi_sorted(self, body: dict[str, Any], headers: Headers) -> bytes:
+        return self._sorted(body, headers, multi=True)
 
-    async def _sorted(self, body: dict[str, Any], headers: Headers, multi: bool) -> bytes:
+    def _sorted(self, body: dict[str, Any], headers: Headers, multi: bool) -> bytes:
         name = object_name(body, "index")
         text = _match_value(body)
         pagination = body.get("pagination") or {}
@@ -331,8 +332,8 @@ class Api:
             raise invalid('"pagination" must be an object {"offset", "limit"}')
         offset = _int_field(pagination, "offset", 0)
         limit = _int_field(pagination, "limit", DEFAULT_LIMIT) or DEFAULT_LIMIT
-        s = await self._open_set(body, headers)
-        idx = await self.engine.index(s, name)
+        s = self._open_set(body, headers)
+        idx = self.engine.index(s, name)
         if not isinstance(idx, SortableIndex):
             raise invalid(f"index {name!r} is not a sortable index")
         spec = body.get("sort")
@@ -344,8 +345,7 @@ class Api:
             if spec is None:
                 spec = {"field": idx.sort_fields[0]}
             order = [_order(spec, idx)]
-        total, keys = idx.page(text, order, offset, limit)
-        entries = self.engine.get_many(s, keys)
+        total, entries = self.engine.page(s, idx, text, order, offset, limit)
         return (
             b'{"status":"success","count":%d,"total":%d,"offset":%d,"limit":%d,"data":[%s]}'
             % (len(entries), total, offset, limit, _entries_json(entries))
@@ -359,25 +359,25 @@ class Api:
             return None
         return database_name(body)
 
-    async def backup_create(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def backup_create(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
         database = self._optional_database(body)
-        result = await self.backups.create(database)
+        result = self._run(self.backups.create(database))
         message = "Database backed up successfully" if database else "All databases backed up successfully"
         return success(message, **result, target=self.backups.target)
 
-    async def backup_list(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def backup_list(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
-        backups = await self.backups.list(self._optional_database(body))
+        backups = self._run(self.backups.list(self._optional_database(body)))
         return success(backups=backups, target=self.backups.target)
 
-    async def backup_restore(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def backup_restore(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
-        result = await self.backups.restore(body.get("backup_name"))
+        result = self._run(self.backups.restore(body.get("backup_name")))
         message = "All databases restored successfully" if result["full"] else "Database restored successfully"
         return success(message, **result)
 
-    async def backup_verify(self, body: dict[str, Any], headers: Headers) -> bytes:
+    def backup_verify(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
-        result = await self.backups.verify(body.get("backup_name"))
+        result = self._run(self.backups.verify(body.get("backup_name")))
         return success("Backup is valid", **result)

@@ -7,7 +7,6 @@ tens of milliseconds, so a credential that verified once is remembered as a keye
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -16,6 +15,7 @@ import os
 from typing import Any
 
 from fuckbase.errors import ApiError, invalid
+from fuckbase.hotpath import HOT
 
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 _PROCESS_KEY = os.urandom(32)
@@ -23,7 +23,8 @@ _PROCESS_KEY = os.urandom(32)
 
 def hash_password(password: str) -> str:
     salt = os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P)
+    with HOT.released():  # tens of milliseconds
+        digest = hashlib.scrypt(password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P)
     return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
 
 
@@ -32,9 +33,10 @@ def verify_password(password: str, stored: str) -> bool:
         scheme, n, r, p, salt, digest = stored.split("$")
         if scheme != "scrypt":
             return False
-        got = hashlib.scrypt(
-            password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p)
-        )
+        with HOT.released():  # tens of milliseconds
+            got = hashlib.scrypt(
+                password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p)
+            )
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got.hex(), digest)
@@ -102,22 +104,21 @@ class DatabaseGuard:
     def __init__(self) -> None:
         self._verified: dict[str, bytes] = {}
 
-    async def check(
+    def check(
         self, stored: dict[str, str], header: str | None, body: dict[str, Any]
     ) -> None:
         creds = parse_basic(header) or body_credentials(body, "auth")
-        if creds is None or not await self._matches(stored, creds):
+        if creds is None or not self._matches(stored, creds):
             raise ApiError(401, "AUTH_FAILED", "Authentication failed")
 
-    async def _matches(self, stored: dict[str, str], creds: tuple[str, str]) -> bool:
+    def _matches(self, stored: dict[str, str], creds: tuple[str, str]) -> bool:
         user, password = creds
         token = hmac.new(_PROCESS_KEY, f"{user}\0{password}".encode(), hashlib.sha256).digest()
         remembered = self._verified.get(stored["hash"])
         if remembered is not None and hmac.compare_digest(remembered, token):
             return True
         user_ok = hmac.compare_digest(user.encode(), stored["username"].encode())
-        # scrypt takes tens of milliseconds: off the event loop
-        password_ok = await asyncio.to_thread(verify_password, password, stored["hash"])
+        password_ok = verify_password(password, stored["hash"])  # scrypt releases the GIL
         if user_ok and password_ok:
             self._verified[stored["hash"]] = token
         return user_ok and password_ok

@@ -261,7 +261,7 @@ class BackupService:
             staging = self.engine.staging()
             try:
                 result = await self._read(m, staging)
-                await staging.commit(replace_all=result["full"])
+                await asyncio.to_thread(staging.commit, result["full"])
             except BaseException:
                 staging.abort()
                 raise
@@ -288,17 +288,21 @@ class BackupService:
             reader = BackupReader()
             checksum = Checksummer()
             decompress = _decompressor(m.group(4))
+
+            def consume(chunk: bytes | None) -> None:
+                """Parses (and stages) a chunk on a worker thread; None marks the end."""
+                data = decompress(chunk)
+                checksum.update(data)
+                if data:
+                    applier.apply(reader.feed(data))
+                if chunk is None:
+                    applier.apply(reader.finish())
+
             size = 0
             async for chunk in stream:
                 size += len(chunk)
-                data = decompress(chunk)
-                checksum.update(data)
-                records = await asyncio.to_thread(reader.feed, data) if len(data) > 65536 else reader.feed(data)
-                await applier.apply(records)
-            tail = decompress(None)
-            checksum.update(tail)
-            await applier.apply(reader.feed(tail) if tail else [])
-            await applier.apply(reader.finish())
+                await asyncio.to_thread(consume, chunk)
+            await asyncio.to_thread(consume, None)
         except NotFound:
             raise not_found("BACKUP_NOT_FOUND", f"no backup named {name!r}") from None
         except ObjectStoreError as exc:
@@ -490,7 +494,8 @@ def _decompressor(extension: str) -> Callable[[bytes | None], bytes]:
 
 
 class _Applier:
-    """Validates records and, when restoring, writes them into the staging area."""
+    """Validates records and, when restoring, writes them into the staging area (on a worker
+    thread: staging takes the engine lock a chunk at a time)."""
 
     def __init__(self, staging: Staging | None, full: bool) -> None:
         self.staging = staging
@@ -503,14 +508,14 @@ class _Applier:
         self._set_name: str | None = None
         self._databases_seen = 0
 
-    async def apply(self, records: list[Record]) -> None:
+    def apply(self, records: list[Record]) -> None:
         for rec in records:
             if isinstance(rec, Entries):
-                await self._entries(rec)
+                self._entries(rec)
             elif isinstance(rec, SetStart):
-                await self._set_start(rec.name)
+                self._set_start(rec.name)
             elif isinstance(rec, DatabaseMeta):
-                await self._meta(rec.fields)
+                self._meta(rec.fields)
             elif isinstance(rec, DatabaseStart):
                 self._databases_seen += 1
                 if not self.full and self._databases_seen > 1:
@@ -526,7 +531,7 @@ class _Applier:
             raise BackupInvalid("data outside a database")
         return self._db
 
-    async def _meta(self, fields: dict[str, Any]) -> None:
+    def _meta(self, fields: dict[str, Any]) -> None:
         db = self._need_db()
         self._db_fields.update(fields)
         if "name" in fields:
@@ -544,11 +549,11 @@ class _Applier:
                     raise BackupInvalid("malformed fuckbase_auth")
                 db.auth = {"username": auth["username"], "hash": auth["hash"]}
         elif "auth" in fields and db.auth is None:
-            db.auth = await _plaintext_auth(fields["auth"])
+            db.auth = _plaintext_auth(fields["auth"])
         if "indexes" in fields:
-            await self._indexes(db, fields["indexes"])
+            self._indexes(db, fields["indexes"])
 
-    async def _indexes(self, db: StagedDatabase, indexes: Any) -> None:
+    def _indexes(self, db: StagedDatabase, indexes: Any) -> None:
         if indexes is None:
             return
         if not isinstance(indexes, dict):
@@ -567,16 +572,16 @@ class _Applier:
                 raise BackupInvalid(f"index {key!r} is malformed")
             if self.staging is not None:
                 definition = IndexDef(name, fld, kind, tuple(sort_fields) if kind == SORTABLE else ())
-                await self.staging.add_index(db, set_name, definition)
+                self.staging.add_index(db, set_name, definition)
 
-    async def _set_start(self, name: Any) -> None:
+    def _set_start(self, name: Any) -> None:
         db = self._need_db()
         if not is_object_name(name):
             raise BackupInvalid(f"bad set name {name!r}")
         self._set_name = name
-        self._set = await self.staging.add_set(db, name) if self.staging is not None else None
+        self._set = self.staging.add_set(db, name) if self.staging is not None else None
 
-    async def _entries(self, rec: Entries) -> None:
+    def _entries(self, rec: Entries) -> None:
         if self._set_name is None:
             raise BackupInvalid("entries outside a set")
         batch = []
@@ -591,7 +596,7 @@ class _Applier:
             batch.append((key, value, raw))
         self.entries += len(batch)
         if self.staging is not None and self._set is not None:
-            await self.staging.write(self._set, batch)
+            self.staging.write(self._set, batch)
 
     def _end_database(self) -> None:
         db = self._need_db()
@@ -613,7 +618,7 @@ class _Applier:
             raise BackupInvalid("a database backup must hold exactly one database")
 
 
-async def _plaintext_auth(auth: Any) -> dict[str, str] | None:
+def _plaintext_auth(auth: Any) -> dict[str, str] | None:
     """The original writes {"Username","Password","Enabled"} in plaintext: hash it on the way in."""
     if auth is None:
         return None
@@ -626,4 +631,4 @@ async def _plaintext_auth(auth: Any) -> dict[str, str] | None:
         return None
     if not isinstance(user, str) or not isinstance(password, str):
         raise BackupInvalid('"auth" username and password must be strings')
-    return await asyncio.to_thread(make_db_auth, user, password)
+    return make_db_auth(user, password)

@@ -74,6 +74,15 @@ def _opt(*decls: str, env: str, **kw: Any) -> Any:
     show_default=True,
     help="Largest request body in bytes; larger ones get 413.",
 )
+@_opt(
+    "--request-threads",
+    env="FUCKBASE_REQUEST_THREADS",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Threads that run requests. One serves at a time; the others take over while it waits "
+    "on a long job (index build, backup, fsync), so this many long jobs can run at once less one.",
+)
 @_opt("--s3-endpoint", env="FUCKBASE_S3_ENDPOINT", default="", help="host:port (plain http), http(s)://…, or empty for AWS.")
 @_opt("--s3-bucket", env="FUCKBASE_S3_BUCKET", default="", help="Bucket for backups; enables S3.")
 @_opt("--s3-access-key", env="FUCKBASE_S3_ACCESS_KEY", default="", help="S3 access key id.")
@@ -216,6 +225,7 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         access_log=opts["access_log"],
         durability=opts["durability"],
         max_body_bytes=opts["max_body_size"],
+        request_threads=opts["request_threads"],
         s3=S3Settings(
             endpoint=opts["s3_endpoint"],
             bucket=opts["s3_bucket"],

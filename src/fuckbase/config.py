@@ -41,6 +41,7 @@ class Settings:
     access_log: bool = True
     durability: str = "os"
     max_body_bytes: int = 16 * 1024 * 1024
+    request_threads: int = 4
     s3: S3Settings = field(default_factory=S3Settings)
     backup_dir: Path | None = None
     backup_interval_minutes: float | None = None
@@ -68,6 +69,8 @@ class Settings:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
         if self.max_body_bytes < 1024:
             raise ConfigError("max body size must be at least 1024 bytes")
+        if not 2 <= self.request_threads <= 256:
+            raise ConfigError("request threads must be 2-256")
         if self.backup_interval_minutes is not None and self.backup_interval_minutes < 0:
             raise ConfigError("backup interval must be >= 0 minutes")
         if self.s3.timeout <= 0:

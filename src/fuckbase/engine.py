@@ -1,22 +1,28 @@
-"""Durable storage: LMDB on disk, one write path on the event loop, an in-memory catalog and indexes.
+"""Durable storage: LMDB on disk, an in-memory catalog and indexes, one lock around both.
 
-Every write is an operation run inside an LMDB write transaction on the event-loop thread;
-its caller is answered only after the commit. With durability "os" each operation commits at
-once (a commit without fsync costs about two microseconds with writemap) and a background
-fsync runs every second; with "fsync" the operations of one loop tick share one commit and
-one fsync (group commit), made off the loop. Reads open their own LMDB read transaction: they
-see the last commit and never wait for the writer. The catalog (databases, sets, index
-definitions) and the index contents live in memory and change inside the same synchronous
-step as the commit, so readers always see the two agree.
+Requests run on a few threads. Every write is an operation run inside an LMDB write
+transaction while holding the engine lock; its caller is answered only after the commit. With
+durability "os" each operation commits at once (a commit without fsync costs about two
+microseconds with writemap) and a background thread fsyncs every second; with "fsync" the
+caller also waits for an fsync that covers its commit, and one fsync covers every commit made
+while the previous one ran (group commit). The catalog (databases, sets, index definitions)
+and the index contents live in memory and change under the same lock, before the commit.
+Point reads and basic-index lookups take no lock: LMDB read transactions never wait, and a
+lookup that overlapped a write re-checks its results against the values it read, so it never
+answers an entry whose value does not match. Sorted pages (which walk sorted lists a writer
+may be changing) take the lock. The lock is held for microseconds; long jobs (index builds,
+restores, reclaiming dropped sets) take it a bounded chunk at a time.
 """
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import ctypes
 import hashlib
 import logging
 import mmap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +32,17 @@ import lmdb
 import orjson
 
 from fuckbase.errors import ApiError, conflict, invalid, not_found
-from fuckbase.indexes import Index, IndexDef, make_index
+from fuckbase.hotpath import HOT
+from fuckbase.indexes import BasicIndex, Index, IndexDef, SortableIndex, make_index
 
 log = logging.getLogger("fuckbase.engine")
 
 MIN_MAP_SIZE = 1 << 30  # the map (and the sparse file) doubles whenever it is half full
 ROOM_CHECK_EVERY = 64  # commits between checks of the map's fill level
 TRIM_EVERY = 16  # staged restore writes (of ~4096 entries) between unmapping written pages
-STAGING_COMMIT = 512  # restored entries per commit: ~3 ms of the event loop
+STAGING_COMMIT = 512  # restored entries per commit: the lock is held ~2 ms
 INLINE_KEY_MAX = 480  # LMDB keys are at most 511 bytes; longer keys are stored by digest
-BUILD_CHUNK = 4096  # entries indexed per loop tick while an index is built
+BUILD_CHUNK = 2048  # entries indexed per lock hold while an index is built (~3 ms)
 GC_CHUNK = 8192  # entries deleted per commit when a dropped set is reclaimed
 SYNC_INTERVAL = 1.0  # seconds between background fsyncs with durability "os"
 
@@ -79,12 +86,34 @@ def _value_of_stored(key: str, stored: bytes | None) -> bytes | None:
     return stored[2 + n :]
 
 
+class IndexBuild:
+    """An index being filled with a set's existing entries; queries on it wait for the end."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self.error: ApiError | None = None
+
+    def finish(self, error: ApiError | None = None) -> None:
+        if not self._done.is_set():
+            self.error = error
+            self._done.set()
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self.error is not None:
+            raise self.error
+
+
 @dataclass
 class SetState:
     name: str
     id: int
     indexes: dict[str, Index] = field(default_factory=dict)
-    building: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+    building: dict[str, IndexBuild] = field(default_factory=dict)
     count: int = 0
     prefix: bytes = field(init=False)  # the set's keys in the data table start with it
 
@@ -122,8 +151,13 @@ class DatabaseState:
 Op = Callable[[lmdb.Transaction], Any]
 
 
+def _yield_lock() -> None:
+    """Lets threads waiting for the engine lock in before a long job takes its next chunk."""
+    time.sleep(0)
+
+
 class Engine:
-    """The one owner of the data directory. All methods run on the event loop thread."""
+    """The one owner of the data directory; safe to call from any thread."""
 
     def __init__(self, path: Path, durability: str = "os") -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -148,10 +182,22 @@ class Engine:
         self.meta = self.env.open_db(b"meta")
         self.data = self.env.open_db(b"data")
         self.databases: dict[str, DatabaseState] = {}
-        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # guards the catalog, the indexes and every write transaction
+        self.lock = threading.Lock()
         self.commits = 0
+        self.writing = 0  # odd while a write runs: lock-free lookups compare it before and after
+        self._queue: collections.deque[_Pending] = collections.deque()  # writes waiting to commit
+        self._room_check = 1
+        # lock-free reads in progress, one token each: growing the map waits until it is empty
+        self._readers: collections.deque[None] = collections.deque()
+        self._remapping = False
+        self._remap_over = threading.Event()
+        self._sync_cond = threading.Condition()
+        self._synced = 0  # commits covered by a finished fsync (durability "fsync")
+        self._syncing = False
+        self._stop = threading.Event()
+        self._gc_wanted = threading.Event()
+        self._threads: list[threading.Thread] = []
         self._load()
 
     # ----------------------------------------------------------------- life cycle
@@ -193,54 +239,96 @@ class Engine:
                         idx.update(key, obj, obj)
         s.count = count
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self) -> None:
         """Begin background work: reclaiming dropped sets, periodic fsync."""
-        self._loop = loop
-        self._spawn(self._collect_garbage())
+        self._threads.append(_daemon("fuckbase-gc", self._collect_garbage))
         if self.durability == "os":
-            self._spawn(self._sync_periodically())
+            self._threads.append(_daemon("fuckbase-fsync", self._sync_periodically))
+        self._gc_wanted.set()
 
-    async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        self._flush()
-        await asyncio.sleep(0)
-        self.env.sync(True)
-        self.env.close()
+    def close(self) -> None:
+        self._stop.set()
+        self._gc_wanted.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        with self.lock:
+            self.env.sync(True)
+            self.env.close()
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def _sync_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(SYNC_INTERVAL)
-            await asyncio.to_thread(self.env.sync, True)
+    def _sync_periodically(self) -> None:
+        while not self._stop.wait(SYNC_INTERVAL):
+            self.env.sync(True)
 
     # ----------------------------------------------------------------- the write path
 
-    async def submit(self, op: Op) -> Any:
+    def write(self, op: Op) -> Any:
         """Runs `op` in a write transaction; returns its result once the commit is durable.
 
-        With durability "os" a commit costs a few microseconds (no fsync), so `op` commits at
-        once, without a suspension. With "fsync", operations queued during one loop tick
-        share one commit and one fsync (group commit), which runs off the event loop.
+        `op` raises ApiError before it changes anything, or it succeeds. Writers queue their
+        operation, and whoever holds the lock runs every queued one in one transaction: a
+        writer that waited for the lock usually finds its work committed already, instead of
+        bouncing the GIL through a transaction of its own. With durability "fsync" the caller
+        then waits for an fsync that covers its commit, shared with everyone committed meanwhile.
         """
-        if self.commits % ROOM_CHECK_EVERY == 0:
+        pending = _Pending(op)
+        self._queue.append(pending)
+        with self.lock:
+            if pending.commit == 0:
+                self._commit_queued()
+        if pending.error is not None:
+            raise pending.error
+        if self.durability == "fsync":
+            with HOT.released():
+                self._wait_synced(pending.commit)
+        return pending.result
+
+    def _commit_queued(self) -> None:
+        """With the lock held: one transaction for every queued operation."""
+        batch = []
+        queue = self._queue
+        while queue:
+            batch.append(queue.popleft())
+        self._room_check -= 1
+        if self._room_check <= 0:
+            self._room_check = ROOM_CHECK_EVERY
             self.ensure_room()
-        if self.durability == "os":
-            try:
-                with self.env.begin(write=True) as txn:
-                    result = op(txn)
-            except ApiError:
-                raise  # raised before the operation changed anything
-            except Exception as exc:
-                raise self._recover(exc) from exc
-            self.commits += 1
-            return result
-        return await self._enqueue(op)
+        self.writing += 1
+        try:
+            with self.env.begin(write=True) as txn:
+                for pending in batch:
+                    try:
+                        pending.result = pending.op(txn)
+                    except ApiError as exc:
+                        pending.error = exc
+        except Exception as exc:  # the commit itself failed: disk full, I/O error
+            error = self._recover(exc)
+            for pending in batch:
+                pending.error = error
+        finally:
+            self.writing += 1
+        self.commits += 1
+        for pending in batch:
+            pending.commit = self.commits
+
+    def _wait_synced(self, commit: int) -> None:
+        """Group commit: the first waiter runs an fsync for all commits so far, others wait."""
+        with self._sync_cond:
+            while self._synced < commit:
+                if self._syncing:
+                    self._sync_cond.wait()
+                    continue
+                self._syncing = True
+                covered = self.commits  # every commit counted here has finished
+                self._sync_cond.release()
+                try:
+                    self.env.sync(True)
+                except lmdb.Error as exc:
+                    raise ApiError(500, "INTERNAL_ERROR", f"fsync failed: {exc}") from exc
+                finally:
+                    self._sync_cond.acquire()
+                    self._syncing = False
+                    self._sync_cond.notify_all()
+                self._synced = max(self._synced, covered)
 
     def _recover(self, exc: Exception) -> ApiError:
         """After a failed commit the in-memory state may be ahead of the disk: reload it."""
@@ -270,47 +358,31 @@ class Engine:
             libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
     def ensure_room(self) -> None:
-        """Doubles the map when it is half full. Growing aborts open read transactions, so it
-        waits while a backup snapshot is open (the map keeps half its size in reserve)."""
+        """Doubles the map when it is half full; called with the lock held, so no other
+        transaction of this process is open. Growing would abort a backup snapshot's read
+        transaction, so it waits while one is open (the map keeps half its size in reserve)."""
         info = self.env.info()
         used = (info["last_pgno"] + 1) * self._page_size
         if used * 2 > info["map_size"] and self.open_snapshots == 0:
-            self.env.set_mapsize(info["map_size"] * 2)
+            self._remap_over.clear()
+            self._remapping = True
+            try:
+                while self._readers:  # lock-free reads finish within microseconds
+                    time.sleep(0.0001)
+                self.env.set_mapsize(info["map_size"] * 2)
+            finally:
+                self._remapping = False
+                self._remap_over.set()
             log.info("storage map grown to %d MiB", info["map_size"] * 2 >> 20)
 
-    def _enqueue(self, op: Op) -> asyncio.Future[Any]:
-        loop = self._loop or asyncio.get_running_loop()
-        fut = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)
-        self._pending.append((op, fut))
-        return fut
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
-        results: list[Any] = []
-        try:
-            with self.env.begin(write=True) as txn:
-                for op, _ in batch:
-                    try:
-                        results.append(op(txn))
-                    except ApiError as exc:
-                        results.append(_Failed(exc))
-        except Exception as exc:  # the commit itself failed: disk full, I/O error
-            results = [_Failed(self._recover(exc))] * len(batch)
-            _resolve(batch, results)
-            return
-        self.commits += 1
-        if self.durability == "fsync":
-            self._spawn(self._sync_then_resolve(batch, results))
-        else:
-            _resolve(batch, results)
-
-    async def _sync_then_resolve(self, batch: list[tuple[Op, asyncio.Future[Any]]], results: list[Any]) -> None:
-        await asyncio.to_thread(self.env.sync, True)
-        _resolve(batch, results)
+    def _enter_read(self) -> None:
+        """Registers a lock-free read; while the map is being grown, waits for it first."""
+        readers = self._readers
+        readers.append(None)
+        while self._remapping:
+            readers.pop()
+            self._remap_over.wait()
+            readers.append(None)
 
     # ----------------------------------------------------------------- catalog helpers
 
@@ -328,7 +400,7 @@ class Engine:
         return s
 
     def _live(self, db: DatabaseState) -> None:
-        """An operation queued for a database that was dropped or replaced meanwhile fails cleanly."""
+        """An operation for a database that was dropped or replaced meanwhile fails cleanly."""
         if self.databases.get(db.name) is not db:
             raise not_found("DB_NOT_FOUND", f"database {db.name!r} not found")
 
@@ -349,7 +421,7 @@ class Engine:
 
     # ----------------------------------------------------------------- writes
 
-    async def create_database(self, name: str, auth: dict[str, str] | None) -> None:
+    def create_database(self, name: str, auth: dict[str, str] | None) -> None:
         def op(txn: lmdb.Transaction) -> None:
             if name in self.databases:
                 raise conflict("DB_ALREADY_EXISTS", f"database {name!r} already exists")
@@ -357,38 +429,35 @@ class Engine:
             self._save(txn, db)
             self.databases[name] = db
 
-        await self.submit(op)
+        self.write(op)
 
-    async def drop_database(self, db: DatabaseState) -> None:
+    def drop_database(self, db: DatabaseState) -> None:
         def op(txn: lmdb.Transaction) -> None:
             self._live(db)
             txn.delete(_DB_PREFIX + db.name.encode(), db=self.meta)
             self._forget_sets(txn, db.sets.values())
             del self.databases[db.name]
 
-        await self.submit(op)
+        self.write(op)
 
     def _forget_sets(self, txn: lmdb.Transaction, sets: Any) -> None:
         """Marks sets' data for reclaiming in the background; a drop is O(sets), not O(entries)."""
         for s in sets:
             txn.put(_GC_PREFIX + s.prefix, b"", db=self.meta)
-            for fut in s.building.values():
-                if not fut.done():
-                    fut.set_exception(not_found("INDEX_NOT_FOUND", "the index was dropped while building"))
-                    fut.exception()
-        if self._loop is not None:
-            self._spawn(self._collect_garbage())
+            for build in s.building.values():
+                build.finish(not_found("INDEX_NOT_FOUND", "the index was dropped while building"))
+        self._gc_wanted.set()
 
-    async def create_set(self, db: DatabaseState, name: str) -> None:
+    def create_set(self, db: DatabaseState, name: str) -> None:
         def op(txn: lmdb.Transaction) -> None:
             self._live(db)
             if name in db.sets:
                 raise conflict("SET_ALREADY_EXISTS", f"set {name!r} already exists")
             self._new_set(txn, db, name)
 
-        await self.submit(op)
+        self.write(op)
 
-    async def put(self, db: DatabaseState, set_name: str, key: str, value: Any, raw: bytes) -> None:
+    def put(self, db: DatabaseState, set_name: str, key: str, value: Any, raw: bytes) -> None:
         stored = stored_value(key, raw)
 
         def op(txn: lmdb.Transaction) -> None:
@@ -404,9 +473,9 @@ class Engine:
                 for idx in s.indexes.values():
                     idx.update(key, old_obj, value)
 
-        await self.submit(op)
+        self.write(op)
 
-    async def delete(self, db: DatabaseState, set_name: str, key: str) -> None:
+    def delete(self, db: DatabaseState, set_name: str, key: str) -> None:
         def op(txn: lmdb.Transaction) -> None:
             self._live(db)
             s = self.set_of(db, set_name)
@@ -419,12 +488,13 @@ class Engine:
                 for idx in s.indexes.values():
                     idx.update(key, old_obj, None)
 
-        await self.submit(op)
+        self.write(op)
 
-    async def create_index(self, db: DatabaseState, set_name: str, definition: IndexDef) -> None:
-        """Registers the index (later writes keep it current), then indexes existing entries."""
+    def create_index(self, db: DatabaseState, set_name: str, definition: IndexDef) -> None:
+        """Registers the index (later writes keep it current), then indexes existing entries
+        on the calling thread, a chunk per lock hold, so other requests go on meanwhile."""
 
-        def op(txn: lmdb.Transaction) -> tuple[SetState, Index, asyncio.Future[None]]:
+        def op(txn: lmdb.Transaction) -> tuple[SetState, Index, IndexBuild]:
             self._live(db)
             s = self.set_of(db, set_name)
             if definition.name in s.indexes:
@@ -432,81 +502,126 @@ class Engine:
             idx = make_index(definition)
             s.indexes[definition.name] = idx
             self._save(txn, db)
-            built: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            s.building[definition.name] = built
-            return s, idx, built
+            build = s.building[definition.name] = IndexBuild()
+            return s, idx, build
 
-        s, idx, built = await self.submit(op)
-        self._spawn(self._build_index(db, s, idx, built))
-        await built
+        s, idx, build = self.write(op)
+        with HOT.released():
+            self._build(s, idx, build)
 
-    async def _build_index(
-        self, db: DatabaseState, s: SetState, idx: Index, built: asyncio.Future[None]
-    ) -> None:
-        """Indexes the committed entries a chunk per tick, so other requests go on meanwhile.
-
-        Writes committed during the build update the index themselves; re-indexing an entry
-        the scan reaches later is idempotent, so the result is exact.
-        """
+    def _build(self, s: SetState, idx: Index, build: IndexBuild) -> None:
         try:
-            wanted = lambda: not built.done() and s.indexes.get(idx.definition.name) is idx  # noqa: E731
-            if await self._index_existing(s, [idx], wanted) and not built.done():
-                built.set_result(None)
+            wanted = lambda: not build.finished and s.indexes.get(idx.definition.name) is idx  # noqa: E731
+            if self._index_existing(s, [idx], wanted):
+                build.finish()
         finally:
-            if s.building.get(idx.definition.name) is built:
-                del s.building[idx.definition.name]
+            build.finish(not_found("INDEX_NOT_FOUND", "the index was dropped while building"))
+            with self.lock:
+                if s.building.get(idx.definition.name) is build:
+                    del s.building[idx.definition.name]
+        build.wait()
 
-    async def _index_existing(self, s: SetState, indexes: list[Index], wanted: Callable[[], bool]) -> bool:
-        """Feeds a set's committed entries to `indexes`, a chunk per loop tick, while `wanted()`.
+    def _index_existing(self, s: SetState, indexes: list[Index], wanted: Callable[[], bool]) -> bool:
+        """Feeds a set's committed entries to `indexes`, a chunk per lock hold, while `wanted()`.
 
-        Re-indexing an entry is idempotent (update with old == new), so entries that writes
-        already indexed meanwhile come out right. False if abandoned.
+        Writes committed during the scan update the indexes themselves; re-indexing an entry
+        is idempotent (update with old == new), so the result is exact. False if abandoned.
         """
         start = s.prefix
-        while wanted():
-            last, n = None, 0
-            with self.env.begin(db=self.data) as txn:
-                cur = txn.cursor()
-                if cur.set_range(start):
-                    for lkey, stored in cur:
-                        if not lkey.startswith(s.prefix) or n >= BUILD_CHUNK:
-                            break
-                        key, raw = decode_entry(lkey, stored)
-                        obj = orjson.loads(raw)
-                        for idx in indexes:
-                            idx.update(key, obj, obj)
-                        last, n = lkey, n + 1
+        while True:
+            with self.lock:
+                if not wanted():
+                    return False
+                last, n = None, 0
+                with self.env.begin(db=self.data) as txn:
+                    cur = txn.cursor()
+                    if cur.set_range(start):
+                        for lkey, stored in cur:
+                            if not lkey.startswith(s.prefix) or n >= BUILD_CHUNK:
+                                break
+                            key, raw = decode_entry(lkey, stored)
+                            obj = orjson.loads(raw)
+                            for idx in indexes:
+                                idx.update(key, obj, obj)
+                            last, n = lkey, n + 1
             if last is None or n < BUILD_CHUNK:
                 return True
             start = last + b"\x00"
-            await asyncio.sleep(0)
-        return False
+            _yield_lock()
 
-    async def drop_index(self, db: DatabaseState, set_name: str, name: str) -> None:
+    def drop_index(self, db: DatabaseState, set_name: str, name: str) -> None:
         def op(txn: lmdb.Transaction) -> None:
             self._live(db)
             s = self.set_of(db, set_name)
             if name not in s.indexes:
                 raise not_found("INDEX_NOT_FOUND", f"index {name!r} not found")
             del s.indexes[name]
-            fut = s.building.pop(name, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(not_found("INDEX_NOT_FOUND", "the index was dropped while building"))
-                fut.exception()
+            build = s.building.pop(name, None)
+            if build is not None:
+                build.finish(not_found("INDEX_NOT_FOUND", "the index was dropped while building"))
             self._save(txn, db)
 
-        await self.submit(op)
+        self.write(op)
 
     # ----------------------------------------------------------------- reads
 
     def get(self, s: SetState, key: str) -> bytes | None:
         kb = key.encode()
-        with self.env.begin(db=self.data) as txn:
-            if len(kb) <= INLINE_KEY_MAX:  # the common case, without a second encode
-                return txn.get(s.prefix + b"k" + kb)  # type: ignore[no-any-return]
-            return _value_of_stored(key, txn.get(data_key(s.prefix, key)))
+        self._enter_read()
+        try:
+            with self.env.begin(db=self.data) as txn:
+                if len(kb) <= INLINE_KEY_MAX:  # the common case, without a second encode
+                    return txn.get(s.prefix + b"k" + kb)  # type: ignore[no-any-return]
+                return _value_of_stored(key, txn.get(data_key(s.prefix, key)))
+        finally:
+            self._readers.pop()
 
-    def get_many(self, s: SetState, keys: list[str]) -> list[tuple[str, bytes]]:
+    def index(self, s: SetState, name: str) -> Index:
+        """An index ready to query; waits while it is still being built."""
+        idx = s.indexes.get(name)
+        if idx is None:
+            raise not_found("INDEX_NOT_FOUND", f"index {name!r} not found in set {s.name!r}")
+        build = s.building.get(name)
+        if build is not None:
+            with HOT.released():
+                build.wait()
+        return idx
+
+    def lookup(self, s: SetState, idx: Index, text: str) -> list[tuple[str, bytes]]:
+        """The (key, JSON) entries whose indexed field reads `text`; basic indexes without the lock.
+
+        A write updates the index before its commit, so a lookup overlapping one may find a
+        key whose committed value does not match (yet): then every result is checked.
+        """
+        if not isinstance(idx, BasicIndex):
+            with self.lock:
+                self._still_indexed(s, idx)
+                return self._get_many(s, idx.lookup(text))
+        before = self.writing
+        self._still_indexed(s, idx)
+        self._enter_read()
+        try:
+            entries = self._get_many(s, idx.lookup(text))
+        finally:
+            self._readers.pop()
+        if before & 1 or self.writing != before:
+            entries = [(k, raw) for k, raw in entries if idx.matches(orjson.loads(raw), text)]
+        return entries
+
+    def page(
+        self, s: SetState, idx: SortableIndex, text: str, order: list[tuple[str, bool]], offset: int, limit: int
+    ) -> tuple[int, list[tuple[str, bytes]]]:
+        """One page of a sortable index's matches, in order, and the number of all matches."""
+        with self.lock:
+            self._still_indexed(s, idx)
+            total, keys = idx.page(text, order, offset, limit)
+            return total, self._get_many(s, keys)
+
+    def _still_indexed(self, s: SetState, idx: Index) -> None:
+        if s.indexes.get(idx.definition.name) is not idx:
+            raise not_found("INDEX_NOT_FOUND", f"index {idx.definition.name!r} was dropped")
+
+    def _get_many(self, s: SetState, keys: list[str]) -> list[tuple[str, bytes]]:
         out = []
         with self.env.begin(db=self.data) as txn:
             for key in keys:
@@ -515,29 +630,26 @@ class Engine:
                     out.append((key, raw))
         return out
 
-    async def index(self, s: SetState, name: str) -> Index:
-        """An index ready to query; waits while it is still being built."""
-        idx = s.indexes.get(name)
-        if idx is None:
-            raise not_found("INDEX_NOT_FOUND", f"index {name!r} not found in set {s.name!r}")
-        building = s.building.get(name)
-        if building is not None:
-            await asyncio.shield(building)
-        return idx
-
     # ----------------------------------------------------------------- reclaiming space
 
-    async def _collect_garbage(self) -> None:
+    def _collect_garbage(self) -> None:
         """Deletes the entries of dropped or replaced sets, a bounded chunk per commit."""
         while True:
-            with self.env.begin(db=self.meta) as txn:
-                pending = [k for k, _ in txn.cursor(db=self.meta) if k.startswith(_GC_PREFIX)]
-            if not pending:
+            self._gc_wanted.wait()
+            self._gc_wanted.clear()
+            while not self._stop.is_set():
+                with self.lock, self.env.begin(db=self.meta) as txn:
+                    pending = [k for k, _ in txn.cursor(db=self.meta) if k.startswith(_GC_PREFIX)]
+                if not pending:
+                    break
+                for marker in pending:
+                    prefix = marker[len(_GC_PREFIX) :]
+                    while not self._stop.is_set() and not self.write(
+                        lambda txn, p=prefix, m=marker: self._reclaim(txn, p, m)
+                    ):
+                        _yield_lock()
+            if self._stop.is_set():
                 return
-            for marker in pending:
-                prefix = marker[len(_GC_PREFIX) :]
-                while not await self.submit(lambda txn, p=prefix, m=marker: self._reclaim(txn, p, m)):
-                    pass
 
     def _reclaim(self, txn: lmdb.Transaction, prefix: bytes, marker: bytes) -> bool:
         cur = txn.cursor(db=self.data)
@@ -559,6 +671,26 @@ class Engine:
 
     def staging(self) -> Staging:
         return Staging(self)
+
+
+class _Pending:
+    """A queued write: its operation, then its outcome and the number of its commit."""
+
+    __slots__ = ("op", "result", "error", "commit")
+
+    def __init__(self, op: Op) -> None:
+        self.op = op
+        self.result: Any = None
+        self.error: ApiError | None = None
+        self.commit = 0
+
+
+def _daemon(name: str, target: Callable[[], None]) -> threading.Thread:
+    t = threading.Thread(target=target, name=name, daemon=True)
+    t.start()
+    return t
+
+
 @dataclass
 class StagedDatabase:
     """A database being restored; its name and auth may arrive after its sets in the stream."""
@@ -573,7 +705,7 @@ class Staging:
 
     Until `commit`, nothing visible changes. Every staged set is marked for reclaiming from
     the moment it exists, so an abandoned or crashed restore leaves no residue; the swap
-    removes those marks and marks the replaced sets instead.
+    removes those marks and marks the replaced sets instead. Used by one thread at a time.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -587,7 +719,7 @@ class Staging:
         self.databases.append(staged)
         return staged
 
-    async def add_set(self, db: StagedDatabase, name: str) -> SetState:
+    def add_set(self, db: StagedDatabase, name: str) -> SetState:
         existing = db.sets.get(name)
         if existing is not None:
             return existing
@@ -598,31 +730,30 @@ class Staging:
             txn.put(_GC_PREFIX + s.prefix, b"", db=engine.meta)
             return s
 
-        s = db.sets[name] = await engine.submit(op)
+        s = db.sets[name] = engine.write(op)
         return s
 
-    async def add_index(self, db: StagedDatabase, set_name: str, definition: IndexDef) -> None:
-        s = await self.add_set(db, set_name)
+    def add_index(self, db: StagedDatabase, set_name: str, definition: IndexDef) -> None:
+        s = self.add_set(db, set_name)
         if definition.name in s.indexes:
             raise invalid(f"index {definition.name!r} appears twice for set {set_name!r}")
         s.indexes[definition.name] = make_index(definition)
         if s.count and s not in self._needs_scan:
             self._needs_scan.append(s)  # entries came before the definition
 
-    async def write(self, s: SetState, entries: list[tuple[str, Any, bytes]]) -> None:
+    def write(self, s: SetState, entries: list[tuple[str, Any, bytes]]) -> None:
         """Stores (key, value, JSON) entries in a staged set and feeds its indexes, a few
-        hundred per commit with a loop turn between, so requests wait a few ms at most."""
+        hundred per commit, so requests wait a few milliseconds for the lock at most."""
         engine = self._engine
-        engine.ensure_room()
         self._writes += 1
         if self._writes % TRIM_EVERY == 0:
             engine.trim_resident()
         for start in range(0, len(entries), STAGING_COMMIT):
             if start:
-                await asyncio.sleep(0)
-            await self._write(s, entries[start : start + STAGING_COMMIT])
+                _yield_lock()
+            self._write(s, entries[start : start + STAGING_COMMIT])
 
-    async def _write(self, s: SetState, entries: list[tuple[str, Any, bytes]]) -> None:
+    def _write(self, s: SetState, entries: list[tuple[str, Any, bytes]]) -> None:
         engine = self._engine
 
         def op(txn: lmdb.Transaction) -> None:
@@ -636,9 +767,9 @@ class Staging:
                 for idx in s.indexes.values():
                     idx.update(key, old_value, value)
 
-        await engine.submit(op)
+        engine.write(op)
 
-    async def commit(self, replace_all: bool) -> None:
+    def commit(self, replace_all: bool) -> None:
         """Swaps the staged databases in, in one commit: readers see all old or all new."""
         engine = self._engine
         names = [d.name for d in self.databases]
@@ -646,7 +777,7 @@ class Staging:
             raise invalid("the backup names a database twice, or not at all")
         for s in self._needs_scan:
             s.indexes = {n: make_index(i.definition) for n, i in s.indexes.items()}
-            await engine._index_existing(s, list(s.indexes.values()), lambda: True)
+            engine._index_existing(s, list(s.indexes.values()), lambda: True)
 
         def op(txn: lmdb.Transaction) -> None:
             replaced = list(engine.databases.values()) if replace_all else [
@@ -664,27 +795,27 @@ class Staging:
                 engine._save(txn, db)
                 engine.databases[db.name] = db
 
-        await engine.submit(op)
+        engine.write(op)
         engine.trim_resident()
         self.databases = []
 
     def abort(self) -> None:
         """Drops what was staged; the reclaim marks written by add_set do the rest."""
         self.databases = []
-        if self._engine._loop is not None:
-            self._engine._spawn(self._engine._collect_garbage())
+        self._engine._gc_wanted.set()
 
 
 class Snapshot:
     """A consistent read-only view of all databases at one instant (an LMDB read transaction).
 
-    Usable from one worker thread at a time; writers go on while it is open.
+    Usable from one thread at a time; writers go on while it is open.
     """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._txn = engine.env.begin()
-        engine.open_snapshots += 1
+        with engine.lock:
+            self._txn = engine.env.begin()
+            engine.open_snapshots += 1
         self._closed = False
 
     def databases(self) -> dict[str, dict[str, Any]]:
@@ -706,25 +837,6 @@ class Snapshot:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._txn.abort()
-            self._engine.open_snapshots -= 1
-
-
-def _resolve(batch: list[tuple[Op, asyncio.Future[Any]]], results: list[Any]) -> None:
-    for (_, fut), result in zip(batch, results):
-        if fut.done():  # its caller went away
-            continue
-        if isinstance(result, _Failed):
-            fut.set_exception(result.error)
-        else:
-            fut.set_result(result)
-
-
-class _Failed:
-    """An operation's error, kept in its outcome slot until its caller wakes up."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: ApiError) -> None:
-        self.error = error
-
+            with self._engine.lock:
+                self._txn.abort()
+                self._engine.open_snapshots -= 1

@@ -136,6 +136,10 @@ class BasicIndex:
         elif not cur:
             del self._entries[text]
 
+    def matches(self, value: Any, text: str) -> bool:
+        """Whether a value belongs under `text` in this index."""
+        return type(value) is dict and self.field in value and match_text(value[self.field]) == text
+
     def lookup(self, text: str) -> list[str]:
         cur = self._entries.get(text)
         if cur is None:

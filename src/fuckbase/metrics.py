@@ -1,12 +1,14 @@
 """Prometheus metrics: counted with plain integers on the hot path, exposed by prometheus_client.
 
 Incrementing prometheus_client's labelled metrics costs microseconds (locks, label lookups)
-per request; here a request costs a dict increment and a bisect, and the collector turns the
-tallies into metric families only when /metrics is scraped.
+per request; here a request costs a dict increment and a bisect under one short lock (requests
+run on several threads), and the collector turns the tallies into metric families only when
+/metrics is scraped.
 """
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
@@ -36,17 +38,20 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.latency: dict[str, _Histogram] = {}
         self._sources: list[Callable[[], Iterable[Metric]]] = []
+        self._lock = threading.Lock()
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(self)  # type: ignore[arg-type]
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         k = (endpoint, status)
-        self.requests[k] = self.requests.get(k, 0) + 1
-        h = self.latency.get(endpoint)
-        if h is None:
-            h = self.latency[endpoint] = _Histogram()
-        h.counts[bisect_left(BUCKETS, seconds)] += 1
-        h.total += seconds
+        bucket = bisect_left(BUCKETS, seconds)
+        with self._lock:
+            self.requests[k] = self.requests.get(k, 0) + 1
+            h = self.latency.get(endpoint)
+            if h is None:
+                h = self.latency[endpoint] = _Histogram()
+            h.counts[bucket] += 1
+            h.total += seconds
 
     def add_source(self, source: Callable[[], Iterable[Metric]]) -> None:
         """Registers a callable that yields metric families at scrape time."""
@@ -56,18 +61,21 @@ class Metrics:
         requests = CounterMetricFamily(
             "fuckbase_requests", "HTTP requests by endpoint and status", labels=["endpoint", "status"]
         )
-        for (endpoint, status), n in sorted(self.requests.items()):
+        with self._lock:
+            tallies = sorted(self.requests.items())
+            histograms = sorted((e, list(h.counts), h.total) for e, h in self.latency.items())
+        for (endpoint, status), n in tallies:
             requests.add_metric([endpoint, str(status)], n)
         yield requests
         latency = HistogramMetricFamily(
             "fuckbase_request_duration_seconds", "Request latency by endpoint", labels=["endpoint"]
         )
-        for endpoint, h in sorted(self.latency.items()):
+        for endpoint, counts, total in histograms:
             cumulative, buckets = 0, []
-            for bound, n in zip((*BUCKETS, float("inf")), h.counts):
+            for bound, n in zip((*BUCKETS, float("inf")), counts):
                 cumulative += n
                 buckets.append((_le(bound), cumulative))
-            latency.add_metric([endpoint], buckets, h.total)
+            latency.add_metric([endpoint], buckets, total)
         yield latency
         for source in self._sources:
             yield from source()

@@ -1,28 +1,38 @@
-"""Assembles the server from Settings and runs it in one process on one event loop."""
+"""Assembles the server from Settings and runs it: granian serves WSGI from one worker process.
+
+The `fuckbase` process checks the configuration, takes the data-dir lock and the port, then
+granian forks the worker that opens the engine and answers requests on a few threads; the
+worker dies with its parent (kill -9 included), so the lock and the port go with them.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import ctypes
+import errno
 import fcntl
 import logging
+import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
-import uvloop
+from granian import Granian
 from granian.constants import Interfaces
-from granian.server.embed import Server
 from prometheus_client.core import Metric
 
 from fuckbase import openapi
 from fuckbase.accesslog import AccessLog
 from fuckbase.api import Api
 from fuckbase.auth import AdminGuard
+from fuckbase.background import BackgroundLoop
 from fuckbase.backup import BackupService
 from fuckbase.config import Settings
 from fuckbase.engine import Engine
@@ -33,7 +43,8 @@ from fuckbase.objectstore import open_store
 
 log = logging.getLogger("fuckbase")
 
-RUNTIME_THREADS = int(os.environ.get("FUCKBASE_IO_THREADS", "2"))  # granian I/O threads
+RUNTIME_THREADS = int(os.environ.get("FUCKBASE_IO_THREADS", "1"))  # granian's socket threads
+STARTUP_WAIT = 3.0  # seconds to wait for the lock and port of a process that is just exiting
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
@@ -54,7 +65,7 @@ def setup_logging(settings: Settings, stream: TextIO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[settings.log_level])
-    # granian's own chatter (including its "embedded server is experimental" notice)
+    # granian's own chatter
     logging.getLogger("_granian").setLevel(logging.ERROR)
     logging.getLogger("granian").setLevel(logging.ERROR)
     # httpx logs each request's URL at INFO: for S3 those are presigned (credential id, signature)
@@ -63,14 +74,23 @@ def setup_logging(settings: Settings, stream: TextIO) -> None:
 
 
 def lock_data_dir(data_dir: Path) -> int:
-    """One server per data directory: a second one would corrupt the in-memory indexes' view."""
+    """One server per data directory: a second one would corrupt the in-memory indexes' view.
+
+    Waits a moment first: a restart right after kill -9 may find the old worker still exiting.
+    """
     fd = os.open(data_dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StartupError(f"data dir {str(data_dir)!r} is in use by another fuckbase process") from None
-    return fd
+    deadline = time.monotonic() + STARTUP_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise StartupError(
+                    f"data dir {str(data_dir)!r} is in use by another fuckbase process"
+                ) from None
+            time.sleep(0.05)
 
 
 class Service:
@@ -97,8 +117,9 @@ class Service:
             self.engine, store, settings.backup_compression, settings.backup_retention
         )
         self.metrics.add_source(self.backups.stats.metrics)
+        self.io = BackgroundLoop()
         admin = AdminGuard(settings.admin_username, settings.admin_password)
-        self.api = Api(self.engine, admin, self.backups, self._info)
+        self.api = Api(self.engine, admin, self.backups, self.io.call, self._info)
         want_access = settings.access_log and settings.log_level in ("debug", "info")
         self.access_log = AccessLog(stream) if want_access else None
         openapi_body = orjson.dumps(openapi.spec())
@@ -130,31 +151,19 @@ class Service:
             ["database"],
             (([name], db.key_count) for name, db in sorted(dbs.items())),
         )
-        yield counter("fuckbase_commits", "Group commits to the storage engine", [], [([], self.engine.commits)])
+        yield counter("fuckbase_commits", "Commits to the storage engine", [], [([], self.engine.commits)])
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.engine.start(loop)
+    def start(self) -> None:
+        """Background work, then the restore a new node was asked for; before any request."""
+        self.engine.start()
+        self.io.start()
         if self.settings.restore_on_start:
-            await self._restore_on_start(self.settings.restore_on_start)
-        tasks = []
+            self.io.call(self._restore_on_start(self.settings.restore_on_start))
         interval = self.settings.effective_backup_interval
         if interval > 0:
-            tasks.append(loop.create_task(self.backups.run_schedule(interval)))
+            self.io.spawn(self.backups.run_schedule(interval))
         if self.access_log is not None:
-            tasks.append(loop.create_task(self.access_log.run()))
-        server = Server(
-            self.app,
-            address=self.settings.host,
-            port=self.settings.port,
-            interface=Interfaces.RSGI,
-            websockets=False,
-            backlog=2048,
-            runtime_threads=RUNTIME_THREADS,
-            log_enabled=False,
-        )
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, server.stop)
+            self.io.spawn(self.access_log.run())
         log.info(
             "fuckbase listening on %s:%d, data in %s, durability %s",
             self.settings.host,
@@ -162,15 +171,11 @@ class Service:
             self.settings.data_dir,
             self.settings.durability,
         )
-        try:
-            await server.serve()
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.engine.close()
-            log.info("fuckbase stopped")
 
+    def close(self) -> None:
+        self.io.stop()
+        self.engine.close()
+        log.info("fuckbase stopped")
 
     async def _restore_on_start(self, which: str) -> None:
         """Disaster recovery of a new node: restore only into an empty data dir, never over data."""
@@ -188,21 +193,67 @@ class Service:
 
 
 def run(settings: Settings) -> None:
-    """Validate, lock the data dir, load the data, then serve until SIGTERM/SIGINT."""
+    """Validate, lock the data dir, bind, then serve from a worker until SIGTERM/SIGINT."""
     settings.validate()
     stream = log_stream(settings)
     setup_logging(settings, stream)
     lock_data_dir(settings.data_dir)
     _check_port_free(settings.host, settings.port)
-    service = Service(settings, stream)
-    uvloop.run(service.run())
+    failures = multiprocessing.get_context("fork").SimpleQueue()
+    server = Granian(
+        "fuckbase",  # only a label: the worker's app comes from _worker_app
+        address=settings.host,
+        port=settings.port,
+        interface=Interfaces.WSGI,
+        workers=1,
+        blocking_threads=settings.request_threads,
+        runtime_threads=RUNTIME_THREADS,
+        backlog=2048,
+        websockets=False,
+        log_enabled=False,
+        workers_kill_timeout=60,
+    )
+    try:
+        server.serve(target_loader=partial(_worker_app, settings, stream, os.getpid(), failures), wrap_loader=False)
+    except SystemExit:
+        if not failures.empty():
+            raise StartupError(failures.get()) from None
+        raise
+
+
+def _worker_app(settings: Settings, stream: TextIO, parent: int, failures: Any) -> HttpApp:
+    """Runs in granian's worker process: opens the data and returns the WSGI app."""
+    _die_with(parent)
+    setup_logging(settings, stream)
+    try:
+        service = Service(settings, stream)
+        service.start()
+    except StartupError as exc:
+        failures.put(str(exc))
+        os._exit(2)
+    # granian ends its worker through multiprocessing, which runs these finalizers
+    multiprocessing.util.Finalize(None, service.close, exitpriority=10)
+    return service.app
+
+
+def _die_with(parent: int) -> None:
+    """The worker gets SIGKILL when the `fuckbase` process dies, however it dies."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _check_port_free(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    deadline = time.monotonic() + STARTUP_WAIT
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        time.sleep(0.05)
