@@ -283,17 +283,18 @@ class Engine:
         return pending.result
 
     def _commit_queued(self) -> None:
-        """With the lock held: one transaction for every queued operation."""
+        """With the lock held: one transaction for every queued operation. Every operation
+        taken from the queue leaves with a commit number and, if it failed, its error."""
         batch = []
         queue = self._queue
         while queue:
             batch.append(queue.popleft())
-        self._room_check -= 1
-        if self._room_check <= 0:
-            self._room_check = ROOM_CHECK_EVERY
-            self.ensure_room()
         self.writing += 1
         try:
+            self._room_check -= 1
+            if self._room_check <= 0:
+                self._room_check = ROOM_CHECK_EVERY
+                self.ensure_room()
             with self.env.begin(write=True) as txn:
                 for pending in batch:
                     try:
@@ -301,14 +302,16 @@ class Engine:
                     except ApiError as exc:
                         pending.error = exc
         except Exception as exc:  # the commit itself failed: disk full, I/O error
+            for pending in batch:
+                pending.error = ApiError(500, "INTERNAL_ERROR", f"write failed: {exc}")
             error = self._recover(exc)
             for pending in batch:
                 pending.error = error
         finally:
             self.writing += 1
-        self.commits += 1
-        for pending in batch:
-            pending.commit = self.commits
+            self.commits += 1
+            for pending in batch:
+                pending.commit = self.commits
 
     def _wait_synced(self, commit: int) -> None:
         """Group commit: the first waiter runs an fsync for all commits so far, others wait."""
