@@ -145,7 +145,8 @@ class DatabaseState:
 
     @property
     def key_count(self) -> int:
-        return sum(s.count for s in self.sets.values())
+        # list() copies in one step: a set created meanwhile on another thread cannot break it
+        return sum(s.count for s in list(self.sets.values()))
 
 
 Op = Callable[[lmdb.Transaction], Any]
