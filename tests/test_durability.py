@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -185,3 +189,49 @@ def test_stop_is_clean_and_flushes(make_server: Any) -> None:
     srv.stop()
     assert proc.returncode == 0
     assert "fuckbase stopped" in srv.log()
+
+
+def test_index_build_does_not_stall_other_requests(make_server: Any) -> None:
+    """The request building an index hands the serving role over: others are answered meanwhile."""
+    srv = make_server()
+    n = 300_000
+    big = {"name": "big", "sets": {"s": {"name": "s", "data": {f"k{i}": {"email": f"u{i}@x"} for i in range(n)}}}}
+    path = srv.data_dir / "backups" / "backups" / "big" / "20250101-000000.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(json.dumps(big).encode())
+    srv.ok("/backup/restore", {"backup_name": "backups/big/20250101-000000.json"})  # a quick bulk load
+    srv.ok("/set/put", {"database": "big", "set": "other", "key": "k", "value": 1})
+    build: dict[str, float] = {}
+
+    def create() -> None:
+        started = time.monotonic()
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            r = c.post("/index/create", json={"database": "big", "set": "s", "name": "e", "field": "email"})
+        assert r.status_code == 200, r.text
+        build["took"] = time.monotonic() - started
+
+    t = threading.Thread(target=create)
+    t.start()
+    slowest = answered = 0.0
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        while t.is_alive():
+            started = time.monotonic()
+            r = c.post("/set/get", json={"database": "big", "set": "other", "key": "k"})
+            assert r.status_code == 200
+            slowest = max(slowest, time.monotonic() - started)
+            answered += 1
+    t.join()
+    assert build["took"] > 0.2, build  # long enough for the check to mean something
+    assert answered > 20 and slowest < 0.1, (answered, slowest, build)
+    assert srv.ok("/index/query", {"database": "big", "set": "s", "index": "e", "value": f"u{n - 1}@x"})["data"]["count"] == 1
+
+
+def test_a_dead_worker_stops_the_server_loudly(make_server: Any) -> None:
+    srv = make_server()
+    assert srv.proc is not None
+    proc = srv.proc
+    for worker in _children(proc.pid):
+        os.kill(worker, signal.SIGKILL)
+    assert proc.wait(timeout=20) != 0
+    assert "worker process died unexpectedly" in srv.log()
+    srv.proc = None

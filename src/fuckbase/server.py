@@ -215,9 +215,11 @@ def run(settings: Settings) -> None:
     )
     try:
         server.serve(target_loader=partial(_worker_app, settings, stream, os.getpid(), failures), wrap_loader=False)
-    except SystemExit:
+    except SystemExit as exc:
         if not failures.empty():
             raise StartupError(failures.get()) from None
+        if exc.code:  # granian stops when its worker dies; it does not say so
+            log.error("the worker process died unexpectedly; fuckbase stopped")
         raise
 
 
