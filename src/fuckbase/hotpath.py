@@ -20,7 +20,7 @@ STANDBY = 0.003  # seconds a request on a second thread waits for the hot thread
 
 
 class HotRole:
-    __slots__ = ("owner", "busy")
+    __slots__ = ("busy", "owner")
 
     def __init__(self) -> None:
         self.owner: int | None = None
