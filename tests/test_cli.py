@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["--durability", "maybe"], {}, "maybe"),
         (["--admin-username", "root"], {}, "admin username and admin password must be given together"),
         (["--backup-interval", "-1"], {}, "backup interval"),
+        (["--request-threads", "1"], {}, "request threads must be 2-256"),
     ],
 )
 def test_bad_configuration_fails_in_one_line(args: list[str], env: dict[str, str], needle: str, tmp_path: Path) -> None:
@@ -55,7 +57,7 @@ def test_help_lists_every_flag_and_env() -> None:
     assert r.returncode == 0
     for flag in ["--port", "--host", "--data-dir", "--admin-username", "--admin-password", "--log-level",
                  "--log-file", "--s3-endpoint", "--s3-bucket", "--s3-access-key", "--s3-secret-key",
-                 "--s3-region", "--backup-interval", "--durability", "--max-body-size"]:
+                 "--s3-region", "--backup-interval", "--durability", "--max-body-size", "--request-threads"]:
         assert flag in r.stdout
     assert "FUCKBASE_PORT" in r.stdout and "FUCKBASE_LOG_FILE" in r.stdout
 
@@ -78,3 +80,17 @@ def test_access_log_and_log_file(make_server: Any, tmp_path: Path) -> None:
     text = log_file.read_text()
     assert "access POST /create 401" in text
     assert "topsecret" not in text
+
+
+def test_unreadable_data_fails_in_one_line(tmp_path: Path) -> None:
+    """The worker opens the data; its failure still reaches the operator as one line."""
+    store = tmp_path / "d" / "store"
+    store.mkdir(parents=True)
+    (store / "data.mdb").write_bytes(os.urandom(16384))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = run_cli("--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "d"))
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot open the data" in lines[0], r.stderr

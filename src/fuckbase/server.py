@@ -233,6 +233,9 @@ def _worker_app(settings: Settings, stream: TextIO, parent: int, failures: Any) 
     except StartupError as exc:
         failures.put(str(exc))
         os._exit(2)
+    except Exception as exc:  # e.g. a data dir LMDB cannot open: still one line, not a traceback
+        failures.put(f"cannot open the data in {settings.data_dir}: {type(exc).__name__}: {exc}")
+        os._exit(2)
     # granian ends its worker through multiprocessing, which runs these finalizers
     multiprocessing.util.Finalize(None, service.close, exitpriority=10)
     return service.app
