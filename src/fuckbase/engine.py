@@ -187,7 +187,6 @@ class Engine:
         self.lock = threading.Lock()
         self.commits = 0
         self.writing = 0  # odd while a write runs: lock-free lookups compare it before and after
-        self._queue: collections.deque[_Pending] = collections.deque()  # writes waiting to commit
         self._room_check = 1
         # lock-free reads in progress, one token each: growing the map waits until it is empty
         self._readers: collections.deque[None] = collections.deque()
@@ -265,54 +264,31 @@ class Engine:
     def write(self, op: Op) -> Any:
         """Runs `op` in a write transaction; returns its result once the commit is durable.
 
-        `op` raises ApiError before it changes anything, or it succeeds. Writers queue their
-        operation, and whoever holds the lock runs every queued one in one transaction: a
-        writer that waited for the lock usually finds its work committed already, instead of
-        bouncing the GIL through a transaction of its own. With durability "fsync" the caller
-        then waits for an fsync that covers its commit, shared with everyone committed meanwhile.
+        `op` raises ApiError before it changes anything, or it succeeds. With durability "os"
+        the commit (no fsync) is the end; with "fsync" the caller then waits for an fsync
+        that covers its commit, shared with every caller that committed meanwhile.
         """
-        pending = _Pending(op)
-        self._queue.append(pending)
         with self.lock:
-            if pending.commit == 0:
-                self._commit_queued()
-        if pending.error is not None:
-            raise pending.error
-        if self.durability == "fsync":
-            with HOT.released():
-                self._wait_synced(pending.commit)
-        return pending.result
-
-    def _commit_queued(self) -> None:
-        """With the lock held: one transaction for every queued operation. Every operation
-        taken from the queue leaves with a commit number and, if it failed, its error."""
-        batch = []
-        queue = self._queue
-        while queue:
-            batch.append(queue.popleft())
-        self.writing += 1
-        try:
             self._room_check -= 1
             if self._room_check <= 0:
                 self._room_check = ROOM_CHECK_EVERY
                 self.ensure_room()
-            with self.env.begin(write=True) as txn:
-                for pending in batch:
-                    try:
-                        pending.result = pending.op(txn)
-                    except ApiError as exc:
-                        pending.error = exc
-        except Exception as exc:  # the commit itself failed: disk full, I/O error
-            for pending in batch:
-                pending.error = ApiError(500, "INTERNAL_ERROR", f"write failed: {exc}")
-            error = self._recover(exc)
-            for pending in batch:
-                pending.error = error
-        finally:
             self.writing += 1
+            try:
+                with self.env.begin(write=True) as txn:
+                    result = op(txn)
+            except ApiError:
+                raise
+            except Exception as exc:  # the commit itself failed: disk full, I/O error
+                raise self._recover(exc) from exc
+            finally:
+                self.writing += 1
             self.commits += 1
-            for pending in batch:
-                pending.commit = self.commits
+            commit = self.commits
+        if self.durability == "fsync":
+            with HOT.released():
+                self._wait_synced(commit)
+        return result
 
     def _wait_synced(self, commit: int) -> None:
         """Group commit: the first waiter runs an fsync for all commits so far, others wait."""
@@ -675,18 +651,6 @@ class Engine:
 
     def staging(self) -> Staging:
         return Staging(self)
-
-
-class _Pending:
-    """A queued write: its operation, then its outcome and the number of its commit."""
-
-    __slots__ = ("op", "result", "error", "commit")
-
-    def __init__(self, op: Op) -> None:
-        self.op = op
-        self.result: Any = None
-        self.error: ApiError | None = None
-        self.commit = 0
 
 
 def _daemon(name: str, target: Callable[[], None]) -> threading.Thread:

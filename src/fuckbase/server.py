@@ -226,7 +226,6 @@ def run(settings: Settings) -> None:
 def _worker_app(settings: Settings, stream: TextIO, parent: int, failures: Any) -> HttpApp:
     """Runs in granian's worker process: opens the data and returns the WSGI app."""
     _die_with(parent)
-    setup_logging(settings, stream)
     try:
         service = Service(settings, stream)
         service.start()
