@@ -9,12 +9,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from fuckbase.storage import Storage
+from fuckbase.storage.lmdb import LmdbStorage
 
 
 def free_port() -> int:
@@ -145,3 +148,33 @@ def shop(server: ServerProcess) -> ServerProcess:
     server.ok("/create", {"name": "shop"})
     server.ok("/set/create", {"database": "shop", "name": "users"})
     return server
+
+
+# ---------------------------------------------------------------------- storage backends (tests/storage)
+
+BACKENDS = ["lmdb"]
+
+
+def _open_lmdb(path: Path) -> Storage:
+    return LmdbStorage(path / "store", primary=True)
+
+
+OPENERS: dict[str, Callable[[Path], Storage]] = {"lmdb": _open_lmdb}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def reopen(backend: str, tmp_path: Path) -> Callable[[], Storage]:
+    """Opens (again) the same backend's data: what a restart of the server does."""
+    return lambda: OPENERS[backend](tmp_path)
+
+
+@pytest.fixture
+def storage(reopen: Callable[[], Storage]) -> Iterator[Storage]:
+    s = reopen()
+    yield s
+    s.close()

@@ -32,7 +32,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["--durability", "maybe"], {}, "maybe"),
         (["--admin-username", "root"], {}, "admin username and admin password must be given together"),
         (["--backup-interval", "-1"], {}, "backup interval"),
-        (["--request-threads", "1"], {}, "request threads must be 2-256"),
+        (["--request-threads", "0"], {}, "request threads must be 1-256"),
+        (["--workers", "0"], {}, "workers must be 1-64"),
     ],
 )
 def test_bad_configuration_fails_in_one_line(args: list[str], env: dict[str, str], needle: str, tmp_path: Path) -> None:

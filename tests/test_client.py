@@ -544,12 +544,12 @@ def test_timeout_is_a_connection_error() -> None:
     assert "timed out" in info.value.message
 
 
-def test_unknown_error_code_is_base_error(server: ServerProcess) -> None:
+def test_unknown_path_is_not_found(server: ServerProcess) -> None:
     # a URL prefix makes every path unknown: the server answers 404 with code NOT_FOUND
     with Client(server.url + "/not/here") as c:
         with pytest.raises(FuckBaseError) as info:
             c.server_info()
-    assert type(info.value) is FuckBaseError
+    assert type(info.value) is fb.NotFoundError
     assert (info.value.code, info.value.status) == ("NOT_FOUND", 404)
 
 

@@ -1,32 +1,52 @@
-"""The operations of the wire contract: validate a request body, run it on the engine, shape the reply.
+"""The operations of the wire contract: validate a request body, run it on the storage, shape the reply.
 
-Each handler takes the parsed JSON body and the request's auth headers and returns the
-response body as bytes; failures are ApiError. Nothing here knows about HTTP framing.
+Each handler takes the parsed JSON body and the request's headers and returns the response
+body as bytes; failures are ApiError (or a storage error, which `error_for` maps to one).
+Nothing here knows about HTTP framing or which process runs it: `ROUTES` says which
+operations are long (index builds, backups, password hashing) and run apart from the rest.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from fuckbase import __version__
 from fuckbase.auth import AdminGuard, DatabaseGuard, body_credentials, make_db_auth
-from fuckbase.backup import BackupService
-from fuckbase.engine import DatabaseState, Engine, SetState
 from fuckbase.errors import ApiError, invalid
-from fuckbase.indexes import BASIC, SORTABLE, IndexDef, SortableIndex, match_text
-from fuckbase.names import (
-    MAX_KEY_BYTES,
-    MAX_NAME_CHARS,
-    is_database_name,
-    is_key,
-    is_object_name,
+from fuckbase.names import MAX_KEY_BYTES, MAX_NAME_CHARS, is_database_name, is_key, is_object_name
+from fuckbase.storage import (
+    BASIC,
+    SORTABLE,
+    AlreadyExists,
+    BatchOp,
+    Database,
+    DatabaseExists,
+    Delete,
+    IndexDef,
+    IndexExists,
+    NotFound,
+    Put,
+    SetExists,
+    Storage,
+    StorageError,
+    StorageFull,
+    StorageUnavailable,
 )
+from fuckbase.storage.values import match_text
+
+if TYPE_CHECKING:
+    from fuckbase.backup import BackupService
+
+log = logging.getLogger("fuckbase.api")
 
 DEFAULT_LIMIT = 10
+MAX_SORT_FIELDS = 32
 # names that passed validation, by kind: most requests repeat a few names
 _VALID_DB_NAMES: set[str] = set()
 _VALID_OBJECT_NAMES: set[str] = set()
@@ -39,13 +59,65 @@ INDEX_DROP_OK = b'{"status":"success","message":"Index dropped successfully"}'
 
 
 class Headers(Protocol):
-    """Request headers, looked up by lower-case name (granian's header map is one)."""
+    """Request headers, looked up by lower-case name."""
 
     def get(self, key: str, default: Any = None) -> Any: ...
 
 
 Handler = Callable[[dict[str, Any], Headers], bytes]
-RunAsync = Callable[[Coroutine[Any, Any, Any]], Any]
+AsyncHandler = Callable[[dict[str, Any], Headers], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """`long`: may run for seconds (a build, an upload, scrypt) and is served apart from short
+    requests; `writes`: commits data, so durability "fsync" waits for a flush before answering."""
+
+    handler: str
+    long: bool = False
+    writes: bool = False
+
+
+ROUTES: dict[str, Route] = {
+    "/create": Route("create_database", long=True, writes=True),
+    "/drop": Route("drop_database", writes=True),
+    "/server/info": Route("server_info"),
+    "/set/create": Route("create_set", writes=True),
+    "/set/list": Route("list_sets"),
+    "/set/put": Route("put", writes=True),
+    "/set/get": Route("get"),
+    "/set/delete": Route("delete", writes=True),
+    "/set/batch": Route("batch", writes=True),
+    "/index/create": Route("create_index", long=True, writes=True),
+    "/index/create/sortable": Route("create_sortable_index", long=True, writes=True),
+    "/index/drop": Route("drop_index", writes=True),
+    "/index/query": Route("query"),
+    "/index/query/sorted": Route("query_sorted"),
+    "/index/query/multi-sorted": Route("query_multi_sorted"),
+    "/backup/create": Route("backup_create", long=True),
+    "/backup/list": Route("backup_list", long=True),
+    "/backup/restore": Route("backup_restore", long=True, writes=True),
+    "/backup/verify": Route("backup_verify", long=True),
+}
+BACKUP_PATHS = frozenset(p for p in ROUTES if p.startswith("/backup/"))
+
+
+def error_for(exc: StorageError) -> ApiError:
+    """The contract's status and code for a storage error."""
+    if isinstance(exc, NotFound):
+        code = {"database": "DB_NOT_FOUND", "set": "SET_NOT_FOUND", "index": "INDEX_NOT_FOUND"}.get(
+            exc.what, "KEY_NOT_FOUND"
+        )
+        return ApiError(404, code, str(exc))
+    if isinstance(exc, AlreadyExists):
+        codes = {DatabaseExists: "DB_ALREADY_EXISTS", SetExists: "SET_ALREADY_EXISTS", IndexExists: "INDEX_ALREADY_EXISTS"}
+        return ApiError(409, codes.get(type(exc), "ALREADY_EXISTS"), str(exc))
+    if isinstance(exc, StorageFull):
+        return ApiError(507, "INSUFFICIENT_STORAGE", str(exc))
+    if isinstance(exc, StorageUnavailable):
+        return ApiError(503, "STORAGE_UNAVAILABLE", str(exc))
+    log.error("storage failure: %s", exc)
+    return ApiError(500, "INTERNAL_ERROR", "storage failure")
 
 
 # ---------------------------------------------------------------- field validation
@@ -98,6 +170,13 @@ def key_field(body: dict[str, Any]) -> str:
     return key
 
 
+def value_json(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        raise invalid(f'"value" cannot be stored: {exc}') from None
+
+
 def _int_field(obj: dict[str, Any], name: str, default: int) -> int:
     v = obj.get(name, default)
     if v is None:
@@ -107,15 +186,15 @@ def _int_field(obj: dict[str, Any], name: str, default: int) -> int:
     return v
 
 
-def _order(spec: Any, sortable: SortableIndex) -> tuple[str, bool]:
+def _order(spec: Any, definition: IndexDef) -> tuple[str, bool]:
     if not isinstance(spec, dict):
         raise invalid('each sort must be an object {"field": …, "order": "asc"|"desc"}')
     field = spec.get("field")
     if not isinstance(field, str) or not field:
         raise invalid('"sort.field" is required')
-    if field not in sortable.sort_fields:
+    if field not in definition.sort_fields:
         raise invalid(
-            f"sort field {field!r} is not one of the index's sort fields {list(sortable.sort_fields)}"
+            f"sort field {field!r} is not one of the index's sort fields {list(definition.sort_fields)}"
         )
     order = spec.get("order") or "asc"
     if not isinstance(order, str) or order.lower() not in ("asc", "desc"):
@@ -132,8 +211,36 @@ def _match_value(body: dict[str, Any]) -> str:
     return match_text(v)
 
 
-def _entries_json(entries: list[tuple[str, bytes]]) -> bytes:
-    return b",".join(b'{"key":' + orjson.dumps(k) + b',"value":' + v + b"}" for k, v in entries)
+def _batch_ops(body: dict[str, Any]) -> list[BatchOp]:
+    raw_ops = body.get("operations")
+    if not isinstance(raw_ops, list):
+        raise invalid('"operations" must be a list of {"op": "put"|"delete", "key", "value"?}')
+    ops: list[BatchOp] = []
+    append, dumps = ops.append, orjson.dumps
+    for i, o in enumerate(raw_ops):
+        if type(o) is not dict:
+            raise invalid(f"operation {i}: must be an object")
+        key = o.get("key")
+        if type(key) is not str or not is_key(key):
+            raise invalid(f'operation {i}: "key" must be a string of 1-{MAX_KEY_BYTES} bytes of UTF-8')
+        kind = o.get("op")
+        if kind == "put":
+            if "value" not in o:
+                raise invalid(f'operation {i}: "value" is required for a put')
+            value = o["value"]
+            try:
+                append(Put(key, value, dumps(value)))
+            except orjson.JSONEncodeError as exc:
+                raise invalid(f'operation {i}: "value" cannot be stored: {exc}') from None
+        elif kind == "delete":
+            append(Delete(key))
+        else:
+            raise invalid(f'operation {i}: "op" must be "put" or "delete"')
+    return ops
+
+
+def _entries_json(entries: list[Any]) -> bytes:
+    return b",".join(b'{"key":' + orjson.dumps(e.key) + b',"value":' + e.value + b"}" for e in entries)
 
 
 def success(message: str | None = None, **fields: Any) -> bytes:
@@ -148,57 +255,41 @@ def success(message: str | None = None, **fields: Any) -> bytes:
 
 
 class Api:
-    """Binds the endpoint handlers to one engine and one configuration."""
+    """Binds the endpoint handlers to one storage and one configuration.
+
+    `backups` is given only where long operations run; `info` adds fields to /server/info.
+    """
 
     def __init__(
         self,
-        engine: Engine,
+        storage: Storage,
         admin: AdminGuard,
-        backups: BackupService,
-        run_async: RunAsync,
-        extra_info: Callable[[], dict[str, Any]],
+        db_guard: DatabaseGuard,
+        info: Callable[[], dict[str, Any]],
+        backups: BackupService | None = None,
     ):
-        self.engine = engine
+        self.storage = storage
         self.admin = admin
+        self.db_guard = db_guard
         self.backups = backups
-        self._run = run_async  # runs a backup coroutine on the I/O loop, waits for its result
-        self.db_guard = DatabaseGuard()
         self.started = time.monotonic()
-        self._extra_info = extra_info
-        self.routes: dict[str, Handler] = {
-            "/create": self.create_database,
-            "/drop": self.drop_database,
-            "/server/info": self.server_info,
-            "/set/create": self.create_set,
-            "/set/list": self.list_sets,
-            "/set/put": self.put,
-            "/set/get": self.get,
-            "/set/delete": self.delete,
-            "/index/create": self.create_index,
-            "/index/create/sortable": self.create_sortable_index,
-            "/index/drop": self.drop_index,
-            "/index/query": self.query,
-            "/index/query/sorted": self.query_sorted,
-            "/index/query/multi-sorted": self.query_multi_sorted,
-            "/backup/create": self.backup_create,
-            "/backup/list": self.backup_list,
-            "/backup/restore": self.backup_restore,
-            "/backup/verify": self.backup_verify,
+        self._info = info
+        self.handlers: dict[str, Handler] = {
+            path: getattr(self, route.handler) for path, route in ROUTES.items() if path not in BACKUP_PATHS
+        }
+        self.async_handlers: dict[str, AsyncHandler] = {
+            path: getattr(self, ROUTES[path].handler) for path in BACKUP_PATHS
         }
 
-    def _open(self, body: dict[str, Any], headers: Headers) -> DatabaseState:
-        """The request's database, after its credentials (if it has any) are checked."""
-        db = self.engine.database(database_name(body))
+    def _view_database(self, view: Any, body: dict[str, Any], headers: Headers) -> Database:
+        """The request's database in `view`, after its credentials (if it has any) are checked."""
+        db: Database = view.database(database_name(body))
         if db.auth:
             self.db_guard.check(db.auth, headers.get("authorization"), body)
         return db
 
-    def _open_set(self, body: dict[str, Any], headers: Headers) -> SetState:
-        set_name = object_name(body, "set")
-        db = self.engine.database(database_name(body))
-        if db.auth:
-            self.db_guard.check(db.auth, headers.get("authorization"), body)
-        return self.engine.set_of(db, set_name)
+    def _access(self, body: dict[str, Any], headers: Headers) -> Any:
+        return self.db_guard.access(headers.get("authorization"), body)
 
     # databases and server
 
@@ -210,41 +301,41 @@ class Api:
         if creds is not None:
             if not creds[0] or not creds[1]:
                 raise invalid('"auth" needs a non-empty "username" and "password"')
+            with self.storage.read() as view:  # refuse before spending scrypt on it
+                if name in view.database_names():
+                    raise DatabaseExists(name)
             stored = make_db_auth(*creds)
-        self.engine.create_database(name, stored)
+        self.storage.create_database(name, stored)
         return success("Database created successfully", data={"database": name})
 
     def drop_database(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
         name = database_name(body, "name")
-        db = self.engine.database(name)
-        if db.auth and not self.admin.enabled:
-            self.db_guard.check(db.auth, headers.get("authorization"), body)
-        self.engine.drop_database(db)
+        if self.admin.enabled:
+            self.storage.drop_database(name, lambda stored: None)
+        else:
+            self.storage.drop_database(name, self._access(body, headers))
         return DROP_OK
 
     def server_info(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
         minutes = int(time.monotonic() - self.started) // 60
         uptime = f"{minutes // 1440}d {minutes // 60 % 24}h {minutes % 60}m"
-        return success(
-            version=__version__,
-            uptime=uptime,
-            databases_count=len(self.engine.databases),
-            **self._extra_info(),
-        )
+        with self.storage.read() as view:
+            count = len(view.database_names())
+        return success(version=__version__, uptime=uptime, databases_count=count, **self._info())
 
     # sets and data
 
     def create_set(self, body: dict[str, Any], headers: Headers) -> bytes:
         name = object_name(body, "name")
-        db = self._open(body, headers)
-        self.engine.create_set(db, name)
+        self.storage.create_set(database_name(body), name, self._access(body, headers))
         return success("Set created successfully", data={"set": name})
 
     def list_sets(self, body: dict[str, Any], headers: Headers) -> bytes:
-        db = self._open(body, headers)
-        return success(data={"sets": sorted(db.sets)})
+        with self.storage.read() as view:
+            db = self._view_database(view, body, headers)
+            return success(data={"sets": sorted(db.sets)})
 
     def put(self, body: dict[str, Any], headers: Headers) -> bytes:
         set_name = object_name(body, "set")
@@ -252,16 +343,15 @@ class Api:
         if "value" not in body:
             raise invalid('"value" is required')
         value = body["value"]
-        db = self.engine.database(database_name(body))
-        if db.auth:
-            self.db_guard.check(db.auth, headers.get("authorization"), body)
-        self.engine.put(db, set_name, key, value, orjson.dumps(value))
+        self.storage.put(database_name(body), set_name, key, value, value_json(value), self._access(body, headers))
         return PUT_OK
 
     def get(self, body: dict[str, Any], headers: Headers) -> bytes:
         key = key_field(body)
-        s = self._open_set(body, headers)
-        raw = self.engine.get(s, key)
+        set_name = object_name(body, "set")
+        with self.storage.read() as view:
+            db = self._view_database(view, body, headers)
+            raw = view.get(db, set_name, key)
         if raw is None:
             raise ApiError(404, "KEY_NOT_FOUND", f"key {key!r} not found")
         return b'{"status":"success","data":' + raw + b"}"
@@ -269,9 +359,14 @@ class Api:
     def delete(self, body: dict[str, Any], headers: Headers) -> bytes:
         set_name = object_name(body, "set")
         key = key_field(body)
-        db = self._open(body, headers)
-        self.engine.delete(db, set_name, key)
+        self.storage.delete(database_name(body), set_name, key, self._access(body, headers))
         return DELETE_OK
+
+    def batch(self, body: dict[str, Any], headers: Headers) -> bytes:
+        set_name = object_name(body, "set")
+        database = database_name(body)
+        applied = self.storage.batch(database, set_name, _batch_ops(body), self._access(body, headers))
+        return success("Batch applied successfully", data={"applied": applied})
 
     # indexes
 
@@ -279,8 +374,8 @@ class Api:
         set_name = object_name(body, "set")
         name = object_name(body, "name")
         field = object_name(body, "field")
-        db = self._open(body, headers)
-        self.engine.create_index(db, set_name, IndexDef(name, field, BASIC))
+        definition = IndexDef(name, field, BASIC)
+        self.storage.create_index(database_name(body), set_name, definition, self._access(body, headers))
         return success("Index created successfully", data={"index": name})
 
     def create_sortable_index(self, body: dict[str, Any], headers: Headers) -> bytes:
@@ -296,27 +391,26 @@ class Api:
             raise invalid('"sort_fields" must be a non-empty list of field names')
         if len(set(sort_fields)) != len(sort_fields):
             raise invalid('"sort_fields" must not repeat a field')
-        db = self._open(body, headers)
+        if len(sort_fields) > MAX_SORT_FIELDS:
+            raise invalid(f'"sort_fields" may name at most {MAX_SORT_FIELDS} fields')
         definition = IndexDef(name, field, SORTABLE, tuple(sort_fields))
-        self.engine.create_index(db, set_name, definition)
+        self.storage.create_index(database_name(body), set_name, definition, self._access(body, headers))
         return success("Sortable index created successfully", data={"index": name})
 
     def drop_index(self, body: dict[str, Any], headers: Headers) -> bytes:
         set_name = object_name(body, "set")
         name = object_name(body, "name")
-        db = self._open(body, headers)
-        self.engine.drop_index(db, set_name, name)
+        self.storage.drop_index(database_name(body), set_name, name, self._access(body, headers))
         return INDEX_DROP_OK
 
     def query(self, body: dict[str, Any], headers: Headers) -> bytes:
         name = object_name(body, "index")
         text = _match_value(body)
-        s = self._open_set(body, headers)
-        entries = self.engine.lookup(s, self.engine.index(s, name), text)
-        return b'{"status":"success","data":{"count":%d,"data":[%s]}}' % (
-            len(entries),
-            _entries_json(entries),
-        )
+        set_name = object_name(body, "set")
+        with self.storage.read() as view:
+            db = self._view_database(view, body, headers)
+            entries = view.lookup(db, set_name, name, text)
+        return b'{"status":"success","data":{"count":%d,"data":[%s]}}' % (len(entries), _entries_json(entries))
 
     def query_sorted(self, body: dict[str, Any], headers: Headers) -> bytes:
         return self._sorted(body, headers, multi=False)
@@ -327,31 +421,47 @@ class Api:
     def _sorted(self, body: dict[str, Any], headers: Headers, multi: bool) -> bytes:
         name = object_name(body, "index")
         text = _match_value(body)
+        set_name = object_name(body, "set")
         pagination = body.get("pagination") or {}
         if not isinstance(pagination, dict):
             raise invalid('"pagination" must be an object {"offset", "limit"}')
         offset = _int_field(pagination, "offset", 0)
         limit = _int_field(pagination, "limit", DEFAULT_LIMIT) or DEFAULT_LIMIT
-        s = self._open_set(body, headers)
-        idx = self.engine.index(s, name)
-        if not isinstance(idx, SortableIndex):
-            raise invalid(f"index {name!r} is not a sortable index")
-        spec = body.get("sort")
-        if multi:
-            if not isinstance(spec, list) or not spec:
-                raise invalid('"sort" must be a non-empty list of {"field", "order"}')
-            order = [_order(o, idx) for o in spec]
-        else:
-            if spec is None:
-                spec = {"field": idx.sort_fields[0]}
-            order = [_order(spec, idx)]
-        total, entries = self.engine.page(s, idx, text, order, offset, limit)
-        return (
-            b'{"status":"success","count":%d,"total":%d,"offset":%d,"limit":%d,"data":[%s]}'
-            % (len(entries), total, offset, limit, _entries_json(entries))
+        with self.storage.read() as view:
+            db = self._view_database(view, body, headers)
+            definition = self._index_of(db, set_name, name)
+            if definition.kind != SORTABLE:
+                raise invalid(f"index {name!r} is not a sortable index")
+            spec = body.get("sort")
+            if multi:
+                if not isinstance(spec, list) or not spec:
+                    raise invalid('"sort" must be a non-empty list of {"field", "order"}')
+                order = [_order(o, definition) for o in spec]
+            else:
+                if spec is None:
+                    spec = {"field": definition.sort_fields[0]}
+                order = [_order(spec, definition)]
+            page = view.page(db, set_name, name, text, order, offset, limit)
+        return b'{"status":"success","count":%d,"total":%d,"offset":%d,"limit":%d,"data":[%s]}' % (
+            len(page.entries), page.total, offset, limit, _entries_json(page.entries)
         )
 
-    # backups
+    @staticmethod
+    def _index_of(db: Database, set_name: str, name: str) -> IndexDef:
+        s = db.sets.get(set_name)
+        if s is None:
+            raise ApiError(404, "SET_NOT_FOUND", f"set {set_name!r} not found in database {db.name!r}")
+        definition = s.indexes.get(name)
+        if definition is None:
+            raise ApiError(404, "INDEX_NOT_FOUND", f"index {name!r} not found in set {set_name!r}")
+        return definition
+
+    # backups (coroutines: they wait on the object store)
+
+    def _backup_service(self) -> BackupService:
+        if self.backups is None:
+            raise RuntimeError("backups run where long operations run")
+        return self.backups
 
     def _optional_database(self, body: dict[str, Any]) -> str | None:
         """`{}`, `{"database": null}` (the Ruby client's "all") and `""` mean every database."""
@@ -359,25 +469,26 @@ class Api:
             return None
         return database_name(body)
 
-    def backup_create(self, body: dict[str, Any], headers: Headers) -> bytes:
+    async def backup_create(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
         database = self._optional_database(body)
-        result = self._run(self.backups.create(database))
+        backups = self._backup_service()
+        result = await backups.create(database)
         message = "Database backed up successfully" if database else "All databases backed up successfully"
-        return success(message, **result, target=self.backups.target)
+        return success(message, **result, target=backups.target)
 
-    def backup_list(self, body: dict[str, Any], headers: Headers) -> bytes:
+    async def backup_list(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
-        backups = self._run(self.backups.list(self._optional_database(body)))
-        return success(backups=backups, target=self.backups.target)
+        backups = self._backup_service()
+        return success(backups=await backups.list(self._optional_database(body)), target=backups.target)
 
-    def backup_restore(self, body: dict[str, Any], headers: Headers) -> bytes:
+    async def backup_restore(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
-        result = self._run(self.backups.restore(body.get("backup_name")))
+        result = await self._backup_service().restore(body.get("backup_name"))
         message = "All databases restored successfully" if result["full"] else "Database restored successfully"
         return success(message, **result)
 
-    def backup_verify(self, body: dict[str, Any], headers: Headers) -> bytes:
+    async def backup_verify(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
-        result = self._run(self.backups.verify(body.get("backup_name")))
+        result = await self._backup_service().verify(body.get("backup_name"))
         return success("Backup is valid", **result)

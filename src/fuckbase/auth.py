@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from fuckbase.errors import ApiError, invalid
-from fuckbase.hotpath import HOT
+from fuckbase.storage import AccessCheck, Credentials
 
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 _PROCESS_KEY = os.urandom(32)
@@ -23,8 +23,7 @@ _PROCESS_KEY = os.urandom(32)
 
 def hash_password(password: str) -> str:
     salt = os.urandom(16)
-    with HOT.released():  # tens of milliseconds
-        digest = hashlib.scrypt(password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P)
     return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
 
 
@@ -33,10 +32,7 @@ def verify_password(password: str, stored: str) -> bool:
         scheme, n, r, p, salt, digest = stored.split("$")
         if scheme != "scrypt":
             return False
-        with HOT.released():  # tens of milliseconds
-            got = hashlib.scrypt(
-                password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p)
-            )
+        got = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p))
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got.hex(), digest)
@@ -98,27 +94,61 @@ class AdminGuard:
             raise ApiError(401, "ADMIN_AUTH_REQUIRED", "Admin authentication required")
 
 
+class NeedsVerification(Exception):
+    """A credential this process has not verified yet. Checking it costs tens of milliseconds
+    of scrypt, so an event loop catches this, runs `verify` on another thread and retries."""
+
+    def __init__(self, guard: DatabaseGuard, stored: Credentials, creds: tuple[str, str]) -> None:
+        super().__init__("credentials need verifying")
+        self._guard = guard
+        self._stored = stored
+        self._creds = creds
+
+    def verify(self) -> bool:
+        """Blocking; remembers a success, so the retried request passes at once."""
+        return self._guard.verify(self._stored, self._creds)
+
+
 class DatabaseGuard:
-    """Checks per-database credentials against their stored hash, remembering successes."""
+    """Checks per-database credentials against their stored hash, remembering successes.
 
-    def __init__(self) -> None:
+    `inline=True` (threads that may block) verifies at once; otherwise an unverified
+    credential raises NeedsVerification.
+    """
+
+    def __init__(self, inline: bool = True) -> None:
         self._verified: dict[str, bytes] = {}
+        self._inline = inline
 
-    def check(
-        self, stored: dict[str, str], header: str | None, body: dict[str, Any]
-    ) -> None:
+    def check(self, stored: Credentials, header: str | None, body: dict[str, Any]) -> None:
         creds = parse_basic(header) or body_credentials(body, "auth")
-        if creds is None or not self._matches(stored, creds):
+        if creds is None:
+            raise ApiError(401, "AUTH_FAILED", "Authentication failed")
+        remembered = self._verified.get(stored["hash"])
+        if remembered is not None and hmac.compare_digest(remembered, _token(creds)):
+            return
+        if not self._inline:
+            raise NeedsVerification(self, stored, creds)
+        if not self.verify(stored, creds):
             raise ApiError(401, "AUTH_FAILED", "Authentication failed")
 
-    def _matches(self, stored: dict[str, str], creds: tuple[str, str]) -> bool:
+    def access(self, header: str | None, body: dict[str, Any]) -> AccessCheck:
+        """The AccessCheck a storage write calls with the database's stored credentials."""
+
+        def check(stored: Credentials | None) -> None:
+            if stored:
+                self.check(stored, header, body)
+
+        return check
+
+    def verify(self, stored: Credentials, creds: tuple[str, str]) -> bool:
         user, password = creds
-        token = hmac.new(_PROCESS_KEY, f"{user}\0{password}".encode(), hashlib.sha256).digest()
-        remembered = self._verified.get(stored["hash"])
-        if remembered is not None and hmac.compare_digest(remembered, token):
-            return True
         user_ok = hmac.compare_digest(user.encode(), stored["username"].encode())
         password_ok = verify_password(password, stored["hash"])  # scrypt releases the GIL
         if user_ok and password_ok:
-            self._verified[stored["hash"]] = token
+            self._verified[stored["hash"]] = _token(creds)
         return user_ok and password_ok
+
+
+def _token(creds: tuple[str, str]) -> bytes:
+    return hmac.new(_PROCESS_KEY, f"{creds[0]}\0{creds[1]}".encode(), hashlib.sha256).digest()

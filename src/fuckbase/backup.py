@@ -2,8 +2,8 @@
 
 This module knows the object layout (`backups/<database>/<YYYYMMDD-HHMMSS>.json`,
 `backups/full/…`) and the rules around it; it talks to storage only through ObjectStore and to
-the data only through the engine's Snapshot and Staging, so it never knows which backend or
-which on-disk format is in use.
+the data only through the storage interface's Snapshot and RestoreWriter, so it never knows
+which backend or which on-disk format is in use.
 
 Every backup gets a sidecar `<name>.sha256` (JSON: checksum, sizes, counts). The sidecar is
 created first, with a create-only write, which claims the name: two backups in the same second
@@ -44,12 +44,21 @@ from fuckbase.backupformat import (
     entry_line,
     set_header,
 )
-from fuckbase.engine import Engine, SetState, Snapshot, StagedDatabase, Staging
 from fuckbase.errors import ApiError, invalid, not_found
-from fuckbase.indexes import BASIC, SORTABLE, IndexDef
 from fuckbase.metrics import counter, gauge
 from fuckbase.names import is_database_name, is_key, is_object_name
 from fuckbase.objectstore import AlreadyExists, NotFound, ObjectStore, ObjectStoreError
+from fuckbase.storage import (
+    BASIC,
+    SORTABLE,
+    Credentials,
+    Database,
+    IndexDef,
+    RestoreWriter,
+    Snapshot,
+    StagedDatabase,
+    Storage,
+)
 
 log = logging.getLogger("fuckbase.backup")
 
@@ -92,6 +101,15 @@ class BackupStats:
     def failed(self, op: str, kind: str) -> None:
         self.failures[(op, kind)] = self.failures.get((op, kind), 0) + 1
 
+    def dump(self) -> dict[str, Any]:
+        return {"last_success": dict(self.last_success), "last_duration": dict(self.last_duration),
+                "last_bytes": dict(self.last_bytes), "failures": [[op, kind, n] for (op, kind), n in self.failures.items()]}
+
+    @classmethod
+    def from_dump(cls, d: dict[str, Any]) -> BackupStats:
+        return cls(dict(d.get("last_success", {})), dict(d.get("last_duration", {})), dict(d.get("last_bytes", {})),
+                   {(op, kind): n for op, kind, n in d.get("failures", ())})
+
     def metrics(self) -> Iterable[Metric]:
         yield gauge("fuckbase_backup_last_success_timestamp_seconds", "Last successful operation",
                     ["operation"], (([k], v) for k, v in self.last_success.items()))
@@ -104,15 +122,15 @@ class BackupStats:
 
 
 class BackupService:
-    def __init__(self, engine: Engine, store: ObjectStore, compression: str = "none",
+    def __init__(self, storage: Storage, store: ObjectStore, compression: str = "none",
                  retention: int = 0) -> None:
-        self.engine = engine
+        self.storage = storage
         self.store = store
         self.compression = compression
         self.retention = retention
         self.stats = BackupStats()
         self._restore_lock = asyncio.Lock()
-        self._last_auto_commits = -1
+        self._last_auto_sequence = -1
         self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
@@ -124,9 +142,10 @@ class BackupService:
     async def create(self, database: str | None, automatic: bool = False) -> dict[str, Any]:
         started = time.monotonic()
         if database is not None:
-            self.engine.database(database)  # 404 before any storage work
-        snapshot = self.engine.snapshot()
-        commits = self.engine.commits
+            with self.storage.read() as view:
+                view.database(database)  # 404 before any object-store work
+        snapshot = self.storage.snapshot()
+        sequence = snapshot.sequence()
         name = None
         try:
             try:
@@ -155,7 +174,7 @@ class BackupService:
         finally:
             snapshot.close()
         if automatic:
-            self._last_auto_commits = commits
+            self._last_auto_sequence = sequence
         elapsed = time.monotonic() - started
         self.stats.last_success["create"] = time.time()
         self.stats.last_duration["create"] = elapsed
@@ -258,7 +277,7 @@ class BackupService:
         m = parse_name(name)
         started = time.monotonic()
         async with self._restore_lock:
-            staging = self.engine.staging()
+            staging = self.storage.restore_writer()
             try:
                 result = await self._read(m, staging)
                 await asyncio.to_thread(staging.commit, result["full"])
@@ -276,7 +295,7 @@ class BackupService:
     async def verify(self, name: Any) -> dict[str, Any]:
         return await self._read(parse_name(name), None)
 
-    async def _read(self, m: re.Match[str], staging: Staging | None) -> dict[str, Any]:
+    async def _read(self, m: re.Match[str], staging: RestoreWriter | None) -> dict[str, Any]:
         """Streams the object through the parser; with staging, also writes it aside."""
         name = m.group(0)
         full = m.group(1) == FULL_FOLDER
@@ -352,7 +371,7 @@ class BackupService:
         """Full backups every interval, skipped when nothing changed; failures retried next tick."""
         while True:
             await asyncio.sleep(interval_minutes * 60)
-            if self.engine.commits == self._last_auto_commits:
+            if self.storage.sequence() == self._last_auto_sequence:
                 continue
             try:
                 result = await self.create(None, automatic=True)
@@ -396,27 +415,26 @@ class _Counts:
     entries: int = 0
 
 
-def _index_map(record: dict[str, Any]) -> dict[str, Any]:
+def _index_map(db: Database) -> dict[str, Any]:
     """Index definitions in the original's shape: one map per database, keyed by index name."""
     out: dict[str, Any] = {}
-    for set_name, srec in record["sets"].items():
-        for iname, idef in srec["indexes"].items():
-            d: dict[str, Any] = {"name": iname, "set_name": set_name, "field": idef["field"],
-                                 "type": idef.get("type", BASIC)}
-            if idef.get("sort_fields"):
-                d["sort_fields"] = idef["sort_fields"]
+    for set_name, info in db.sets.items():
+        for iname, d in info.indexes.items():
+            idef: dict[str, Any] = {"name": iname, "set_name": set_name, "field": d.field,
+                                    "type": 1 if d.kind == SORTABLE else 0}
+            if d.sort_fields:
+                idef["sort_fields"] = list(d.sort_fields)
             key = iname if iname not in out else f"{set_name}/{iname}"
-            out[key] = d
+            out[key] = idef
     return out
 
 
-def _database_lines(snapshot: Snapshot, name: str, record: dict[str, Any], counts: _Counts,
-                    head: bytes) -> Iterator[bytes]:
+def _database_lines(snapshot: Snapshot, db: Database, counts: _Counts, head: bytes) -> Iterator[bytes]:
     yield head + b"\n"
-    for i, (set_name, srec) in enumerate(sorted(record["sets"].items())):
+    for i, set_name in enumerate(sorted(db.sets)):
         yield (b"," if i else b"") + set_header(set_name) + b"\n"
         first = True
-        for key, raw in snapshot.entries(srec["id"]):
+        for key, raw in snapshot.entries(db, set_name):
             yield entry_line(first, key, raw)
             first = False
             counts.entries += 1
@@ -424,25 +442,25 @@ def _database_lines(snapshot: Snapshot, name: str, record: dict[str, Any], count
     yield b"}}\n"
 
 
+def _header(db: Database) -> bytes:
+    return database_header(db.name, _index_map(db), dict(db.auth) if db.auth else None)
+
+
 def _backup_lines(snapshot: Snapshot, database: str | None, counts: _Counts) -> Iterator[bytes]:
     databases = snapshot.databases()
     if database is not None:
-        record = databases.get(database)
-        if record is None:
+        db = next((d for d in databases if d.name == database), None)
+        if db is None:
             raise not_found("DB_NOT_FOUND", f"database {database!r} not found")
-        head = b'{"fuckbase_format":%d,' % FORMAT_VERSION + database_header(
-            database, _index_map(record), record.get("auth"))[1:]
-        yield from _database_lines(snapshot, database, record, counts, head)
+        head = b'{"fuckbase_format":%d,' % FORMAT_VERSION + _header(db)[1:]
+        yield from _database_lines(snapshot, db, counts, head)
         return
     yield b'{"fuckbase_format":%d,"databases":{\n' % FORMAT_VERSION
     set_count = 0
-    for i, (name, record) in enumerate(sorted(databases.items())):
-        head = (b"," if i else b"") + orjson.dumps(name) + b":" + database_header(
-            name, _index_map(record), record.get("auth"))
-        lines = _database_lines(snapshot, name, record, counts, head)
-        for line in lines:
-            yield line
-        set_count += len(record["sets"])
+    for i, db in enumerate(databases):
+        head = (b"," if i else b"") + orjson.dumps(db.name) + b":" + _header(db)
+        yield from _database_lines(snapshot, db, counts, head)
+        set_count += len(db.sets)
     metadata = {
         "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "version": "1.0.0",
@@ -495,16 +513,15 @@ def _decompressor(extension: str) -> Callable[[bytes | None], bytes]:
 
 class _Applier:
     """Validates records and, when restoring, writes them into the staging area (on a worker
-    thread: staging takes the engine lock a chunk at a time)."""
+    thread: each batch of entries is a commit of its own)."""
 
-    def __init__(self, staging: Staging | None, full: bool) -> None:
+    def __init__(self, staging: RestoreWriter | None, full: bool) -> None:
         self.staging = staging
         self.full = full
         self.names: list[str] = []
         self.entries = 0
         self._db: StagedDatabase | None = None
         self._db_fields: dict[str, Any] = {}
-        self._set: SetState | None = None
         self._set_name: str | None = None
         self._databases_seen = 0
 
@@ -520,9 +537,10 @@ class _Applier:
                 self._databases_seen += 1
                 if not self.full and self._databases_seen > 1:
                     raise BackupInvalid("a database backup holds more than one database")
-                self._db = self.staging.add_database() if self.staging is not None else StagedDatabase()
+                db: StagedDatabase = self.staging.add_database() if self.staging is not None else _Unstaged()
+                self._db = db
                 self._db_fields = {}
-                self._set = None
+                self._set_name = None
             elif isinstance(rec, DatabaseEnd):
                 self._end_database()
 
@@ -562,24 +580,32 @@ class _Applier:
             if not isinstance(d, dict):
                 raise BackupInvalid(f"index {key!r} is malformed")
             name, set_name, fld = d.get("name") or key, d.get("set_name"), d.get("field")
-            kind = d.get("type", BASIC)
+            kind = d.get("type", 0)
             sort_fields = d.get("sort_fields") or []
             if (not all(isinstance(v, str) and v for v in (name, set_name, fld))
-                    or kind not in (BASIC, SORTABLE)
+                    or kind not in (0, 1)
                     or not isinstance(sort_fields, list)
                     or not all(isinstance(f, str) and f for f in sort_fields)
-                    or (kind == SORTABLE and not sort_fields)):
+                    or (kind == 1 and not sort_fields)):
                 raise BackupInvalid(f"index {key!r} is malformed")
             if self.staging is not None:
-                definition = IndexDef(name, fld, kind, tuple(sort_fields) if kind == SORTABLE else ())
-                self.staging.add_index(db, set_name, definition)
+                assert isinstance(name, str) and isinstance(fld, str) and isinstance(set_name, str)
+                if kind == 1:
+                    definition = IndexDef(name, fld, SORTABLE, tuple(sort_fields))
+                else:
+                    definition = IndexDef(name, fld, BASIC)
+                try:
+                    self.staging.add_index(db, set_name, definition)
+                except ValueError as exc:
+                    raise BackupInvalid(str(exc)) from None
 
     def _set_start(self, name: Any) -> None:
         db = self._need_db()
         if not is_object_name(name):
             raise BackupInvalid(f"bad set name {name!r}")
         self._set_name = name
-        self._set = self.staging.add_set(db, name) if self.staging is not None else None
+        if self.staging is not None:
+            self.staging.add_set(db, name)
 
     def _entries(self, rec: Entries) -> None:
         if self._set_name is None:
@@ -595,8 +621,8 @@ class _Applier:
                     raise BackupInvalid(f"bad value for key {key!r:.80}: {exc}") from None
             batch.append((key, value, raw))
         self.entries += len(batch)
-        if self.staging is not None and self._set is not None:
-            self.staging.write(self._set, batch)
+        if self.staging is not None:
+            self.staging.write(self._need_db(), self._set_name, batch)
 
     def _end_database(self) -> None:
         db = self._need_db()
@@ -608,7 +634,6 @@ class _Applier:
             raise BackupInvalid(f"database {db.name!r} appears twice")
         self.names.append(db.name)
         self._db = None
-        self._set = None
         self._set_name = None
 
     def check_complete(self) -> None:
@@ -616,6 +641,14 @@ class _Applier:
             raise BackupInvalid("the backup ends inside a database")
         if not self.full and len(self.names) != 1:
             raise BackupInvalid("a database backup must hold exactly one database")
+
+
+@dataclass
+class _Unstaged:
+    """A database read by a verify: the same checks, nothing written."""
+
+    name: str | None = None
+    auth: Credentials | None = None
 
 
 def _plaintext_auth(auth: Any) -> dict[str, str] | None:

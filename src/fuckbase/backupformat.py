@@ -242,7 +242,7 @@ class EventReader:
             raise BackupInvalid("the object is empty")
 
     def _consume(self, out: list[Record]) -> None:
-        for prefix, event, value in self._events:
+        for _prefix, event, value in self._events:
             self._event(event, value, out)
         del self._events[:]
 

@@ -6,6 +6,7 @@ other jobs. Bad configuration ends the process with one line on stderr and exit 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from fuckbase.config import (
     ConfigError,
     S3Settings,
     Settings,
+    default_workers,
 )
 
 
@@ -75,13 +77,28 @@ def _opt(*decls: str, env: str, **kw: Any) -> Any:
     help="Largest request body in bytes; larger ones get 413.",
 )
 @_opt(
+    "--workers",
+    env="FUCKBASE_WORKERS",
+    type=int,
+    default=None,
+    help="Worker processes serving HTTP. Default: one per CPU core, at most 8.",
+)
+@_opt(
+    "--read-timeout",
+    env="FUCKBASE_READ_TIMEOUT",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds a request may take to arrive whole; slower ones get 408 and are closed.",
+)
+@_opt(
     "--request-threads",
     env="FUCKBASE_REQUEST_THREADS",
     type=int,
     default=4,
     show_default=True,
-    help="Threads that run requests. One serves at a time; the others take over while it waits "
-    "on a long job (index build, backup, fsync), so this many long jobs can run at once less one.",
+    help="Long operations (index builds, password hashing) that run at once; more wait their turn. "
+    "Short requests never wait for them.",
 )
 @_opt("--s3-endpoint", env="FUCKBASE_S3_ENDPOINT", default="", help="host:port (plain http), http(s)://…, or empty for AWS.")
 @_opt("--s3-bucket", env="FUCKBASE_S3_BUCKET", default="", help="Bucket for backups; enables S3.")
@@ -127,7 +144,7 @@ def _opt(*decls: str, env: str, **kw: Any) -> Any:
 )
 @click.version_option(__version__, prog_name="fuckbase")
 @click.pass_context
-def cli(ctx: click.Context, **opts: Any) -> None:
+def cli(ctx: click.Context, /, **opts: Any) -> None:
     """FuckBase: a small, fast HTTP database. Without a subcommand, runs the server."""
     if ctx.invoked_subcommand is not None:
         return
@@ -187,6 +204,43 @@ def backup_verify(obj: Any, name: str) -> None:
     click.echo(f"valid: {result['entries']} entries, checksum {result['checksum']}")
 
 
+@cli.command("import")
+@click.argument("file", type=click.File("rb"))
+@click.option("--database", required=True, help="The database to load into (it must exist).")
+@click.option("--set", "set_name", required=True, help="The set to load into (created if needed).")
+@_opt("--url", env="FUCKBASE_URL", default="http://127.0.0.1:8080", show_default=True, help="The server.")
+@_opt("--username", env="FUCKBASE_DB_USERNAME", default="", help="The database's user, if it has credentials.")
+@_opt("--password", env="FUCKBASE_DB_PASSWORD", default="", help="The database's password.")
+@click.option("--batch-size", type=click.IntRange(1, 100_000), default=5000, show_default=True,
+              help="Operations per request; each request is applied all or nothing.")
+def import_file(file: Any, database: str, set_name: str, url: str, username: str, password: str,
+                batch_size: int) -> None:
+    """Load a JSON Lines file (or - for stdin) through /set/batch.
+
+    Each line is {"key": ..., "value": ...} (a put) or {"op": "delete", "key": ...}. Every
+    batch is one transaction; a bad line stops the import before its batch is sent, and the
+    batches sent before it stay applied.
+    """
+    from fuckbase.bulkload import import_lines
+
+    auth = (username, password) if username else None
+    total = _file_size(file)
+    with click.progressbar(length=total or 0, label="importing", file=sys.stderr,
+                           show_pos=False, show_percent=bool(total), hidden=not total) as bar:
+        try:
+            result = import_lines(file, url, database, set_name, auth, batch_size, bar.update)
+        except ValueError as exc:
+            fail(str(exc))
+    click.echo(f"imported {result.applied} operations from {result.lines} lines in {result.seconds:.1f}s")
+
+
+def _file_size(file: Any) -> int:
+    try:
+        return int(os.fstat(file.fileno()).st_size) if file.seekable() else 0
+    except (OSError, ValueError):
+        return 0
+
+
 def _remote(obj: Any, doing: str, call: Any) -> Any:
     """Runs one client call, with an elapsed-time progress line on a terminal."""
     from concurrent.futures import ThreadPoolExecutor
@@ -226,6 +280,8 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         durability=opts["durability"],
         max_body_bytes=opts["max_body_size"],
         request_threads=opts["request_threads"],
+        read_timeout=opts["read_timeout"],
+        workers=opts["workers"] if opts["workers"] is not None else default_workers(),
         s3=S3Settings(
             endpoint=opts["s3_endpoint"],
             bucket=opts["s3_bucket"],

@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import builtins
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar, overload
 
@@ -192,6 +192,18 @@ class InternalError(FuckBaseError):
     """INTERNAL_ERROR: the server failed on its own account."""
 
 
+class StorageFull(FuckBaseError):
+    """INSUFFICIENT_STORAGE: the server's disk is full; the write was not stored. Reads work."""
+
+
+class Unavailable(FuckBaseError):
+    """STORAGE_UNAVAILABLE / SERVICE_UNAVAILABLE: the server cannot do this right now; retry."""
+
+
+class RequestTimeout(FuckBaseError):
+    """REQUEST_TIMEOUT: the request did not reach the server whole in time."""
+
+
 _ERRORS: dict[str, type[FuckBaseError]] = {
     "INVALID_REQUEST": InvalidRequest,
     "AUTH_FAILED": AuthFailed,
@@ -212,6 +224,13 @@ _ERRORS: dict[str, type[FuckBaseError]] = {
     "BACKUP_NOT_FOUND": BackupNotFound,
     "BACKUP_INVALID": BackupInvalid,
     "INTERNAL_ERROR": InternalError,
+    "INSUFFICIENT_STORAGE": StorageFull,
+    "STORAGE_UNAVAILABLE": Unavailable,
+    "SERVICE_UNAVAILABLE": Unavailable,
+    "REQUEST_TIMEOUT": RequestTimeout,
+    "URI_TOO_LONG": InvalidRequest,
+    "HEADERS_TOO_LARGE": InvalidRequest,
+    "NOT_FOUND": NotFoundError,
 }
 
 
@@ -271,6 +290,7 @@ class _Call(Generic[T]):
     parse: Callable[[dict[str, Any]], T]
     auth: str | None = None  # the Authorization header value, for database operations
     admin: bool = False  # whether the admin credentials go along
+    content: bytes | None = None  # the body already encoded, instead of `body`
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +319,10 @@ def _basic(auth: Auth | None) -> str | None:
 def _encode(body: dict[str, Any]) -> bytes:
     # allow_nan=False: NaN/Infinity are not JSON; fail here rather than send what the server rejects
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _body_of(call: _Call[Any]) -> bytes:
+    return call.content if call.content is not None else _encode(call.body)
 
 
 def _headers(call: _Call[Any], admin_header: str | None) -> dict[str, str]:
@@ -432,6 +456,33 @@ def _delete(s: _SetRef, key: str) -> _Call[None]:
     return _Call("/set/delete", s.body(key=key), _nothing, auth=s.auth)
 
 
+BatchOp = tuple[str, str] | tuple[str, str, Any] | dict[str, Any]
+
+
+def batch_operation(op: BatchOp) -> dict[str, Any]:
+    """`("put", key, value)`, `("delete", key)` or the wire form `{"op", "key", "value"?}`."""
+    if isinstance(op, dict):
+        return op
+    if len(op) == 3 and op[0] == "put":
+        return {"op": "put", "key": op[1], "value": op[2]}
+    if len(op) == 2 and op[0] == "delete":
+        return {"op": "delete", "key": op[1]}
+    raise ValueError(f"not a batch operation: {op!r}")
+
+
+def _applied(data: dict[str, Any]) -> int:
+    return int(data["data"]["applied"])
+
+
+def _batch(s: _SetRef, ops: Iterable[BatchOp]) -> _Call[int]:
+    return _Call("/set/batch", s.body(operations=[batch_operation(o) for o in ops]), _applied, auth=s.auth)
+
+
+def _batch_encoded(s: _SetRef, operations: bytes) -> _Call[int]:
+    head = _encode(s.body())[:-1]
+    return _Call("/set/batch", {}, _applied, auth=s.auth, content=head + b',"operations":' + operations + b"}")
+
+
 def _create_index(s: _SetRef, name: str, field: str) -> _Call[None]:
     return _Call("/index/create", s.body(name=name, field=field), _nothing, auth=s.auth)
 
@@ -561,7 +612,7 @@ class Client:
     def _run(self, call: _Call[T]) -> T:
         try:
             resp = self._http.post(
-                call.path, content=_encode(call.body), headers=_headers(call, self._admin_header)
+                call.path, content=_body_of(call), headers=_headers(call, self._admin_header)
             )
         except httpx.TransportError as exc:
             raise _connection_error(self.url, call, exc) from exc
@@ -672,6 +723,16 @@ class Set:
         """Remove `key` (KeyNotFound if absent)."""
         self._client._run(_delete(self._ref, key))
 
+    def batch(self, ops: Iterable[BatchOp]) -> int:
+        """Apply puts and deletes (`("put", key, value)`, `("delete", key)`) in one transaction,
+        all or none: a bad operation raises InvalidRequest, a missing key KeyNotFound, and
+        nothing is applied. Returns how many were applied."""
+        return self._client._run(_batch(self._ref, ops))
+
+    def batch_encoded(self, operations: bytes) -> int:
+        """`batch` for bulk loaders that hold the operations as a JSON array already."""
+        return self._client._run(_batch_encoded(self._ref, operations))
+
     def create_index(self, name: str, field: str) -> None:
         """Index the set's values by `field` for `query`."""
         self._client._run(_create_index(self._ref, name, field))
@@ -770,7 +831,7 @@ class AsyncClient:
     async def _run(self, call: _Call[T]) -> T:
         try:
             resp = await self._http.post(
-                call.path, content=_encode(call.body), headers=_headers(call, self._admin_header)
+                call.path, content=_body_of(call), headers=_headers(call, self._admin_header)
             )
         except httpx.TransportError as exc:
             raise _connection_error(self.url, call, exc) from exc
@@ -880,6 +941,10 @@ class AsyncSet:
     async def delete(self, key: str) -> None:
         """Remove `key` (KeyNotFound if absent)."""
         await self._client._run(_delete(self._ref, key))
+
+    async def batch(self, ops: Iterable[BatchOp]) -> int:
+        """Apply puts and deletes in one transaction, all or none (see `Set.batch`)."""
+        return await self._client._run(_batch(self._ref, ops))
 
     async def create_index(self, name: str, field: str) -> None:
         """Index the set's values by `field` for `query`."""

@@ -11,6 +11,11 @@ LOG_LEVELS = ("debug", "info", "warn", "error")
 COMPRESSIONS = ("none", "gzip", "zstd")
 
 
+def default_workers() -> int:
+    """One worker process per core the process may run on, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
 class ConfigError(ValueError):
     """Configuration that cannot work; reported as one line before anything binds."""
 
@@ -42,6 +47,8 @@ class Settings:
     durability: str = "os"
     max_body_bytes: int = 16 * 1024 * 1024
     request_threads: int = 4
+    read_timeout: float = 30.0
+    workers: int = 1
     s3: S3Settings = field(default_factory=S3Settings)
     backup_dir: Path | None = None
     backup_interval_minutes: float | None = None
@@ -69,8 +76,12 @@ class Settings:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
         if self.max_body_bytes < 1024:
             raise ConfigError("max body size must be at least 1024 bytes")
-        if not 2 <= self.request_threads <= 256:
-            raise ConfigError("request threads must be 2-256")
+        if not 1 <= self.request_threads <= 256:
+            raise ConfigError("request threads must be 1-256")
+        if self.read_timeout <= 0:
+            raise ConfigError("read timeout must be > 0 seconds")
+        if not 1 <= self.workers <= 64:
+            raise ConfigError("workers must be 1-64")
         if self.backup_interval_minutes is not None and self.backup_interval_minutes < 0:
             raise ConfigError("backup interval must be >= 0 minutes")
         if self.s3.timeout <= 0:

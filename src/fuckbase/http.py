@@ -1,153 +1,319 @@
-"""The HTTP layer: a WSGI application (served by granian) that frames requests for the Api.
+"""The HTTP layer: HTTP/1.1 on an asyncio (uvloop) event loop, parsed by httptools (llhttp).
 
-It enforces the transport rules of the contract — POST only, JSON object bodies, a body size
-limit — renders ApiError as the error envelope, and records metrics and the access log with
-a few hundred nanoseconds per request. WSGI because granian calls it straight from its
-request threads: measured here, that costs half the CPU per request of its asyncio
-interfaces, and the handlers are short synchronous calls into the engine anyway.
+Each worker process runs one loop. A request is executed only once it has arrived whole
+(a body cut short is never applied), short requests run inline on the loop, and anything
+that can take long (long operations, password checks, fsync waits) is awaited, so it never
+holds up another connection. Responses on one connection keep the order of its requests.
+Every error a client can receive from us is the JSON error envelope, including those about
+the HTTP framing itself (bad request line, header block too large, body too slow).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
+import httptools
 import orjson
-
-from fuckbase.accesslog import AccessLog
-from fuckbase.api import Api
-from fuckbase.errors import ApiError, invalid
-from fuckbase.hotpath import HOT
-from fuckbase.metrics import Metrics
 
 log = logging.getLogger("fuckbase.http")
 
-JSON = [("content-type", "application/json")]
-TEXT = [("content-type", "text/plain; version=0.0.4; charset=utf-8")]
-STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
-READ_CHUNK = 1 << 16
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+MAX_URL_BYTES = 8 * 1024
+IDLE_TIMEOUT = 75.0  # seconds an idle keep-alive connection stays open
+MAX_QUEUED = 64  # pipelined requests waiting on one connection before we stop reading it
+SWEEP_INTERVAL = 1.0
 
-StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+JSON_TYPE = b"application/json"
+PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+_STATUS = {s.value: f"{s.value} {s.phrase}".encode() for s in HTTPStatus}
+_STATUS[507] = b"507 Insufficient Storage"
+_WANTED_HEADERS = frozenset({b"authorization", b"x-admin-authorization", b"content-length", b"expect"})
 
 
 def error_body(code: str, message: str) -> bytes:
     return orjson.dumps({"status": "error", "code": code, "message": message})
 
 
-class RequestHeaders:
-    """Header lookup by lower-case name over a WSGI environ, as the Api expects."""
-
-    __slots__ = ("_environ",)
-
-    def __init__(self, environ: dict[str, Any]) -> None:
-        self._environ = environ
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._environ.get("HTTP_" + key.upper().replace("-", "_"), default)
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]  # only the ones the server reads, by lower-case name
+    body: bytes
 
 
-class HttpApp:
-    """WSGI entry point. `get_routes` answer GET; every API route answers POST only."""
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: bytes = JSON_TYPE
+    extra_headers: bytes = b""  # complete header lines, each ending in CRLF
+    head_only: bool = False  # an answer to HEAD: the headers of `body`, without it
 
-    def __init__(
-        self,
-        api: Api,
-        metrics: Metrics,
-        access_log: AccessLog | None,
-        max_body_bytes: int,
-        get_routes: dict[str, Callable[[], tuple[int, list[tuple[str, str]], bytes]]],
-    ) -> None:
-        self.routes = api.routes
-        self.metrics = metrics
-        self.access_log = access_log
-        self.max_body = max_body_bytes
-        self.get_routes = get_routes
-
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        HOT.enter()
-        try:
-            return self._serve(environ, start_response)
-        finally:
-            HOT.leave()
-
-    def _serve(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        started = time.perf_counter()
-        path = environ["PATH_INFO"]
-        method = environ["REQUEST_METHOD"]
-        handler = self.routes.get(path)
-        if handler is None:
-            status, headers, out = self._non_api(path, method)
-            label = path if path in self.get_routes else "other"
-        elif method != "POST":
-            status, headers, out = 405, JSON, error_body(
-                "METHOD_NOT_ALLOWED", "Only POST method is allowed"
-            )
-            label = path
-        else:
-            label = path
-            headers = JSON
-            try:
-                out = handler(self._read_body(environ), RequestHeaders(environ))
-                status = 200
-            except ApiError as exc:
-                status, out = exc.status, error_body(exc.code, exc.message)
-            except Exception:
-                log.exception("unexpected error on %s", path)
-                status, out = 500, error_body("INTERNAL_ERROR", "internal error")
-        start_response(STATUS_LINES[status], headers)
-        elapsed = time.perf_counter() - started
-        self.metrics.observe(label, status, elapsed)
-        if self.access_log is not None:
-            self.access_log.record(method, path, status, elapsed)
-        return [out]
-
-    def _non_api(self, path: str, method: str) -> tuple[int, list[tuple[str, str]], bytes]:
-        get = self.get_routes.get(path)
-        if get is None:
-            return 404, JSON, error_body("NOT_FOUND", f"no endpoint {path}")
-        if method not in ("GET", "HEAD"):
-            return 405, JSON, error_body("METHOD_NOT_ALLOWED", f"{path} answers GET")
-        return get()
-
-    def _read_body(self, environ: dict[str, Any]) -> dict[str, Any]:
-        length = environ.get("CONTENT_LENGTH")
-        if length:
-            try:
-                declared = int(length)
-            except ValueError:
-                raise invalid("Content-Length is not a number") from None
-            if declared > self.max_body:
-                raise self._too_large()
-            raw = environ["wsgi.input"].read(declared)
-        else:
-            raw = self._read_unsized(environ["wsgi.input"])
-        if len(raw) > self.max_body:
-            raise self._too_large()
-        if not raw or raw.isspace():
-            return {}
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise invalid(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise invalid("request body must be a JSON object")
-        return body
-
-    def _read_unsized(self, stream: Any) -> bytes:
-        """A chunked body: read until its end, refusing it as soon as it passes the limit."""
-        parts: list[bytes] = []
-        size = 0
-        while chunk := stream.read(READ_CHUNK):
-            size += len(chunk)
-            if size > self.max_body:
-                raise self._too_large()
-            parts.append(chunk)
-        return b"".join(parts)
-
-    def _too_large(self) -> ApiError:
-        return ApiError(
-            413, "PAYLOAD_TOO_LARGE", f"request body exceeds the limit of {self.max_body} bytes"
+    def head(self, close: bool) -> bytes:
+        return b"HTTP/1.1 %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n" % (
+            _STATUS.get(self.status, b"%d Status" % self.status),
+            self.content_type,
+            len(self.body),
+            self.extra_headers,
+            b"connection: close\r\n" if close else b"",
         )
+
+
+def error_response(status: int, code: str, message: str, extra_headers: bytes = b"") -> Response:
+    return Response(status, error_body(code, message), JSON_TYPE, extra_headers)
+
+
+Dispatch = Callable[[Request], "Response | Awaitable[Response]"]
+
+
+class _Refuse(Exception):
+    """Raised from a parser callback: answer with this error and close the connection."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class HttpServer:
+    """Connections of one process, and the sweep that times out slow and idle ones."""
+
+    def __init__(self, dispatch: Dispatch, max_body_bytes: int, read_timeout: float) -> None:
+        self.dispatch = dispatch
+        self.max_body = max_body_bytes
+        self.read_timeout = read_timeout  # seconds for a request to arrive whole once begun
+        self.connections: set[HttpProtocol] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def protocol(self) -> HttpProtocol:
+        return HttpProtocol(self)
+
+    def start_sweeping(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep, loop)
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = time.monotonic()
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep, loop)
+
+    def close_idle(self) -> None:
+        for conn in list(self.connections):
+            conn.close_if_idle()
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection: parses requests, runs them in order, writes their responses."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._head_size = 0
+        self._queue: deque[tuple[Request | Response, bool]] = deque()
+        self._busy = False  # a response is being awaited; later requests wait their turn
+        self._paused = False
+        self._closing = False
+        self._close_when_done = False
+        self._refused = False
+        self._in_request = False
+        self._last_activity = self._request_began = time.monotonic()
+
+    # ------------------------------------------------------------------ connection events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self._closing = True
+        self._queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._last_activity = time.monotonic()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            refused = exc.__context__
+            if isinstance(refused, _Refuse):
+                self._refuse(refused.response)
+            else:
+                log.error("HTTP parser callback failed: %r", refused)
+                self._refuse(error_response(500, "INTERNAL_ERROR", "internal error"))
+        except httptools.HttpParserUpgrade:
+            # we do not switch protocols: answer what came, then close
+            self._close_when_done = True
+            self._stop_reading()
+            if not self._busy and not self._queue:
+                self._close()
+        except httptools.HttpParserError as exc:
+            self._refuse(error_response(400, "INVALID_REQUEST", f"malformed HTTP request: {exc}"))
+
+    # ------------------------------------------------------------------ parser callbacks
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._body = []
+        self._body_size = 0
+        self._head_size = 0
+        self._in_request = True
+        self._request_began = self._last_activity = time.monotonic()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        if len(self._url) > MAX_URL_BYTES:
+            raise _Refuse(error_response(414, "URI_TOO_LONG", f"the request URI exceeds {MAX_URL_BYTES} bytes"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_HEAD_BYTES:
+            raise _Refuse(error_response(
+                431, "HEADERS_TOO_LARGE", f"the request header block exceeds {MAX_HEAD_BYTES} bytes"))
+        lname = name.lower()
+        if lname in _WANTED_HEADERS:
+            self._headers[lname.decode()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get("content-length")
+        if length is not None and int(length) > self._server.max_body:
+            raise _Refuse(self._too_large())
+        if self._headers.get("expect", "").lower() == "100-continue" and self._transport is not None:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self._server.max_body:
+            raise _Refuse(self._too_large())
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._in_request = False
+        url = self._url
+        q = url.find(b"?")
+        path = (url if q < 0 else url[:q]).decode("latin-1")
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        method = self._parser.get_method().decode("latin-1")
+        request = Request(method, path, self._headers, body)
+        self._queue.append((request, self._parser.should_keep_alive()))
+        if len(self._queue) > MAX_QUEUED and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        if not self._busy:
+            self._run_queue()
+
+    def _too_large(self) -> Response:
+        return error_response(
+            413, "PAYLOAD_TOO_LARGE", f"request body exceeds the limit of {self._server.max_body} bytes")
+
+    # ------------------------------------------------------------------ running requests
+
+    def _run_queue(self) -> None:
+        dispatch = self._server.dispatch
+        while self._queue and not self._closing:
+            item, keep_alive = self._queue.popleft()
+            if isinstance(item, Response):  # a refusal of the framing: the last thing we send
+                self._write(item, keep_alive=False)
+                return
+            result = dispatch(item)
+            if isinstance(result, Response):
+                self._write(result, keep_alive)
+                continue
+            self._busy = True
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(partial(self._finished, keep_alive=keep_alive))
+            return
+        if self._closing:
+            return
+        if self._close_when_done:
+            self._close()
+        elif self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def _finished(self, task: asyncio.Future[Response], *, keep_alive: bool) -> None:
+        self._busy = False
+        if self._closing:
+            return
+        try:
+            response = task.result()
+        except Exception:
+            log.exception("request failed")
+            response = error_response(500, "INTERNAL_ERROR", "internal error")
+        self._write(response, keep_alive)
+        self._run_queue()
+
+    def _write(self, response: Response, keep_alive: bool) -> None:
+        transport = self._transport
+        if transport is None or self._closing:
+            return
+        transport.write(response.head(not keep_alive) + (b"" if response.head_only else response.body))
+        self._last_activity = time.monotonic()
+        if not keep_alive:
+            self._close()
+
+    def _refuse(self, response: Response) -> None:
+        """A framing error: the requests before it are answered first, then this, then we close."""
+        self._stop_reading()
+        self._queue.append((response, False))
+        if not self._busy:
+            self._run_queue()
+
+    def _stop_reading(self) -> None:
+        self._refused = True
+        if not self._paused and self._transport is not None and not self._closing:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _close(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+    # ------------------------------------------------------------------ timeouts
+
+    def check_timeouts(self, now: float) -> None:
+        if self._closing or self._busy or self._queue:
+            return
+        if self._in_request:
+            if now - self._request_began > self._server.read_timeout:
+                self._stop_reading()
+                self._write(error_response(
+                    408, "REQUEST_TIMEOUT", f"the request did not arrive whole within {self._server.read_timeout:g} s"), False)
+        elif now - self._last_activity > IDLE_TIMEOUT:
+            self._close()
+
+    def close_if_idle(self) -> None:
+        if not (self._busy or self._queue or self._in_request):
+            self._close()
+
+
+def headers_block(pairs: Iterable[tuple[str, str]]) -> bytes:
+    return b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in pairs)
+
+
+def run_server(server: HttpServer, sock: Any, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractServer:
+    """Starts serving on an already bound, listening socket."""
+    srv = loop.run_until_complete(loop.create_server(server.protocol, sock=sock, backlog=2048))
+    server.start_sweeping(loop)
+    return srv

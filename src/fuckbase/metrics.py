@@ -1,17 +1,24 @@
-"""Prometheus metrics: counted with plain integers on the hot path, exposed by prometheus_client.
+"""Prometheus metrics across processes: counted in shared memory, exposed by prometheus_client.
 
-Incrementing prometheus_client's labelled metrics costs microseconds (locks, label lookups)
-per request; here a request costs a dict increment and a bisect under one short lock (requests
-run on several threads), and the collector turns the tallies into metric families only when
-/metrics is scraped.
+Each worker counts its requests in a file-backed shared mapping of fixed layout (`Tallies`,
+`<run dir>/tallies-<name>.bin`): one 64-bit slot per endpoint and status, and per endpoint a
+latency histogram. A request costs a few slot increments, no lock and no system call; the
+process answering a scrape reads every process's mapping and adds them up, so /metrics is
+exact and live for all workers, as prometheus_client's multiprocess mode would be, without
+its cost per increment. A restarted worker maps the same file and counts on from there.
+Figures that change rarely (backups) are published as JSON by the process that owns them.
 """
 
 from __future__ import annotations
 
-import threading
+import mmap
+import os
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
+import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -21,61 +28,101 @@ from prometheus_client.core import (
 )
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STATUSES = 600
+_HIST = len(BUCKETS) + 2  # the buckets, +Inf, then the sum in microseconds
 
 
-class _Histogram:
-    __slots__ = ("counts", "total")
+class Tallies:
+    """One process's request counts, in a mapping other processes can read."""
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.total = 0.0
+    def __init__(self, path: Path, endpoints: Sequence[str]) -> None:
+        self.endpoints = list(endpoints)
+        self._index = {e: i for i, e in enumerate(self.endpoints)}
+        self._status_base = 0
+        self._hist_base = len(self.endpoints) * STATUSES
+        size = (self._hist_base + len(self.endpoints) * _HIST) * 8
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._slots = memoryview(self._map).cast("q")
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        """Called from one thread per process (the event loop's)."""
+        e = self._index.get(endpoint, len(self.endpoints) - 1)
+        slots = self._slots
+        if 0 <= status < STATUSES:
+            slots[e * STATUSES + status] += 1
+        h = self._hist_base + e * _HIST
+        slots[h + bisect_left(BUCKETS, seconds)] += 1
+        slots[h + _HIST - 1] += int(seconds * 1e6)
+
+    @staticmethod
+    def read(path: Path, endpoints: Sequence[str]) -> list[int] | None:
+        """Another process's slots, or None when the file is not one of this layout."""
+        n = len(endpoints) * (STATUSES + _HIST)
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            return None
+        if len(raw) != n * 8:
+            return None
+        return list(memoryview(raw).cast("q"))
 
 
 class Metrics:
-    """Request tallies plus gauges read from the rest of the server at scrape time."""
+    """The request tallies of every process plus families read from the server at scrape time."""
 
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency: dict[str, _Histogram] = {}
+    def __init__(self, tallies: Tallies, run_dir: Path) -> None:
+        self.tallies = tallies
+        self._run_dir = run_dir
         self._sources: list[Callable[[], Iterable[Metric]]] = []
-        self._lock = threading.Lock()
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(self)  # type: ignore[arg-type]
-
-    def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        k = (endpoint, status)
-        bucket = bisect_left(BUCKETS, seconds)
-        with self._lock:
-            self.requests[k] = self.requests.get(k, 0) + 1
-            h = self.latency.get(endpoint)
-            if h is None:
-                h = self.latency[endpoint] = _Histogram()
-            h.counts[bucket] += 1
-            h.total += seconds
+        self._registry.register(self)
+        self.observe = tallies.observe
 
     def add_source(self, source: Callable[[], Iterable[Metric]]) -> None:
         """Registers a callable that yields metric families at scrape time."""
         self._sources.append(source)
 
+    def _summed(self) -> list[int]:
+        endpoints = self.tallies.endpoints
+        total = [0] * (len(endpoints) * (STATUSES + _HIST))
+        for path in self._run_dir.glob("tallies-*.bin"):
+            slots = Tallies.read(path, endpoints)
+            if slots is not None:
+                total = [a + b for a, b in zip(total, slots, strict=True)]
+        return total
+
     def collect(self) -> Iterable[Metric]:
+        endpoints = self.tallies.endpoints
+        slots = self._summed()
         requests = CounterMetricFamily(
             "fuckbase_requests", "HTTP requests by endpoint and status", labels=["endpoint", "status"]
         )
-        with self._lock:
-            tallies = sorted(self.requests.items())
-            histograms = sorted((e, list(h.counts), h.total) for e, h in self.latency.items())
-        for (endpoint, status), n in tallies:
-            requests.add_metric([endpoint, str(status)], n)
+        for e, endpoint in enumerate(endpoints):
+            row = slots[e * STATUSES : (e + 1) * STATUSES]
+            for status, n in enumerate(row):
+                if n:
+                    requests.add_metric([endpoint, str(status)], n)
         yield requests
         latency = HistogramMetricFamily(
             "fuckbase_request_duration_seconds", "Request latency by endpoint", labels=["endpoint"]
         )
-        for endpoint, counts, total in histograms:
+        base = len(endpoints) * STATUSES
+        for e, endpoint in enumerate(endpoints):
+            h = slots[base + e * _HIST : base + (e + 1) * _HIST]
+            if not any(h[:-1]):
+                continue
             cumulative, buckets = 0, []
-            for bound, n in zip((*BUCKETS, float("inf")), counts):
+            for bound, n in zip((*BUCKETS, float("inf")), h[:-1], strict=True):
                 cumulative += n
                 buckets.append((_le(bound), cumulative))
-            latency.add_metric([endpoint], buckets, total)
+            latency.add_metric([endpoint], buckets, h[-1] / 1e6)
         yield latency
         for source in self._sources:
             yield from source()
@@ -100,3 +147,25 @@ def _filled(family: GaugeMetricFamily | CounterMetricFamily, samples: Iterable[t
     for label_values, value in samples:
         family.add_metric(label_values, value)
     return family
+
+
+class Published:
+    """Rarely changing figures of one process, as JSON in `<run dir>/<name>.json`."""
+
+    def __init__(self, run_dir: Path, name: str) -> None:
+        self.path = run_dir / f"{name}.json"
+
+    def write(self, data: dict[str, Any]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(orjson.dumps(data))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a full disk: the figures wait for the next change
+
+    def read(self) -> dict[str, Any]:
+        try:
+            data = orjson.loads(self.path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}

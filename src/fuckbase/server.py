@@ -1,8 +1,12 @@
-"""Assembles the server from Settings and runs it: granian serves WSGI from one worker process.
+"""The `fuckbase` process: it checks the configuration, takes the data dir and the port, then
+runs one job process and N worker processes, and replaces any of them that dies.
 
-The `fuckbase` process checks the configuration, takes the data-dir lock and the port, then
-granian forks the worker that opens the engine and answers requests on a few threads; the
-worker dies with its parent (kill -9 included), so the lock and the port go with them.
+    fuckbase (this process: no data, no event loop)
+    ├── job process   long operations, backups and their schedule, housekeeping, fsync
+    └── worker × N    the HTTP server: every request, on an event loop each
+
+All of them open the same LMDB directory. The children die with this process (kill -9
+included), so the data-dir lock and the port go with them and a restart finds both free.
 """
 
 from __future__ import annotations
@@ -11,46 +15,50 @@ import ctypes
 import errno
 import fcntl
 import logging
-import multiprocessing
-import multiprocessing.util
 import os
+import secrets
+import shutil
 import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable
-from functools import partial
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import orjson
-from granian import Granian
-from granian.constants import Interfaces
-from prometheus_client.core import Metric
 
-from fuckbase import openapi
-from fuckbase.accesslog import AccessLog
-from fuckbase.api import Api
-from fuckbase.auth import AdminGuard
-from fuckbase.background import BackgroundLoop
-from fuckbase.backup import BackupService
 from fuckbase.config import Settings
-from fuckbase.engine import Engine
-from fuckbase.errors import ApiError
-from fuckbase.http import JSON, TEXT, HttpApp
-from fuckbase.metrics import Metrics, counter, gauge
-from fuckbase.objectstore import open_store
 
 log = logging.getLogger("fuckbase")
 
-RUNTIME_THREADS = int(os.environ.get("FUCKBASE_IO_THREADS", "1"))  # granian's socket threads
 STARTUP_WAIT = 3.0  # seconds to wait for the lock and port of a process that is just exiting
-
+STOP_WAIT = 20.0  # seconds a child gets to finish after SIGTERM
+RESPAWN_LIMIT = 5  # deaths of one kind of child within RESPAWN_WINDOW before giving up
+RESPAWN_WINDOW = 60.0
+_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
 
 class StartupError(RuntimeError):
     """The server cannot start; the message is the one line the operator sees."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What every child needs besides the settings, fixed before the first fork."""
+
+    settings: Settings
+    stream: TextIO
+    sock: socket.socket
+    run_dir: Path
+    jobs_address: str
+    parent: int
+
+    @property
+    def store_path(self) -> Path:
+        return self.settings.data_dir / "store"
 
 
 def log_stream(settings: Settings) -> TextIO:
@@ -65,19 +73,14 @@ def setup_logging(settings: Settings, stream: TextIO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[settings.log_level])
-    # granian's own chatter
-    logging.getLogger("_granian").setLevel(logging.ERROR)
-    logging.getLogger("granian").setLevel(logging.ERROR)
     # httpx logs each request's URL at INFO: for S3 those are presigned (credential id, signature)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 def lock_data_dir(data_dir: Path) -> int:
-    """One server per data directory: a second one would corrupt the in-memory indexes' view.
-
-    Waits a moment first: a restart right after kill -9 may find the old worker still exiting.
-    """
+    """One server per data directory. Waits a moment first: a restart right after kill -9 may
+    find the old processes still exiting."""
     fd = os.open(data_dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + STARTUP_WAIT
     while True:
@@ -93,171 +96,183 @@ def lock_data_dir(data_dir: Path) -> int:
             time.sleep(0.05)
 
 
-class Service:
-    """Everything one server process owns, wired together."""
-
-    def __init__(self, settings: Settings, stream: TextIO) -> None:
-        self.settings = settings
-        self.engine = Engine(settings.data_dir / "store", settings.durability)
-        self.metrics = Metrics()
-        self.metrics.add_source(self._engine_metrics)
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + STARTUP_WAIT
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            store = open_store(
-                s3_endpoint=settings.s3.endpoint,
-                s3_bucket=settings.s3.bucket,
-                s3_access_key=settings.s3.access_key,
-                s3_secret_key=settings.s3.secret_key,
-                s3_region=settings.s3.region,
-                local_dir=settings.effective_backup_dir,
-                op_timeout=settings.s3.timeout,
-            )
-        except ValueError as exc:
-            raise StartupError(f"bad S3 configuration: {exc}") from None
-        self.backups = BackupService(
-            self.engine, store, settings.backup_compression, settings.backup_retention
-        )
-        self.metrics.add_source(self.backups.stats.metrics)
-        self.io = BackgroundLoop()
-        admin = AdminGuard(settings.admin_username, settings.admin_password)
-        self.api = Api(self.engine, admin, self.backups, self.io.call, self._info)
-        want_access = settings.access_log and settings.log_level in ("debug", "info")
-        self.access_log = AccessLog(stream) if want_access else None
-        openapi_body = orjson.dumps(openapi.spec())
-        self.app = HttpApp(
-            self.api,
-            self.metrics,
-            self.access_log,
-            settings.max_body_bytes,
-            {
-                "/health": lambda: (200, JSON, b'{"status":"ok"}'),
-                "/metrics": lambda: (200, TEXT, self.metrics.render()),
-                "/openapi.json": lambda: (200, JSON, openapi_body),
-            },
-        )
-
-    def _info(self) -> dict[str, Any]:
-        return {
-            "durability": self.settings.durability,
-            "backup_target": self.backups.target,
-            "backup_interval_minutes": self.settings.effective_backup_interval,
-        }
-
-    def _engine_metrics(self) -> Iterable[Metric]:
-        dbs = self.engine.databases
-        yield gauge("fuckbase_databases", "Databases on this node", [], [([], len(dbs))])
-        yield gauge(
-            "fuckbase_keys",
-            "Keys per database",
-            ["database"],
-            (([name], db.key_count) for name, db in sorted(dbs.items())),
-        )
-        yield counter("fuckbase_commits", "Commits to the storage engine", [], [([], self.engine.commits)])
-
-    def start(self) -> None:
-        """Background work, then the restore a new node was asked for; before any request."""
-        self.engine.start()
-        self.io.start()
-        if self.settings.restore_on_start:
-            self.io.call(self._restore_on_start(self.settings.restore_on_start))
-        interval = self.settings.effective_backup_interval
-        if interval > 0:
-            self.io.spawn(self.backups.run_schedule(interval))
-        if self.access_log is not None:
-            self.io.spawn(self.access_log.run())
-        log.info(
-            "fuckbase listening on %s:%d, data in %s, durability %s",
-            self.settings.host,
-            self.settings.port,
-            self.settings.data_dir,
-            self.settings.durability,
-        )
-
-    def close(self) -> None:
-        self.io.stop()
-        self.engine.close()
-        log.info("fuckbase stopped")
-
-    async def _restore_on_start(self, which: str) -> None:
-        """Disaster recovery of a new node: restore only into an empty data dir, never over data."""
-        if self.engine.databases:
-            log.info("restore-on-start skipped: the data dir already holds databases")
-            return
-        try:
-            name = await self.backups.latest_full() if which == "latest" else which
-            if name is None:
-                raise StartupError(f"restore-on-start: no full backup found in {self.backups.target}")
-            result = await self.backups.restore(name)
-        except ApiError as exc:
-            raise StartupError(f"restore-on-start of {which} failed: {exc.message}") from None
-        log.info("restore-on-start: restored %s (%d databases)", name, len(result["databases"]))
+            sock.bind((host, port))
+            sock.listen(2048)
+            sock.setblocking(False)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        time.sleep(0.05)
 
 
-def run(settings: Settings) -> None:
-    """Validate, lock the data dir, bind, then serve from a worker until SIGTERM/SIGINT."""
-    settings.validate()
-    stream = log_stream(settings)
-    setup_logging(settings, stream)
-    lock_data_dir(settings.data_dir)
-    _check_port_free(settings.host, settings.port)
-    failures = multiprocessing.get_context("fork").SimpleQueue()
-    server = Granian(
-        "fuckbase",  # only a label: the worker's app comes from _worker_app
-        address=settings.host,
-        port=settings.port,
-        interface=Interfaces.WSGI,
-        workers=1,
-        blocking_threads=settings.request_threads,
-        runtime_threads=RUNTIME_THREADS,
-        backlog=2048,
-        websockets=False,
-        log_enabled=False,
-        workers_kill_timeout=60,
-    )
-    try:
-        server.serve(target_loader=partial(_worker_app, settings, stream, os.getpid(), failures), wrap_loader=False)
-    except SystemExit as exc:
-        if not failures.empty():
-            raise StartupError(failures.get()) from None
-        if exc.code:  # granian stops when its worker dies; it does not say so
-            log.error("the worker process died unexpectedly; fuckbase stopped")
-        raise
+def _prepare_run_dir(data_dir: Path) -> Path:
+    """`<data-dir>/run`: the processes' published metrics and the job socket; reset per start."""
+    run_dir = data_dir / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    return run_dir
 
 
-def _worker_app(settings: Settings, stream: TextIO, parent: int, failures: Any) -> HttpApp:
-    """Runs in granian's worker process: opens the data and returns the WSGI app."""
-    _die_with(parent)
-    try:
-        service = Service(settings, stream)
-        service.start()
-    except StartupError as exc:
-        failures.put(str(exc))
-        os._exit(2)
-    except Exception as exc:  # e.g. a data dir LMDB cannot open: still one line, not a traceback
-        failures.put(f"cannot open the data in {settings.data_dir}: {type(exc).__name__}: {exc}")
-        os._exit(2)
-    # granian ends its worker through multiprocessing, which runs these finalizers
-    multiprocessing.util.Finalize(None, service.close, exitpriority=10)
-    return service.app
+def _jobs_address(run_dir: Path) -> str:
+    path = str(run_dir / "jobs.sock")
+    if len(path.encode()) < 100:  # sun_path holds 108 bytes
+        return path
+    return f"\0fuckbase-{os.getpid()}-{secrets.token_hex(8)}"  # Linux's abstract namespace
 
 
-def _die_with(parent: int) -> None:
-    """The worker gets SIGKILL when the `fuckbase` process dies, however it dies."""
+def die_with(parent: int) -> None:
+    """This child gets SIGKILL when the `fuckbase` process dies, however it dies."""
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)
 
 
-def _check_port_free(host: str, port: int) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    deadline = time.monotonic() + STARTUP_WAIT
-    while True:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def run(settings: Settings) -> None:
+    """Validate, lock the data dir, bind, start the children; serve until SIGTERM/SIGINT."""
+    settings.validate()
+    stream = log_stream(settings)
+    setup_logging(settings, stream)
+    lock_data_dir(settings.data_dir)
+    sock = listen(settings.host, settings.port)
+    run_dir = _prepare_run_dir(settings.data_dir)
+    runtime = Runtime(settings, stream, sock, run_dir, _jobs_address(run_dir), os.getpid())
+    Supervisor(runtime).run()
+
+
+class Supervisor:
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.job_pid = 0
+        self.workers: dict[int, int] = {}  # pid -> slot
+        self.backup_target = ""
+        self._deaths: list[float] = []
+
+    def run(self) -> None:
+        settings = self.rt.settings
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            self._start_job_process()
+            for slot in range(settings.workers):
+                self._start_worker(slot)
+            log.info(
+                "fuckbase listening on %s:%d, data in %s, durability %s, %d workers",
+                settings.host, settings.port, settings.data_dir, settings.durability, settings.workers,
+            )
+            self._watch()
+        finally:
+            self._stop_children()
+
+    # ------------------------------------------------------------------ children
+
+    def _fork(self, main: Callable[[], None]) -> int:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
             try:
-                s.bind((host, port))
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+                die_with(self.rt.parent)
+                main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                log.exception("process failed")
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        return pid
+
+    def _start_job_process(self) -> None:
+        """Starts the job process and waits until it is ready (the data upgraded, a restore
+        on start done, its socket listening) or has failed, which ends the server."""
+        from fuckbase.jobs import job_process
+
+        read_end, write_end = os.pipe()
+        pid = self._fork(lambda: job_process(self.rt, write_end))
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.read()
+        if not report:
+            os.waitpid(pid, 0)
+            raise StartupError("the job process died while starting")
+        status = orjson.loads(report)
+        if "error" in status:
+            os.waitpid(pid, 0)
+            raise StartupError(status["error"])
+        self.backup_target = status["backup_target"]
+        self.job_pid = pid
+
+    def _start_worker(self, slot: int) -> None:
+        from fuckbase.worker import worker_process
+
+        pid = self._fork(lambda: worker_process(self.rt, slot, self.backup_target))
+        self.workers[pid] = slot
+
+    def _watch(self) -> None:
+        while True:
+            info = signal.sigwaitinfo(_SIGNALS)
+            if info.si_signo != signal.SIGCHLD:
+                log.info("stopping (signal %d)", info.si_signo)
                 return
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                    raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        time.sleep(0.05)
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    return
+                if pid == 0:
+                    break
+                self._child_died(pid, status)
+
+    def _child_died(self, pid: int, status: int) -> None:
+        how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit status {os.WEXITSTATUS(status)}"
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < RESPAWN_WINDOW] + [now]
+        if len(self._deaths) > RESPAWN_LIMIT:
+            raise StartupError(f"processes keep dying ({len(self._deaths)} in {RESPAWN_WINDOW:.0f} s); stopped")
+        if pid == self.job_pid:
+            log.error("the job process died (%s); starting a new one", how)
+            self._start_job_process()
+        elif pid in self.workers:
+            slot = self.workers.pop(pid)
+            log.error("worker %d died (%s); starting a new one", slot, how)
+            self._start_worker(slot)
+
+    def _stop_children(self) -> None:
+        """Workers first (they finish their requests), then the job process."""
+        for group in (list(self.workers), [self.job_pid] if self.job_pid else []):
+            for pid in group:
+                _signal(pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_WAIT
+            for pid in group:
+                while True:
+                    try:
+                        done, _ = os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        break
+                    if done:
+                        break
+                    if time.monotonic() > deadline:
+                        _signal(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+                        break
+                    time.sleep(0.02)
+        self.workers.clear()
+        self.job_pid = 0
+        log.info("fuckbase stopped")
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,287 @@
+"""Long operations, served by the job process to the workers over a local socket.
+
+Index builds, backups, restores, listings and password hashing can take seconds (or wait for
+a frozen object store for its whole timeout). Workers hand such requests to the job process
+and await the answer on their event loop, so short requests never queue behind them and the
+job process's Python work never competes for a worker's interpreter lock.
+
+Messages are a 4-byte length and an orjson object, many in flight on one connection:
+request `{"id", "path", "headers", "body"}`, answer `{"id", "status", "body"}` (bodies are
+JSON and travel as they are).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from fuckbase.api import Api, error_for
+from fuckbase.app import run_handler
+from fuckbase.backup import BackupStats
+from fuckbase.errors import ApiError
+from fuckbase.http import Response, error_response
+from fuckbase.storage import StorageError
+
+if TYPE_CHECKING:
+    from fuckbase.server import Runtime
+
+log = logging.getLogger("fuckbase.jobs")
+
+_LENGTH = 4
+MAX_MESSAGE = 1 << 30
+
+
+async def _read_message(reader: asyncio.StreamReader) -> Any:
+    n = int.from_bytes(await reader.readexactly(_LENGTH), "big")
+    return orjson.loads(await reader.readexactly(n))
+
+
+def _frame(message: dict[str, Any]) -> bytes:
+    raw = orjson.dumps(message)
+    return len(raw).to_bytes(_LENGTH, "big") + raw
+
+
+class JobServer:
+    """Runs the long operations of the Api: synchronous ones on a pool of threads (each may
+    block for its whole duration), coroutines (backups) on this process's event loop."""
+
+    def __init__(self, api: Api, threads: int) -> None:
+        self.api = api
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fuckbase-job")
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, path: str, body: Any, headers: dict[str, str]) -> Response:
+        if not isinstance(body, dict):
+            return error_response(400, "INVALID_REQUEST", "request body must be a JSON object")
+        coroutine = self.api.async_handlers.get(path)
+        if coroutine is None:
+            handler = self.api.handlers[path]
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, run_handler, handler, body, headers)
+        try:
+            return Response(200, await coroutine(body, headers))
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+        except StorageError as exc:
+            err = error_for(exc)
+            return error_response(err.status, err.code, err.message)
+
+    async def serve(self, address: str) -> asyncio.AbstractServer:
+        return await asyncio.start_unix_server(self._client, path=address, limit=MAX_MESSAGE)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                msg = await _read_message(reader)
+                task = asyncio.create_task(self._answer(msg, writer))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        try:
+            response = await self.run(msg["path"], msg["body"], msg["headers"])
+        except Exception:
+            log.exception("job %s failed", msg["path"])
+            response = error_response(500, "INTERNAL_ERROR", "internal error")
+        if not writer.is_closing():
+            writer.write(_frame({"id": msg["id"], "status": response.status, "body": orjson.Fragment(response.body)}))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class JobClient:
+    """A worker's connection to the job process; reconnects after the job process restarts."""
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future[Response]] = {}
+        self._next_id = 0
+        self._connecting: asyncio.Lock | None = None
+
+    async def __call__(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
+        """`body` is the request's JSON object as it arrived (already checked to parse)."""
+        try:
+            writer = await self._connected()
+        except OSError:
+            return error_response(503, "SERVICE_UNAVAILABLE", "long operations are unavailable; retry shortly")
+        self._next_id += 1
+        ident = self._next_id
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._pending[ident] = future
+        headers = {k: v for k, v in headers.items() if k in ("authorization", "x-admin-authorization")}
+        writer.write(_frame({"id": ident, "path": path, "headers": headers, "body": orjson.Fragment(body)}))
+        try:
+            return await future
+        finally:
+            self._pending.pop(ident, None)
+
+    async def _connected(self) -> asyncio.StreamWriter:
+        if self._writer is not None and not self._writer.is_closing():
+            return self._writer
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._writer is None or self._writer.is_closing():
+                reader, self._writer = await asyncio.open_unix_connection(self._address, limit=MAX_MESSAGE)
+                asyncio.create_task(self._read_answers(reader, self._writer))
+            return self._writer
+
+    async def _read_answers(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                msg = await _read_message(reader)
+                future = self._pending.get(msg["id"])
+                if future is not None and not future.done():
+                    future.set_result(Response(msg["status"], orjson.dumps(msg["body"])))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            if self._writer is writer:
+                self._writer = None
+            lost = error_response(503, "SERVICE_UNAVAILABLE",
+                                  "the job process stopped while running this request; check its outcome and retry")
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_result(lost)
+
+
+# ---------------------------------------------------------------------- the job process
+
+HOUSEKEEPING_INTERVAL = 1.0
+SYNC_INTERVAL = 1.0  # seconds between fsyncs with durability "os"
+
+
+def job_process(rt: Runtime, ready_fd: int) -> None:
+    """Main of the job process: opens (and if needed upgrades) the data, restores on start when
+    asked, then serves long operations and runs the schedule and the housekeeping."""
+    import signal
+
+    import uvloop
+
+    from fuckbase.auth import AdminGuard, DatabaseGuard
+    from fuckbase.backup import BackupService
+    from fuckbase.metrics import Published
+    from fuckbase.objectstore import open_store
+    from fuckbase.storage.lmdb import LmdbStorage
+
+    settings = rt.settings
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+
+    def report(status: dict[str, Any]) -> None:
+        os.write(ready_fd, orjson.dumps(status))
+        os.close(ready_fd)
+
+    try:
+        storage = LmdbStorage(rt.store_path, primary=True)
+    except Exception as exc:  # e.g. a damaged data file: one line, not a traceback
+        report({"error": f"cannot open the data in {settings.data_dir}: {type(exc).__name__}: {exc}"})
+        raise SystemExit(2) from None
+    try:
+        store = open_store(
+            s3_endpoint=settings.s3.endpoint,
+            s3_bucket=settings.s3.bucket,
+            s3_access_key=settings.s3.access_key,
+            s3_secret_key=settings.s3.secret_key,
+            s3_region=settings.s3.region,
+            local_dir=settings.effective_backup_dir,
+            op_timeout=settings.s3.timeout,
+        )
+    except ValueError as exc:
+        report({"error": f"bad S3 configuration: {exc}"})
+        raise SystemExit(2) from None
+    backups = BackupService(storage, store, settings.backup_compression, settings.backup_retention)
+    api = Api(storage, AdminGuard(settings.admin_username, settings.admin_password), DatabaseGuard(inline=True),
+              lambda: {}, backups)
+    server = JobServer(api, settings.request_threads)
+    published = Published(rt.run_dir, "backups")
+    backups.stats = BackupStats.from_dump(published.read())
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    async def main() -> None:
+        if settings.restore_on_start:
+            error = await _restore_on_start(storage, backups, settings.restore_on_start)
+            if error is not None:
+                report({"error": error})
+                raise SystemExit(2)
+        listener = await server.serve(rt.jobs_address)
+        report({"backup_target": backups.target})
+        tasks = [asyncio.create_task(_housekeeping(storage)),
+                 asyncio.create_task(_publishing(published, backups.stats))]
+        if settings.durability == "os":
+            tasks.append(asyncio.create_task(_syncing(storage)))
+        interval = settings.effective_backup_interval
+        if interval > 0:
+            tasks.append(asyncio.create_task(backups.run_schedule(interval)))
+        await stopping.wait()
+        listener.close()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        published.write(backups.stats.dump())
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        server.close()
+        storage.close()
+
+
+async def _restore_on_start(storage: Any, backups: Any, which: str) -> str | None:
+    """Disaster recovery of a new node: restore only into an empty data dir, never over data."""
+    with storage.read() as view:
+        if view.database_names():
+            log.info("restore-on-start skipped: the data dir already holds databases")
+            return None
+    try:
+        name = await backups.latest_full() if which == "latest" else which
+        if name is None:
+            return f"restore-on-start: no full backup found in {backups.target}"
+        result = await backups.restore(name)
+    except ApiError as exc:
+        return f"restore-on-start of {which} failed: {exc.message}"
+    log.info("restore-on-start: restored %s (%d databases)", name, len(result["databases"]))
+    return None
+
+
+async def _housekeeping(storage: Any) -> None:
+    while True:
+        try:
+            more = await asyncio.to_thread(storage.maintain)
+        except StorageError as exc:
+            log.warning("housekeeping: %s", exc)
+            more = False
+        await asyncio.sleep(0 if more else HOUSEKEEPING_INTERVAL)
+
+
+async def _syncing(storage: Any) -> None:
+    while True:
+        await asyncio.sleep(SYNC_INTERVAL)
+        try:
+            await asyncio.to_thread(storage.flush)
+        except StorageError as exc:
+            log.error("fsync failed: %s", exc)
+
+
+async def _publishing(published: Any, stats: BackupStats) -> None:
+    last = None
+    while True:
+        await asyncio.sleep(0.2)
+        now = stats.dump()
+        if now != last:
+            published.write(now)
+            last = now

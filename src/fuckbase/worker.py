@@ -1,0 +1,146 @@
+"""A worker process: the HTTP server on one event loop, on the shared listening socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import orjson
+import uvloop
+from prometheus_client.core import Metric
+
+from fuckbase import openapi
+from fuckbase.accesslog import AccessLog
+from fuckbase.api import ROUTES, Api
+from fuckbase.app import App
+from fuckbase.auth import AdminGuard, DatabaseGuard
+from fuckbase.backup import BackupStats
+from fuckbase.http import JSON_TYPE, PROMETHEUS_TYPE, HttpServer, Response, run_server
+from fuckbase.jobs import JobClient
+from fuckbase.metrics import Metrics, Published, Tallies, counter, gauge
+from fuckbase.storage import Storage, StorageError
+from fuckbase.storage.lmdb import LmdbStorage
+
+if TYPE_CHECKING:
+    from fuckbase.server import Runtime
+
+log = logging.getLogger("fuckbase.worker")
+
+GET_ROUTES = ("/health", "/metrics", "/openapi.json")
+ENDPOINTS = (*ROUTES, *GET_ROUTES, "other")  # the last one counts every unknown path
+DRAIN_WAIT = 10.0  # seconds in-flight requests get to finish at a stop
+
+
+class GroupFlush:
+    """Durability "fsync": a write is answered once an fsync that began after its commit has
+    ended. One fsync covers every write committed while the previous one ran."""
+
+    def __init__(self, storage: Storage, loop: asyncio.AbstractEventLoop) -> None:
+        self._storage = storage
+        self._loop = loop
+        self._waiting: list[asyncio.Future[None]] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name="fuckbase-fsync", daemon=True).start()
+
+    async def __call__(self) -> None:
+        future = self._loop.create_future()
+        with self._cond:
+            self._waiting.append(future)
+            self._cond.notify()
+        await future
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting:
+                    self._cond.wait()
+                batch, self._waiting = self._waiting, []
+            error: StorageError | None = None
+            try:
+                self._storage.flush()
+            except StorageError as exc:
+                error = exc
+            self._loop.call_soon_threadsafe(_settle, batch, error)
+
+
+def _settle(futures: list[asyncio.Future[None]], error: StorageError | None) -> None:
+    for f in futures:
+        if not f.done():
+            if error is None:
+                f.set_result(None)
+            else:
+                f.set_exception(error)
+
+
+def storage_metrics(storage: Storage) -> Iterable[Metric]:
+    with storage.read() as view:
+        counts = view.key_counts()
+    yield gauge("fuckbase_databases", "Databases", [], [([], len(counts))])
+    yield gauge("fuckbase_keys", "Keys per database", ["database"], (([n], c) for n, c in sorted(counts.items())))
+    yield counter("fuckbase_commits", "Commits to the storage", [], [([], storage.sequence())])
+
+
+def backup_metrics(published: Published) -> Iterable[Metric]:
+    yield from BackupStats.from_dump(published.read()).metrics()
+
+
+def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
+    settings = rt.settings
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    storage = LmdbStorage(rt.store_path)
+    metrics = Metrics(Tallies(rt.run_dir / f"tallies-worker-{slot}.bin", ENDPOINTS), rt.run_dir)
+    metrics.add_source(lambda: storage_metrics(storage))
+    backup_figures = Published(rt.run_dir, "backups")
+    metrics.add_source(lambda: backup_metrics(backup_figures))
+    info = {
+        "durability": settings.durability,
+        "backup_target": backup_target,
+        "backup_interval_minutes": settings.effective_backup_interval,
+        "workers": settings.workers,
+    }
+    api = Api(storage, AdminGuard(settings.admin_username, settings.admin_password),
+              DatabaseGuard(inline=False), lambda: info)
+    want_access = settings.access_log and settings.log_level in ("debug", "info")
+    access_log = AccessLog(rt.stream) if want_access else None
+    openapi_body = orjson.dumps(openapi.spec())
+    app = App(
+        api,
+        metrics,
+        access_log,
+        {
+            "/health": lambda: Response(200, b'{"status":"ok"}'),
+            "/metrics": lambda: Response(200, metrics.render(), PROMETHEUS_TYPE),
+            "/openapi.json": lambda: Response(200, openapi_body, JSON_TYPE),
+        },
+        JobClient(rt.jobs_address),
+        GroupFlush(storage, loop) if settings.durability == "fsync" else None,
+    )
+    server = HttpServer(app, settings.max_body_bytes, settings.read_timeout)
+    listener = run_server(server, rt.sock, loop)
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    tasks = []
+    if access_log is not None:
+        tasks.append(loop.create_task(access_log.run()))
+    loop.run_until_complete(stopping.wait())
+    listener.close()
+    server.close_idle()
+    loop.run_until_complete(_drain(server))
+    for t in tasks:
+        t.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    storage.close()
+
+
+async def _drain(server: HttpServer) -> None:
+    deadline = asyncio.get_running_loop().time() + DRAIN_WAIT
+    while server.connections and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+        server.close_idle()

@@ -1,0 +1,460 @@
+"""The storage interface's behaviour, written once and run against every backend."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from fuckbase.storage import (
+    SORTABLE,
+    BatchKeyNotFound,
+    DatabaseExists,
+    DatabaseNotFound,
+    Delete,
+    IndexDef,
+    IndexExists,
+    IndexNotFound,
+    KeyNotFound,
+    Put,
+    SetExists,
+    SetNotFound,
+    Storage,
+    allow_all,
+)
+
+
+def put(s: Storage, db: str, set_name: str, key: str, value: Any) -> None:
+    s.put(db, set_name, key, value, orjson.dumps(value), allow_all)
+
+
+def load(s: Storage, db: str, set_name: str, items: dict[str, Any]) -> None:
+    ops = [Put(k, v, orjson.dumps(v)) for k, v in items.items()]
+    for i in range(0, len(ops), 5000):
+        s.batch(db, set_name, ops[i : i + 5000], allow_all)
+
+
+def get(s: Storage, db: str, set_name: str, key: str) -> Any:
+    with s.read() as view:
+        raw = view.get(view.database(db), set_name, key)
+    return None if raw is None else orjson.loads(raw)
+
+
+def lookup(s: Storage, db: str, set_name: str, index: str, text: str) -> list[str]:
+    with s.read() as view:
+        return [e.key for e in view.lookup(view.database(db), set_name, index, text)]
+
+
+def page(s: Storage, index: str, text: str, order: list[tuple[str, bool]], offset: int = 0,
+         limit: int = 100, db: str = "d", set_name: str = "s") -> tuple[int, list[str]]:
+    with s.read() as view:
+        p = view.page(view.database(db), set_name, index, text, order, offset, limit)
+    return p.total, [e.key for e in p.entries]
+
+
+# ------------------------------------------------------------------ catalog
+
+
+def test_databases_and_sets(storage: Storage) -> None:
+    storage.create_database("a", None)
+    storage.create_database("b", {"username": "u", "hash": "h"})
+    with pytest.raises(DatabaseExists):
+        storage.create_database("a", None)
+    storage.create_set("a", "s1", allow_all)
+    with pytest.raises(SetExists):
+        storage.create_set("a", "s1", allow_all)
+    with pytest.raises(DatabaseNotFound):
+        storage.create_set("nope", "s1", allow_all)
+    with storage.read() as view:
+        assert sorted(view.database_names()) == ["a", "b"]
+        assert dict(view.database("b").auth or {}) == {"username": "u", "hash": "h"}
+        assert list(view.database("a").sets) == ["s1"]
+        with pytest.raises(DatabaseNotFound):
+            view.database("c")
+    storage.drop_database("a", allow_all)
+    with pytest.raises(DatabaseNotFound):
+        storage.drop_database("a", allow_all)
+    storage.create_database("a", None)  # a new database of the same name starts empty
+    with storage.read() as view:
+        assert view.database("a").sets == {}
+
+
+def test_access_check_sees_the_stored_credentials_and_can_refuse(storage: Storage) -> None:
+    creds = {"username": "u", "hash": "h"}
+    storage.create_database("p", creds)
+    seen: list[Any] = []
+
+    def refuse(stored: Any) -> None:
+        seen.append(dict(stored))
+        raise PermissionError("no")
+
+    for write in (
+        lambda: storage.put("p", "s", "k", 1, b"1", refuse),
+        lambda: storage.create_set("p", "s", refuse),
+        lambda: storage.batch("p", "s", [Put("k", 1, b"1")], refuse),
+        lambda: storage.drop_database("p", refuse),
+    ):
+        with pytest.raises(PermissionError):
+            write()
+    assert seen == [creds] * 4
+    with storage.read() as view:
+        assert view.database("p").sets == {}  # nothing was written
+
+
+# ------------------------------------------------------------------ entries
+
+
+def test_put_get_replace_delete(storage: Storage) -> None:
+    storage.create_database("d", None)
+    put(storage, "d", "s", "k", {"a": 1})
+    put(storage, "d", "s", "n", None)
+    assert get(storage, "d", "s", "k") == {"a": 1}
+    with storage.read() as view:
+        assert view.get(view.database("d"), "s", "n") == b"null"  # a stored null is not a miss
+        assert view.get(view.database("d"), "s", "missing") is None
+        with pytest.raises(SetNotFound):
+            view.get(view.database("d"), "nope", "k")
+    put(storage, "d", "s", "k", [1, 2])
+    assert get(storage, "d", "s", "k") == [1, 2]
+    storage.delete("d", "s", "k", allow_all)
+    assert get(storage, "d", "s", "k") is None
+    with pytest.raises(KeyNotFound):
+        storage.delete("d", "s", "k", allow_all)
+    with pytest.raises(SetNotFound):
+        storage.delete("d", "nope", "k", allow_all)
+    with pytest.raises(DatabaseNotFound):
+        put(storage, "nope", "s", "k", 1)
+    with storage.read() as view:
+        assert view.key_counts() == {"d": 1}
+
+
+@pytest.mark.parametrize("length", [1, 239, 240, 241, 480, 481, 1024])
+def test_keys_of_every_length(storage: Storage, length: int) -> None:
+    storage.create_database("d", None)
+    key = "é" * (length // 2) + "x" * (length % 2)
+    other = key[:-1] + "y"
+    put(storage, "d", "s", key, {"e": "same", "n": 1})
+    put(storage, "d", "s", other, {"e": "same", "n": 2})
+    storage.create_index("d", "s", IndexDef("e", "e"), allow_all)
+    storage.create_index("d", "s", IndexDef("n", "e", SORTABLE, ("n",)), allow_all)
+    assert get(storage, "d", "s", key) == {"e": "same", "n": 1}
+    assert lookup(storage, "d", "s", "e", "same") == sorted([key, other])
+    assert page(storage, "n", "same", [("n", True)]) == (2, [other, key])
+    storage.delete("d", "s", key, allow_all)
+    assert lookup(storage, "d", "s", "e", "same") == [other]
+    with storage.read() as view:
+        assert view.key_counts() == {"d": 1}
+
+
+def test_batch_is_all_or_nothing(storage: Storage) -> None:
+    storage.create_database("d", None)
+    put(storage, "d", "s", "a", {"e": "x"})
+    storage.create_index("d", "s", IndexDef("e", "e"), allow_all)
+    ops = [Put("b", {"e": "x"}, b'{"e":"x"}'), Delete("a"), Delete("zzz"), Put("c", 1, b"1")]
+    with pytest.raises(BatchKeyNotFound) as exc:
+        storage.batch("d", "s", ops, allow_all)
+    assert exc.value.position == 2
+    assert get(storage, "d", "s", "a") == {"e": "x"} and get(storage, "d", "s", "b") is None
+    assert lookup(storage, "d", "s", "e", "x") == ["a"]
+    assert storage.batch("d", "s", [*ops[:2], ops[3]], allow_all) == 3
+    assert lookup(storage, "d", "s", "e", "x") == ["b"]
+    assert get(storage, "d", "s", "c") == 1
+    with pytest.raises(BatchKeyNotFound):
+        storage.batch("d", "new", [Delete("k")], allow_all)
+    assert storage.batch("d", "s", [], allow_all) == 0
+
+
+# ------------------------------------------------------------------ indexes
+
+
+def test_basic_index_follows_every_write(storage: Storage) -> None:
+    storage.create_database("d", None)
+    load(storage, "d", "s", {
+        "a": {"age": 30}, "b": {"age": 30.0}, "c": {"age": "30"}, "d": {"age": True},
+        "e": {"age": None}, "f": {"other": 1}, "g": [1], "h": {"age": [1, {"x": 2}]}, "i": {"age": 1.5},
+    })
+    storage.create_index("d", "s", IndexDef("age", "age"), allow_all)
+    assert lookup(storage, "d", "s", "age", "30") == ["a", "b", "c"]
+    assert lookup(storage, "d", "s", "age", "true") == ["d"]
+    assert lookup(storage, "d", "s", "age", "null") == ["e"]
+    assert lookup(storage, "d", "s", "age", "1.5") == ["i"]
+    assert lookup(storage, "d", "s", "age", '[1,{"x":2}]') == ["h"]
+    put(storage, "d", "s", "a", {"age": 31})
+    put(storage, "d", "s", "f", {"age": 30})
+    storage.delete("d", "s", "b", allow_all)
+    assert lookup(storage, "d", "s", "age", "30") == ["c", "f"]
+    assert lookup(storage, "d", "s", "age", "31") == ["a"]
+    put(storage, "d", "s", "a", "not an object")
+    assert lookup(storage, "d", "s", "age", "31") == []
+    with pytest.raises(IndexExists):
+        storage.create_index("d", "s", IndexDef("age", "other"), allow_all)
+    with pytest.raises(SetNotFound):
+        storage.create_index("d", "nope", IndexDef("x", "x"), allow_all)
+    storage.drop_index("d", "s", "age", allow_all)
+    with pytest.raises(IndexNotFound):
+        lookup(storage, "d", "s", "age", "30")
+    with pytest.raises(IndexNotFound):
+        storage.drop_index("d", "s", "age", allow_all)
+    storage.create_index("d", "s", IndexDef("age", "age"), allow_all)  # a new one, filled afresh
+    assert lookup(storage, "d", "s", "age", "30") == ["c", "f"]
+
+
+def test_long_texts_match_exactly(storage: Storage) -> None:
+    storage.create_database("d", None)
+    long_a, long_b = "x" * 500 + "a", "x" * 500 + "b"
+    load(storage, "d", "s", {"1": {"f": long_a}, "2": {"f": long_b}, "3": {"f": long_a}})
+    storage.create_index("d", "s", IndexDef("f", "f"), allow_all)
+    assert lookup(storage, "d", "s", "f", long_a) == ["1", "3"]
+    assert lookup(storage, "d", "s", "f", long_b) == ["2"]
+    assert lookup(storage, "d", "s", "f", "x" * 500) == []
+
+
+SORT_VALUES: dict[str, Any] = {
+    "m1": None, "m2": False, "m3": True, "m4": -1e300, "m5": -2, "m6": 0, "m7": 0.5, "m8": 3,
+    "m9": 10, "m10": "", "m11": "A", "m12": "B", "m13": "a", "m14": "é", "m15": "😀", "m16": [1], "m17": {"a": 1},
+}
+
+
+def test_sorting_rules(storage: Storage) -> None:
+    """null < booleans < numbers < strings (code point) < arrays and objects; missing last."""
+    storage.create_database("d", None)
+    items = {k: {"g": "x", "v": v} for k, v in SORT_VALUES.items()}
+    items["z1"] = {"g": "x"}
+    items["z0"] = {"g": "x"}
+    items["other"] = {"g": "y", "v": 1}
+    load(storage, "d", "s", items)
+    storage.create_index("d", "s", IndexDef("by", "g", SORTABLE, ("v",)), allow_all)
+    ascending = [*SORT_VALUES]
+    assert page(storage, "by", "x", [("v", False)]) == (19, [*ascending, "z0", "z1"])
+    assert page(storage, "by", "x", [("v", True)]) == (19, [*reversed(ascending), "z0", "z1"])
+    assert page(storage, "by", "x", [("v", False)], offset=5, limit=3) == (19, ascending[5:8])
+    assert page(storage, "by", "x", [("v", True)], offset=16, limit=10) == (19, ["m1", "z0", "z1"])
+    assert page(storage, "by", "x", [("v", False)], offset=19) == (19, [])
+    assert page(storage, "by", "nothing", [("v", False)]) == (0, [])
+
+
+def test_ties_by_key_and_multi_field_order(storage: Storage) -> None:
+    storage.create_database("d", None)
+    rows = {f"k{i:02d}": {"dept": "eng" if i % 3 else "ops", "year": 2000 + i % 4, "name": f"n{i % 5}"}
+            for i in range(40)}
+    rows["k99"] = {"dept": "eng", "name": "n0"}  # no year: last in both orders
+    load(storage, "d", "s", rows)
+    storage.create_index("d", "s", IndexDef("by", "dept", SORTABLE, ("year", "name")), allow_all)
+    eng = {k: v for k, v in rows.items() if v["dept"] == "eng"}
+
+    def expected(order: list[tuple[str, bool]]) -> list[str]:
+        keys = sorted(eng)
+        for f, desc in reversed(order):
+            present = [k for k in keys if f in eng[k]]
+            absent = [k for k in keys if f not in eng[k]]
+            present.sort(key=lambda k: eng[k][f], reverse=desc)
+            keys = present + absent
+        return keys
+
+    for order in ([("year", True)], [("year", False)], [("name", True)], [("year", True), ("name", False)],
+                  [("year", False), ("name", True)], [("name", False), ("year", True)]):
+        want = expected(order)
+        assert page(storage, "by", "eng", order, limit=1000) == (len(eng), want), order
+        for offset in (0, 3, 10, 25):
+            assert page(storage, "by", "eng", order, offset, 4)[1] == want[offset : offset + 4], (order, offset)
+
+
+def test_long_sort_values_and_keys_keep_exact_order(storage: Storage) -> None:
+    storage.create_database("d", None)
+    prefix = "p" * 150
+    rows = {"a": prefix + "c", "b": prefix + "a", "c": prefix + "b", "d": prefix, "e": "p" * 149 + "z"}
+    items: dict[str, Any] = {k: {"g": 1, "v": v} for k, v in rows.items()}
+    long_key_1, long_key_2 = "k" * 300 + "2", "k" * 300 + "1"
+    items[long_key_1] = {"g": 1, "v": prefix + "a"}
+    items[long_key_2] = {"g": 1, "v": prefix + "a"}
+    load(storage, "d", "s", items)
+    storage.create_index("d", "s", IndexDef("by", "g", SORTABLE, ("v",)), allow_all)
+    want = sorted(items, key=lambda k: (items[k]["v"], k))
+    assert page(storage, "by", "1", [("v", False)]) == (7, want)
+    desc = sorted(items, key=lambda k: k)
+    desc.sort(key=lambda k: items[k]["v"], reverse=True)
+    assert page(storage, "by", "1", [("v", True)]) == (7, desc)
+
+
+def test_sortable_index_follows_writes(storage: Storage) -> None:
+    storage.create_database("d", None)
+    storage.create_set("d", "s", allow_all)
+    storage.create_index("d", "s", IndexDef("by", "g", SORTABLE, ("n",)), allow_all)
+    put(storage, "d", "s", "a", {"g": "x", "n": 2})
+    put(storage, "d", "s", "b", {"g": "x", "n": 1})
+    assert page(storage, "by", "x", [("n", False)]) == (2, ["b", "a"])
+    put(storage, "d", "s", "b", {"g": "y", "n": 1})
+    put(storage, "d", "s", "a", {"g": "x", "n": 0})
+    assert page(storage, "by", "x", [("n", False)]) == (1, ["a"])
+    assert page(storage, "by", "y", [("n", False)]) == (1, ["b"])
+    with storage.read() as view:
+        assert [e.key for e in view.lookup(view.database("d"), "s", "by", "x")] == ["a"]
+    storage.delete("d", "s", "a", allow_all)
+    assert page(storage, "by", "x", [("n", False)]) == (0, [])
+
+
+def test_an_index_is_invisible_until_built_and_exact_under_concurrent_writes(storage: Storage) -> None:
+    storage.create_database("d", None)
+    n = 30_000
+    load(storage, "d", "s", {f"k{i:06d}": {"e": f"v{i % 100}", "i": i} for i in range(n)})
+    done = threading.Event()
+    seen: list[int] = []
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        i = 0
+        while not done.is_set():
+            key = f"k{(i * 7919) % n:06d}"
+            put(storage, "d", "s", key, {"e": "moved", "i": i})
+            i += 1
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                seen.append(len(lookup(storage, "d", "s", "e", "v1")))
+            except IndexNotFound:
+                seen.append(-1)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    try:
+        storage.create_index("d", "s", IndexDef("e", "e"), allow_all)
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert not errors
+    with storage.read() as view:
+        db = view.database("d")
+        values = {k: orjson.loads(view.get(db, "s", k) or b"null") for k in (f"k{i:06d}" for i in range(n))}
+    want = {"moved": sorted(k for k, v in values.items() if v["e"] == "moved"),
+            "v1": sorted(k for k, v in values.items() if v["e"] == "v1")}
+    assert want["moved"], "the writer ran during the build"
+    assert lookup(storage, "d", "s", "e", "moved") == want["moved"]
+    assert lookup(storage, "d", "s", "e", "v1") == want["v1"]
+    assert -1 in seen or not seen  # queries before the build ended found no index at all
+
+
+# ------------------------------------------------------------------ snapshots, restores, changes
+
+
+def test_snapshot_is_one_instant_while_writes_go_on(storage: Storage) -> None:
+    storage.create_database("d", None)
+    load(storage, "d", "s", {f"k{i}": i for i in range(100)})
+    snap = storage.snapshot()
+    try:
+        at = snap.sequence()
+        put(storage, "d", "s", "k1", "changed")
+        storage.create_database("later", None)
+        storage.drop_database("d", allow_all)
+        dbs = snap.databases()
+        assert [d.name for d in dbs] == ["d"]
+        entries = dict(snap.entries(dbs[0], "s"))
+        assert len(entries) == 100 and entries["k1"] == b"1"
+        assert list(entries) == sorted(entries)
+        assert storage.sequence() == at + 3
+    finally:
+        snap.close()
+
+
+def test_restore_is_invisible_until_commit_and_atomic(storage: Storage) -> None:
+    storage.create_database("keep", None)
+    storage.create_database("old", None)
+    put(storage, "old", "s", "k", "old")
+    w = storage.restore_writer()
+    db = w.add_database()
+    db.name = "old"
+    w.add_index(db, "s", IndexDef("e", "e"))
+    w.write(db, "s", [("a", {"e": 1}, b'{"e":1}'), ("b", {"e": 2}, b'{"e":2}')])
+    w.add_index(db, "s", IndexDef("late", "e", SORTABLE, ("e",)))  # after its entries
+    with pytest.raises(ValueError):
+        w.add_index(db, "s", IndexDef("e", "x"))
+    before = storage.read()
+    with before as view:
+        assert get(storage, "old", "s", "k") == "old"
+        w.commit(replace_all=False)
+        assert view.get(view.database("old"), "s", "k") == b'"old"'  # a view keeps its instant
+    assert get(storage, "old", "s", "k") is None
+    assert lookup(storage, "old", "s", "e", "2") == ["b"]
+    assert page(storage, "late", "1", [("e", False)], db="old") == (1, ["a"])
+    with storage.read() as view:
+        assert sorted(view.database_names()) == ["keep", "old"]
+    w = storage.restore_writer()
+    db = w.add_database()
+    db.name = "only"
+    w.write(db, "s", [("k", 1, b"1")])
+    with pytest.raises(PermissionError):
+        w.commit(replace_all=True, check=lambda d: (_ for _ in ()).throw(PermissionError(d.name)))
+    with storage.read() as view:
+        assert sorted(view.database_names()) == ["keep", "old"]  # the refused swap changed nothing
+    w.commit(replace_all=True)
+    with storage.read() as view:
+        assert view.database_names() == ["only"]
+
+
+def test_an_aborted_restore_leaves_nothing(storage: Storage) -> None:
+    storage.create_database("d", None)
+    w = storage.restore_writer()
+    db = w.add_database()
+    db.name = "d"
+    w.write(db, "s", [(f"k{i}", i, b"%d" % i) for i in range(1000)])
+    w.abort()
+    while storage.maintain():
+        pass
+    with storage.read() as view:
+        assert view.database("d").sets == {}
+        assert view.key_counts() == {"d": 0}
+
+
+def test_change_sequence_and_retention(storage: Storage) -> None:
+    start = storage.sequence()
+    storage.create_database("d", None)
+    assert storage.sequence() == start + 1
+    assert storage.changes(start, 100) == []  # nobody retains changes yet
+    acked = storage.retain_changes("backup")
+    assert acked == start + 1
+    put(storage, "d", "s", "k", {"a": 1})
+    storage.batch("d", "s", [Put("k2", 2, b"2"), Delete("k")], allow_all)
+    storage.create_index("d", "s", IndexDef("a", "a"), allow_all)
+    storage.drop_database("d", allow_all)
+    changes = storage.changes(acked, 100)
+    assert [c.sequence for c in changes] == list(range(acked + 1, acked + 1 + len(changes)))
+    ops = [op for c in changes for op in c.ops]
+    assert ops == [
+        ("create_set", "d", "s"), ("put", "d", "s", "k", b'{"a":1}'),
+        ("put", "d", "s", "k2", b"2"), ("delete", "d", "s", "k"),
+        ("create_index", "d", "s", IndexDef("a", "a")),
+        ("drop_database", "d"),
+    ]
+    assert all(c.time > 0 for c in changes)
+    storage.acknowledge("backup", changes[1].sequence)
+    storage.maintain()
+    assert [c.sequence for c in storage.changes(0, 100)] == [c.sequence for c in changes[2:]]
+    storage.release_changes("backup")
+    storage.maintain()
+    assert storage.changes(0, 100) == []
+
+
+def test_everything_survives_a_reopen(storage: Storage, reopen: Callable[[], Storage]) -> None:
+    storage.create_database("d", {"username": "u", "hash": "h"})
+    load(storage, "d", "s", {f"k{i}": {"g": i % 2, "n": i} for i in range(50)})
+    storage.create_index("d", "s", IndexDef("g", "g"), allow_all)
+    storage.create_index("d", "s", IndexDef("by", "g", SORTABLE, ("n",)), allow_all)
+    seq = storage.sequence()
+    storage.close()
+    again = reopen()
+    try:
+        assert again.sequence() == seq
+        assert len(lookup(again, "d", "s", "g", "1")) == 25
+        assert page(again, "by", "0", [("n", True)], limit=2) == (25, ["k48", "k46"])
+        with again.read() as view:
+            assert view.key_counts() == {"d": 50}
+    finally:
+        again.close()
