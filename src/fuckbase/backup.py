@@ -16,12 +16,16 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import os
 import re
+import tempfile
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -123,8 +127,9 @@ class BackupStats:
 
 class BackupService:
     def __init__(self, storage: Storage, store: ObjectStore, compression: str = "none",
-                 retention: int = 0) -> None:
+                 retention: int = 0, spool_dir: Path | None = None) -> None:
         self.storage = storage
+        self.spool_dir = spool_dir  # where a backup is encoded before it is uploaded
         self.store = store
         self.compression = compression
         self.retention = retention
@@ -146,13 +151,14 @@ class BackupService:
                 view.database(database)  # 404 before any object-store work
         snapshot = self.storage.snapshot()
         sequence = snapshot.sequence()
+        spool = _Spool(snapshot, database, self.compression, self.spool_dir)
+        counts = spool.counts
         name = None
         try:
             try:
                 await self.store.ensure_ready()
                 name = await self._claim(database or FULL_FOLDER)
-                chunks, counts = self._encode(snapshot, database)
-                stored = await self.store.put_stream(name, chunks)
+                stored = await self.store.put_stream(name, spool.chunks())
                 sidecar = {
                     "sha256": counts.checksum.hexdigest(),
                     "json_size": counts.checksum.size,
@@ -172,7 +178,7 @@ class BackupService:
                 await self._release(name)
                 raise
         finally:
-            snapshot.close()
+            spool.close()
         if automatic:
             self._last_auto_sequence = sequence
         elapsed = time.monotonic() - started
@@ -211,40 +217,6 @@ class BackupService:
             except AlreadyExists:
                 continue
         raise ApiError(503, "BACKUP_FAILED", "too many backups in one second")
-
-    def _encode(self, snapshot: Snapshot, database: str | None) -> tuple[AsyncIterator[bytes], _Counts]:
-        """The backup's bytes, produced in a worker thread a chunk at a time (bounded memory)."""
-        counts = _Counts()
-        lines = _backup_lines(snapshot, database, counts)
-        compress = _compressor(self.compression)
-        finished = False
-
-        def next_chunk() -> bytes | None:
-            nonlocal finished
-            if finished:
-                return None
-            parts: list[bytes] = []
-            size = 0
-            for line in lines:
-                counts.checksum.update(line)
-                parts.append(line)
-                size += len(line)
-                if size >= CHUNK_BYTES:
-                    break
-            if not parts:
-                finished = True
-                return compress(None)
-            return compress(b"".join(parts))
-
-        async def chunks() -> AsyncIterator[bytes]:
-            while True:
-                chunk = await asyncio.to_thread(next_chunk)
-                if chunk is None:
-                    return
-                if chunk:
-                    yield chunk
-
-        return chunks(), counts
 
     # ------------------------------------------------------------------ list
 
@@ -407,6 +379,75 @@ class BackupService:
 
 
 # ---------------------------------------------------------------------- encoding
+
+
+class _Spool:
+    """A backup's bytes, encoded from its snapshot into an unlinked local file by a thread
+    that goes as fast as it can and then ends the snapshot. However slow or frozen the object
+    store is, the snapshot (which keeps the storage from reusing the pages it sees) lasts only
+    as long as the encoding; the upload reads the file as it grows. Memory stays flat."""
+
+    def __init__(self, snapshot: Snapshot, database: str | None, compression: str, directory: Path | None) -> None:
+        self.counts = _Counts()
+        self._file = tempfile.TemporaryFile(dir=directory)
+        self._fd = self._file.fileno()
+        self._written = 0
+        self._done = False
+        self._abandoned = False
+        self._error: BaseException | None = None
+        self._loop = asyncio.get_running_loop()
+        self._progress = asyncio.Event()
+        threading.Thread(target=self._produce, args=(snapshot, database, compression),
+                         name="fuckbase-backup-encode", daemon=True).start()
+
+    def _produce(self, snapshot: Snapshot, database: str | None, compression: str) -> None:
+        try:
+            compress = _compressor(compression)
+            parts: list[bytes] = []
+            size = 0
+            for line in _backup_lines(snapshot, database, self.counts):
+                self.counts.checksum.update(line)
+                parts.append(line)
+                size += len(line)
+                if size >= CHUNK_BYTES:
+                    self._append(compress(b"".join(parts)))
+                    parts, size = [], 0
+                    if self._abandoned:
+                        return
+            self._append(compress(b"".join(parts)) + compress(None))
+        except BaseException as exc:  # handed to the upload, which fails with it
+            self._error = exc
+        finally:
+            snapshot.close()
+            self._done = True
+            self._loop.call_soon_threadsafe(self._progress.set)
+
+    def _append(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self._written += len(data)
+        self._loop.call_soon_threadsafe(self._progress.set)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        offset = 0
+        while True:
+            if offset < self._written:
+                n = min(self._written - offset, CHUNK_BYTES)
+                yield os.pread(self._fd, n, offset)
+                offset += n
+                continue
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                return
+            self._progress.clear()
+            if offset == self._written and not self._done:
+                await self._progress.wait()
+
+    def close(self) -> None:
+        self._abandoned = True
+        self._file.close()
 
 
 @dataclass

@@ -128,6 +128,38 @@ class LineReader:
             out.append(self._pending)
             self._pending = Entries()
 
+    def feed_lines(self, lines: list[bytes], out: list[Record]) -> None:
+        """Consecutive entry lines are parsed together, as one JSON object (about twice as
+        fast as line by line); every other line on its own."""
+        i, n = 0, len(lines)
+        while i < n:
+            line = lines[i].strip()
+            i += 1
+            if not line:
+                continue
+            if self.state != "entries" or line == b"}}":
+                self.feed_line(line, out)
+                continue
+            block = [line[1:] if line[:1] == b"," else line]
+            while i < n:
+                more = lines[i].strip()
+                if more == b"}}" or (more and more[:1] != b","):
+                    break
+                if more:
+                    block.append(more)
+                i += 1
+            self._entries(block, out)
+
+    def _entries(self, block: list[bytes], out: list[Record]) -> None:
+        entries = orjson.loads(b"{" + b"".join(block) + b"}")
+        if not isinstance(entries, dict):
+            raise BackupInvalid("malformed entries")
+        pending = self._pending.items
+        for key, value in entries.items():
+            pending.append((key, value, None))
+        if len(pending) >= ENTRIES_PER_RECORD:
+            self._flush(out)
+
     def feed_line(self, line: bytes, out: list[Record]) -> None:
         state = self.state
         if state == "entries":
@@ -382,9 +414,7 @@ class BackupReader:
         lines = self._buffer.split(b"\n")
         self._buffer = lines.pop()
         try:
-            for line in lines:
-                if line.strip():
-                    self._lines.feed_line(line.strip(), out)
+            self._lines.feed_lines(lines, out)
         except _NotOurs:
             self._switch(out)
         except (orjson.JSONDecodeError, ValueError) as exc:

@@ -16,9 +16,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import httptools
 import orjson
@@ -72,7 +71,62 @@ def error_response(status: int, code: str, message: str, extra_headers: bytes = 
     return Response(status, error_body(code, message), JSON_TYPE, extra_headers)
 
 
-Dispatch = Callable[[Request], "Response | Awaitable[Response]"]
+class Pending:
+    """An answer that is not ready yet. `joinable`: it waits only for the group commit of its
+    loop turn, so further writes of the same connection may join that commit meanwhile."""
+
+    __slots__ = ("response", "joinable", "_callback")
+
+    def __init__(self, joinable: bool = False) -> None:
+        self.response: Response | None = None
+        self.joinable = joinable
+        self._callback: Callable[[], None] | None = None
+
+    @classmethod
+    def ready(cls, response: Response) -> Pending:
+        p = cls(joinable=True)
+        p.response = response
+        return p
+
+    @classmethod
+    def of(cls, work: Awaitable[Response]) -> Pending:
+        """The answer a coroutine or future will give."""
+        p = cls()
+        asyncio.ensure_future(work).add_done_callback(p._settle)
+        return p
+
+    def _settle(self, task: asyncio.Future[Response]) -> None:
+        try:
+            response = task.result()
+        except Exception:
+            log.exception("request failed")
+            response = error_response(500, "INTERNAL_ERROR", "internal error")
+        self.resolve(response)
+
+    def then(self, callback: Callable[[], None]) -> None:
+        if self.response is not None:
+            callback()
+        else:
+            self._callback = callback
+
+    def resolve(self, response: Response) -> None:
+        self.response = response
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
+
+    def wait(self) -> asyncio.Future[Response]:
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+        def settle() -> None:
+            if not future.done():
+                future.set_result(cast(Response, self.response))
+
+        self.then(settle)
+        return future
+
+
+Dispatch = Callable[[Request], "Response | Pending"]
 
 
 class _Refuse(Exception):
@@ -86,8 +140,10 @@ class _Refuse(Exception):
 class HttpServer:
     """Connections of one process, and the sweep that times out slow and idle ones."""
 
-    def __init__(self, dispatch: Dispatch, max_body_bytes: int, read_timeout: float) -> None:
+    def __init__(self, dispatch: Dispatch, max_body_bytes: int, read_timeout: float,
+                 joins: Callable[[Request], bool] = lambda r: False) -> None:
         self.dispatch = dispatch
+        self.joins = joins  # whether a request would join the group commit of the loop turn
         self.max_body = max_body_bytes
         self.read_timeout = read_timeout  # seconds for a request to arrive whole once begun
         self.connections: set[HttpProtocol] = set()
@@ -127,7 +183,9 @@ class HttpProtocol(asyncio.Protocol):
         self._body_size = 0
         self._head_size = 0
         self._queue: deque[tuple[Request | Response, bool]] = deque()
-        self._busy = False  # a response is being awaited; later requests wait their turn
+        self._outstanding: deque[tuple[Pending, bool]] = deque()  # answers not written yet, in order
+        self._only_joinable = False  # every outstanding answer waits for the same group commit
+        self._running = False
         self._paused = False
         self._closing = False
         self._close_when_done = False
@@ -163,7 +221,7 @@ class HttpProtocol(asyncio.Protocol):
             # we do not switch protocols: answer what came, then close
             self._close_when_done = True
             self._stop_reading()
-            if not self._busy and not self._queue:
+            if not self._outstanding and not self._queue:
                 self._close()
         except httptools.HttpParserError as exc:
             self._refuse(error_response(400, "INVALID_REQUEST", f"malformed HTTP request: {exc}"))
@@ -219,7 +277,7 @@ class HttpProtocol(asyncio.Protocol):
         if len(self._queue) > MAX_QUEUED and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
-        if not self._busy:
+        if not self._outstanding:
             self._run_queue()
 
     def _too_large(self) -> Response:
@@ -229,39 +287,51 @@ class HttpProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------ running requests
 
     def _run_queue(self) -> None:
-        dispatch = self._server.dispatch
-        while self._queue and not self._closing:
-            item, keep_alive = self._queue.popleft()
+        """Runs queued requests in order and writes answers as they become ready, in order.
+        While answers are outstanding, a request may start only if it joins the same group
+        commit as all of them (a write after writes); anything else waits, so a read after a
+        write of the same connection sees that write."""
+        if self._running:
+            return
+        self._running = True
+        try:
+            self._advance()
+        finally:
+            self._running = False
+
+    def _advance(self) -> None:
+        server = self._server
+        outstanding = self._outstanding
+        while not self._closing:
+            while outstanding and outstanding[0][0].response is not None:
+                pending, keep_alive = outstanding.popleft()
+                self._write(cast(Response, pending.response), keep_alive)
+            if not self._queue or self._closing:
+                break
+            item, keep_alive = self._queue[0]
+            if outstanding and not (self._only_joinable and isinstance(item, Request) and server.joins(item)):
+                return
+            self._queue.popleft()
             if isinstance(item, Response):  # a refusal of the framing: the last thing we send
                 self._write(item, keep_alive=False)
                 return
-            result = dispatch(item)
+            result = server.dispatch(item)
             if isinstance(result, Response):
-                self._write(result, keep_alive)
-                continue
-            self._busy = True
-            task = asyncio.ensure_future(result)
-            task.add_done_callback(partial(self._finished, keep_alive=keep_alive))
-            return
-        if self._closing:
+                if not outstanding:
+                    self._write(result, keep_alive)
+                    continue
+                result = Pending.ready(result)
+            self._only_joinable = (self._only_joinable or not outstanding) and result.joinable
+            outstanding.append((result, keep_alive))
+            if result.response is None:
+                result.then(self._run_queue)
+        if self._closing or outstanding:
             return
         if self._close_when_done:
             self._close()
         elif self._paused and self._transport is not None:
             self._paused = False
             self._transport.resume_reading()
-
-    def _finished(self, task: asyncio.Future[Response], *, keep_alive: bool) -> None:
-        self._busy = False
-        if self._closing:
-            return
-        try:
-            response = task.result()
-        except Exception:
-            log.exception("request failed")
-            response = error_response(500, "INTERNAL_ERROR", "internal error")
-        self._write(response, keep_alive)
-        self._run_queue()
 
     def _write(self, response: Response, keep_alive: bool) -> None:
         transport = self._transport
@@ -276,7 +346,7 @@ class HttpProtocol(asyncio.Protocol):
         """A framing error: the requests before it are answered first, then this, then we close."""
         self._stop_reading()
         self._queue.append((response, False))
-        if not self._busy:
+        if not self._outstanding:
             self._run_queue()
 
     def _stop_reading(self) -> None:
@@ -293,7 +363,7 @@ class HttpProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------ timeouts
 
     def check_timeouts(self, now: float) -> None:
-        if self._closing or self._busy or self._queue:
+        if self._closing or self._outstanding or self._queue:
             return
         if self._in_request:
             if now - self._request_began > self._server.read_timeout:
@@ -304,7 +374,7 @@ class HttpProtocol(asyncio.Protocol):
             self._close()
 
     def close_if_idle(self) -> None:
-        if not (self._busy or self._queue or self._in_request):
+        if not (self._outstanding or self._queue or self._in_request):
             self._close()
 
 

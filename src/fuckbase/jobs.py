@@ -202,7 +202,7 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
     except ValueError as exc:
         report({"error": f"bad S3 configuration: {exc}"})
         raise SystemExit(2) from None
-    backups = BackupService(storage, store, settings.backup_compression, settings.backup_retention)
+    backups = BackupService(storage, store, settings.backup_compression, settings.backup_retention, rt.run_dir)
     api = Api(storage, AdminGuard(settings.admin_username, settings.admin_password), DatabaseGuard(inline=True),
               lambda: {}, backups)
     server = JobServer(api, settings.request_threads)

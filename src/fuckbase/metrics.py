@@ -45,8 +45,12 @@ class Tallies:
         try:
             if os.fstat(fd).st_size != size:
                 os.ftruncate(fd, 0)
-                os.ftruncate(fd, size)
+            # the blocks, not just the size: writing a hole of a full disk through a mapping
+            # would kill the process (SIGBUS)
+            os.posix_fallocate(fd, 0, size)
             self._map = mmap.mmap(fd, size)
+        except OSError:  # no room for it: count privately, unseen by the other processes
+            self._map = mmap.mmap(-1, size)
         finally:
             os.close(fd)
         self._slots = memoryview(self._map).cast("q")

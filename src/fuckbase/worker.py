@@ -16,7 +16,7 @@ from prometheus_client.core import Metric
 from fuckbase import openapi
 from fuckbase.accesslog import AccessLog
 from fuckbase.api import ROUTES, Api
-from fuckbase.app import App
+from fuckbase.app import App, WriteGroup
 from fuckbase.auth import AdminGuard, DatabaseGuard
 from fuckbase.backup import BackupStats
 from fuckbase.http import JSON_TYPE, PROMETHEUS_TYPE, HttpServer, Response, run_server
@@ -108,6 +108,7 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
     want_access = settings.access_log and settings.log_level in ("debug", "info")
     access_log = AccessLog(rt.stream) if want_access else None
     openapi_body = orjson.dumps(openapi.spec())
+    flush = GroupFlush(storage, loop) if settings.durability == "fsync" else None
     app = App(
         api,
         metrics,
@@ -118,9 +119,10 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
             "/openapi.json": lambda: Response(200, openapi_body, JSON_TYPE),
         },
         JobClient(rt.jobs_address),
-        GroupFlush(storage, loop) if settings.durability == "fsync" else None,
+        WriteGroup(storage, flush),
+        flush,
     )
-    server = HttpServer(app, settings.max_body_bytes, settings.read_timeout)
+    server = HttpServer(app, settings.max_body_bytes, settings.read_timeout, app.joins)
     listener = run_server(server, rt.sock, loop)
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -281,6 +281,18 @@ class Storage(Protocol):
 
     def drop_index(self, database: str, set_name: str, name: str, check: AccessCheck) -> None: ...
 
+    def begin_group(self) -> None:
+        """From now until `end_group`, this thread's write methods only queue their write
+        (they return at once, with no result and no error); `end_group` applies the queue in
+        order, one commit for all, each write succeeding or failing on its own."""
+
+    def queued_writes(self) -> int:
+        """How many writes the open group holds (0 without one)."""
+
+    def end_group(self) -> list[BaseException | None]:
+        """Applies and commits the queued writes: per write, None or what it raised (every
+        one fails with the same error when the commit itself fails)."""
+
     def snapshot(self) -> Snapshot: ...
 
     def restore_writer(self) -> RestoreWriter: ...

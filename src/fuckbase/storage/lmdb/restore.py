@@ -19,6 +19,7 @@ class LmdbSnapshot:
     def __init__(self, storage: LmdbStorage) -> None:
         self._s = storage
         self._txn = storage.env.begin()
+        self._closed = False
 
     def databases(self) -> list[Database]:
         return sorted(self._s.all_databases(self._txn), key=lambda d: d.name)
@@ -36,7 +37,9 @@ class LmdbSnapshot:
         return sequence_of(self._txn, self._s.meta)
 
     def close(self) -> None:
-        self._txn.abort()
+        if not self._closed:
+            self._closed = True
+            self._txn.abort()
 
 
 @dataclass
@@ -105,11 +108,7 @@ class LmdbRestoreWriter:
         for start in range(0, len(entries), STAGE_CHUNK):
             chunk = entries[start : start + STAGE_CHUNK]
 
-            def op(w: Writer, chunk: Sequence[tuple[str, Any, bytes]] = chunk) -> None:
-                for key, value, raw in chunk:
-                    w.put(state, key, value, raw)
-
-            self._s.write(op, numbered=False)
+            self._s.write(partial(Writer.stage, st=state, entries=chunk), numbered=False)
 
     def _fill_late_indexes(self, st: _StagedSet) -> None:
         """Indexes whose definitions came after entries of their set: scan what is staged."""

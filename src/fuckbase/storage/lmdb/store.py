@@ -13,8 +13,8 @@ ENOSPC instead of killing the process, and the file grows only by the pages writ
 
 from __future__ import annotations
 
-import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -69,9 +69,9 @@ log = logging.getLogger("fuckbase.storage")
 FORMAT = b"2"
 MAP_SIZE = 1 << 40  # address space only: the file grows with what is written
 MAX_READERS = 1024
-BUILD_CHUNK = 1024  # entries indexed per commit while an index is built (~2 ms of the write lock)
+BUILD_CHUNK = 2048  # entries indexed per commit while an index is built (~2 ms of the write lock)
 RECLAIM_CHUNK = 4096  # entries deleted per commit when dropped data is reclaimed
-STAGE_CHUNK = 1024  # restored entries per commit
+STAGE_CHUNK = 2048  # restored entries per commit
 
 T = TypeVar("T")
 
@@ -87,9 +87,20 @@ class NotUpgraded(StorageError):
     """The directory holds an older format: open it once with `primary=True` to upgrade it."""
 
 
-def _translate(exc: lmdb.Error) -> StorageError:
+FULL_BELOW = 16 << 20  # free bytes under which a failed write is taken for a full disk
+
+
+def _translate(exc: lmdb.Error, path: Path | None = None) -> StorageError:
+    """LMDB reports a write cut short by a full disk as EIO: free space tells the two apart."""
     text = str(exc)
-    if isinstance(exc, lmdb.MapFullError) or "No space left" in text or f"rrno {errno.ENOSPC}" in text:
+    full = isinstance(exc, lmdb.MapFullError) or "No space left" in text
+    if not full and "Input/output error" in text and path is not None:
+        try:
+            st = os.statvfs(path)
+            full = st.f_bavail * st.f_frsize < FULL_BELOW
+        except OSError:
+            pass
+    if full:
         return StorageFull("the disk is full: the write was not stored")
     return StorageFailure(f"storage error: {text}")
 
@@ -120,6 +131,7 @@ class LmdbStorage:
         self._records = RecordCache()
         self._closed = False
         self._reclaim_lock = threading.Lock()
+        self._groups = threading.local()
         from fuckbase.storage.lmdb.upgrade import upgrade_if_needed
 
         with self.env.begin() as txn:
@@ -143,7 +155,7 @@ class LmdbStorage:
         try:
             self.env.sync(True)
         except lmdb.Error as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc, self.path) from exc
 
     # ------------------------------------------------------------------ reads
 
@@ -170,6 +182,10 @@ class LmdbStorage:
         anything, or succeeds; a failed commit raises StorageFull or StorageFailure.
         `numbered=False` is for work no reader can tell apart (housekeeping, index fills,
         staged restores): it gets no sequence number and no change record."""
+        group: _Group | None = getattr(self._groups, "open", None)
+        if group is not None:
+            group.queue(fn)
+            return cast(T, None)  # a queued write has no result yet; group callers use none
         try:
             with self.env.begin(write=True) as txn:
                 w = Writer(self, txn, numbered)
@@ -177,7 +193,27 @@ class LmdbStorage:
                 w.finish()
             return result
         except lmdb.Error as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc, self.path) from exc
+
+    def begin_group(self) -> None:
+        """From now until `end_group`, this thread's writes are queued, not run: `end_group`
+        runs them in order, each in a nested transaction of its own (a failing one changes
+        nothing), inside one transaction that commits them all as one numbered commit. For an
+        event loop serving many clients: one commit per turn of the loop instead of one per
+        write, and the write lock held only while the writes run."""
+        if getattr(self._groups, "open", None) is not None:
+            raise RuntimeError("a write group is already open on this thread")
+        self._groups.open = _Group(self)
+
+    def queued_writes(self) -> int:
+        group: _Group | None = getattr(self._groups, "open", None)
+        return len(group) if group is not None else 0
+
+    def end_group(self) -> list[BaseException | None]:
+        """Runs and commits the queued writes: per write, None or what it raised."""
+        group: _Group = self._groups.open
+        self._groups.open = None
+        return group.end()
 
     def create_database(self, name: str, auth: Credentials | None) -> None:
         def op(w: Writer) -> None:
@@ -231,10 +267,10 @@ class LmdbStorage:
         self.write(op)
 
     def batch(self, database: str, set_name: str, ops: Sequence[BatchOp], check: AccessCheck) -> int:
-        def apply(w: Writer) -> int:
+        def apply(w: Writer) -> None:
             db = w.database(database, check)
             if not ops:
-                return 0
+                return
             st = db.states.get(set_name)
             if st is None:
                 if isinstance(ops[0], Delete):
@@ -251,9 +287,9 @@ class LmdbStorage:
                         raise BatchKeyNotFound(o.key, i)
                     if logging:
                         w.log(("delete", database, set_name, o.key))
-            return len(ops)
 
-        return self.write(apply)
+        self.write(apply)
+        return len(ops)
 
     def drop_index(self, database: str, set_name: str, name: str, check: AccessCheck) -> None:
         def op(w: Writer) -> None:
@@ -448,6 +484,53 @@ class LmdbStorage:
         return self.write(op, numbered=False)
 
 
+class _Group:
+    """The writes queued by a write group (see LmdbStorage.begin_group)."""
+
+    __slots__ = ("_s", "_queued")
+
+    def __init__(self, storage: LmdbStorage) -> None:
+        self._s = storage
+        self._queued: list[Callable[[Writer], Any]] = []
+
+    def queue(self, fn: Callable[[Writer], Any]) -> None:
+        self._queued.append(fn)
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def end(self) -> list[BaseException | None]:
+        """Runs every queued write in a nested transaction of one transaction, then commits it."""
+        queued = self._queued
+        if not queued:
+            return []
+        env = self._s.env
+        outcomes: list[BaseException | None] = []
+        try:
+            with env.begin(write=True) as txn:
+                group = Writer(self._s, txn, True)
+                for fn in queued:
+                    child = env.begin(write=True, parent=txn)
+                    w = Writer(self._s, child, False, group.logging)
+                    try:
+                        fn(w)
+                        w.finish()
+                        child.commit()
+                    except lmdb.Error:
+                        child.abort()
+                        raise
+                    except Exception as exc:  # this write refused: the others go on
+                        child.abort()
+                        outcomes.append(exc)
+                        continue
+                    group.adopt(w)
+                    outcomes.append(None)
+                group.finish()
+        except lmdb.Error as exc:
+            return [_translate(exc, self._s.path)] * len(queued)
+        return outcomes
+
+
 def sequence_of(txn: lmdb.Transaction, meta: Any) -> int:
     """The last commit's number. Its record also holds a flag: whether changes are retained."""
     raw = txn.get(_SEQUENCE, db=meta)
@@ -483,12 +566,13 @@ class Writer:
 
     __slots__ = ("storage", "txn", "logging", "_ops", "_numbered", "_sequence", "_deltas", "_data", "_index")
 
-    def __init__(self, storage: LmdbStorage, txn: lmdb.Transaction, numbered: bool = True) -> None:
+    def __init__(self, storage: LmdbStorage, txn: lmdb.Transaction, numbered: bool = True,
+                 logging: bool = False) -> None:
         self.storage = storage
         self.txn = txn
         self._numbered = numbered
         self._sequence = txn.get(_SEQUENCE, db=storage.meta) if numbered else None
-        self.logging = self._sequence is not None and len(self._sequence) > 8
+        self.logging = logging or (self._sequence is not None and len(self._sequence) > 8)
         self._ops: list[Any] = []
         self._deltas: dict[bytes, int] = {}  # count key -> change, written once at the end
         self._data = storage.data
@@ -511,6 +595,10 @@ class Writer:
         txn.put(_SEQUENCE, K.id_bytes(seq) + (raw[8:] if raw else b""), db=self.storage.meta)
         if self.logging and self._ops:
             txn.put(K.id_bytes(seq), orjson.dumps({"t": time.time(), "ops": self._ops}), db=self.storage.changelog)
+
+    def adopt(self, nested: Writer) -> None:
+        """Takes over what a nested transaction, now committed into ours, did."""
+        self._ops.extend(nested._ops)
 
     def log(self, op: tuple[Any, ...]) -> None:
         if self.logging:
@@ -635,35 +723,67 @@ class Writer:
         cur = self.txn.cursor(db=self.storage.data)
         last = None
         n = 0
+        records: list[tuple[bytes, bytes, bytes | None]] = []
+        basic = [(ix.prefix, ix.definition.field) for ix in indexes if ix.basic]
+        sortable = [ix for ix in indexes if not ix.basic]
+        loads, append, long_group = orjson.loads, records.append, K.GROUP_INLINE_MAX
         if cur.set_range(start):
             prefix = st.prefix
             for lkey, stored in cur:
                 if not lkey.startswith(prefix) or n >= limit:
                     break
-                key, raw = K.decode_entry(lkey, stored)
-                value = orjson.loads(raw)
-                kb = key.encode()
-                for ix in indexes:
-                    self._add_index_records(ix, kb, value)
+                if lkey[8] == 0x6B and len(lkey) <= 9 + K.TOKEN_KEY_MAX:  # "k": the key inline, short
+                    kb, value = lkey[9:], loads(stored)
+                    for ix_prefix, f in basic:  # the common case, inline
+                        if type(value) is dict and f in value:
+                            v = value[f]
+                            tb = (v if type(v) is str else match_text(v)).encode()
+                            if len(tb) <= long_group:
+                                append((ix_prefix + len(tb).to_bytes(2, "big") + tb + kb, b"", None))
+                            else:
+                                append((ix_prefix + K.group_token(tb.decode()) + kb, b"", None))
+                    for ix in sortable:
+                        _index_records(ix, kb, value, records)
+                else:
+                    key, raw = K.decode_entry(lkey, stored)
+                    value = loads(raw)
+                    for ix in indexes:
+                        _index_records(ix, key.encode(), value, records)
                 last, n = lkey, n + 1
+        self._insert_records(records)
         return last if n >= limit else None
 
-    def _add_index_records(self, ix: IndexState, kb: bytes, value: Any) -> None:
-        d = ix.definition
-        text = indexed_text(value, d.field)
-        if text is None:
-            return
-        txn, index = self.txn, self.storage.index
-        token = K.key_token(kb)
-        key_value = b"" if K.is_exact_key_token(len(token)) else kb
-        group = K.group_token(text)
-        if d.kind == BASIC:
-            txn.put(ix.prefix + group + token, key_value, db=index, overwrite=False)
-            return
-        for i, f in enumerate(d.sort_fields):
-            k = ix.prefix + bytes((i,)) + group + K.sort_token(field_of(value, f)) + token
-            if txn.put(k, key_value, db=index, overwrite=False) and i == 0:
-                self._count(K.group_count_key(ix.prefix, group), 1)
+    def _insert_records(self, records: list[tuple[bytes, bytes, bytes | None]]) -> None:
+        """Puts index records in key order (neighbours share pages); counts the new ones."""
+        records.sort()
+        put = self.txn.cursor(db=self.storage.index).put
+        deltas = self._deltas
+        for k, v, count_key in records:
+            if put(k, v, overwrite=False) and count_key is not None:
+                deltas[count_key] = deltas.get(count_key, 0) + 1
+
+    def stage(self, st: SetState, entries: Sequence[tuple[str, Any, bytes]]) -> None:
+        """Bulk-writes restored entries into a staged set, which no one else writes."""
+        cur = self.txn.cursor(db=self._data)
+        records: list[tuple[bytes, bytes, bytes | None]] = []
+        again = []
+        new = 0
+        for key, value, raw in entries:
+            kb = key.encode()
+            if len(kb) <= K.INLINE_KEY_MAX:
+                added = cur.put(st.prefix + b"k" + kb, raw, overwrite=False)
+            else:
+                added = cur.put(K.data_key(st.prefix, key), K.stored_value(key, raw), overwrite=False)
+            if not added:  # the backup repeats a key: the last one wins, as in JSON
+                again.append((key, value, raw))
+                continue
+            new += 1
+            for ix in st.indexes:
+                _index_records(ix, kb, value, records)
+        self._count(st.count_key, new)
+        self._insert_records(records)
+        for key, value, raw in again:
+            self.put(st, key, value, raw)
 
     def reclaim(self, mark: bytes, limit: int) -> bool:
         """Deletes up to `limit` records under a reclaim mark; True while some are left."""
@@ -761,8 +881,7 @@ class View:
         head = ix.prefix + bytes((fields.index(first),)) + group
         rest = list(order[1:])
         picked: list[bytes] = []
-        seen = 0
-        runs = _runs(self._txn.cursor(db=self._s.index), head, desc)
+        seen, runs = _runs(self._txn.cursor(db=self._s.index), head, desc, offset)
         for token, run in runs:
             if seen + len(run) <= offset:
                 seen += len(run)
@@ -796,6 +915,24 @@ class View:
                 K.count_of(txn.get(K.set_count_key(st.prefix), db=counts)) for st in db.states.values()
             )
         return out
+
+
+def _index_records(ix: IndexState, kb: bytes, value: Any, out: list[tuple[bytes, bytes, bytes | None]]) -> None:
+    """The index records of one entry: (key, value, the group count it adds to, if any)."""
+    d = ix.definition
+    text = indexed_text(value, d.field)
+    if text is None:
+        return
+    token = K.key_token(kb)
+    key_value = b"" if K.is_exact_key_token(len(token)) else kb
+    group = K.group_token(text)
+    if ix.basic:
+        out.append((ix.prefix + group + token, key_value, None))
+        return
+    count_key = K.group_count_key(ix.prefix, group)
+    for i, f in enumerate(d.sort_fields):
+        out.append((ix.prefix + bytes((i,)) + group + K.sort_token(field_of(value, f)) + token, key_value,
+                    count_key if i == 0 else None))
 
 
 def _rank_of(values: dict[bytes, Any], f: str, kb: bytes) -> tuple[int, Any]:
@@ -841,19 +978,62 @@ def _sort_token_end(lkey: bytes, start: int) -> int:
         i = j + 2
 
 
-def _runs(cur: lmdb.Cursor, head: bytes, desc: bool) -> Iterator[tuple[bytes, list[tuple[bytes, bool]]]]:
+Runs = Iterator[tuple[bytes, list[tuple[bytes, bool]]]]
+
+
+def _runs(cur: lmdb.Cursor, head: bytes, desc: bool, offset: int) -> tuple[int, Runs]:
     """(sort token, [(key, exact)]) runs of equal sort value, in the requested direction,
-    keys ascending inside a run; entries lacking the field come last either way."""
+    keys ascending inside a run; entries lacking the field come last either way. The runs
+    start with the one holding entry number `offset`; also returns how many entries come
+    before it. Skipping moves the cursor only, without reading the entries it passes."""
     n = len(head)
     missing_start = head + K.MISSING_SORT_TOKEN
+
+    def token() -> bytes:
+        k = cur.key()
+        return bytes(k[n : _sort_token_end(k, n)])
+
     if not desc:
-        if not cur.set_range(head):
-            return
-        yield from _forward_runs(cur, head, n)
-        return
+        if not cur.set_range(head) or not cur.key().startswith(head):
+            return 0, iter(())
+        i = 0
+        while i < offset and cur.next() and cur.key().startswith(head):
+            i += 1
+        if i < offset:
+            return i, iter(())
+        t = token()
+        while i > 0 and cur.prev():  # back to the start of this entry's run
+            if not cur.key().startswith(head) or token() != t:
+                cur.next()
+                break
+            i -= 1
+        return i, _forward_runs(cur, head, n)
     ok = cur.prev() if cur.set_range(missing_start) else cur.last()
+    i = 0
+    while ok and cur.key().startswith(head) and i < offset:
+        ok = cur.prev()
+        i += 1
+    if not ok or not cur.key().startswith(head):  # the offset is past every present value
+        if not cur.set_range(missing_start):
+            return i, iter(())
+        j = 0
+        while i + j < offset and cur.next() and cur.key().startswith(missing_start):
+            j += 1
+        return i + j, _forward_runs(cur, missing_start, n)
+    t = token()
+    while i > 0 and cur.next():  # to the first entry of this run in descending order
+        k = cur.key()
+        if not k.startswith(head) or k.startswith(missing_start) or token() != t:
+            cur.prev()
+            break
+        i -= 1
+    return i, _descending_runs(cur, head, n, missing_start)
+
+
+def _descending_runs(cur: lmdb.Cursor, head: bytes, n: int, missing_start: bytes) -> Runs:
     token: bytes | None = None
     run: list[tuple[bytes, bool]] = []
+    ok = True
     while ok:
         lkey = cur.key()
         if not lkey.startswith(head):
