@@ -20,7 +20,7 @@ from fuckbase.accesslog import AccessLog
 from fuckbase.api import ROUTES, Api, error_for
 from fuckbase.auth import NeedsVerification
 from fuckbase.errors import ApiError, invalid
-from fuckbase.http import Pending, Request, Response, error_response
+from fuckbase.http import Pending, Request, Response, answer_of, error_response
 from fuckbase.metrics import Metrics
 from fuckbase.storage import Storage, StorageError
 
@@ -125,11 +125,7 @@ class _Deferred:
         self.redo = redo
 
     def redone(self, task: asyncio.Future[Response]) -> None:
-        try:
-            response = task.result()
-        except Exception:
-            log.exception("a write failed")
-            response = error_response(500, "INTERNAL_ERROR", "internal error")
+        response = answer_of(task)
         self.done(response.status)
         self.pending.resolve(response)
 

@@ -1,8 +1,10 @@
 """`fuckbase import`: JSON Lines into a set through /set/batch, a batch per request.
 
 Lines are checked one by one (so an error names its line) but sent as they are: the body of
-a batch is the lines joined, with `"op":"put"` added where a line has no "op". Two batches are
-in flight at once, so reading the file and applying on the server overlap.
+a batch is the lines joined, with `"op":"put"` added where a line has no "op". Up to
+IN_FLIGHT batches are sent at once (reading the file, parsing on several server workers and
+applying overlap), except that a batch waits for any earlier one that touches one of its keys:
+the file's order decides which value a key keeps.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import orjson
 from fuckbase.client import Client, FuckBaseError
 
 PUT_HEAD = b'{"op":"put",'
+IN_FLIGHT = 3
 
 
 @dataclass
@@ -27,8 +30,8 @@ class ImportResult:
     seconds: float
 
 
-def encode_line(line: bytes, number: int) -> bytes:
-    """The operation of one line, as it goes into the batch's JSON array."""
+def encode_line(line: bytes, number: int) -> tuple[str, bytes]:
+    """The key and operation of one line, as it goes into the batch's JSON array."""
     try:
         op = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -37,41 +40,47 @@ def encode_line(line: bytes, number: int) -> bytes:
         raise ValueError(f'line {number}: must be an object with a string "key"')
     line = line.strip()
     if "op" in op:
-        return line
+        return op["key"], line
     if "value" not in op:
         raise ValueError(f'line {number}: a put needs a "value"')
-    return PUT_HEAD + line[1:]
+    return op["key"], PUT_HEAD + line[1:]
 
 
 def import_lines(lines: Iterable[bytes], url: str, database: str, set_name: str, auth: Any,
                  batch_size: int, progress: Callable[[int], None] = lambda n: None) -> ImportResult:
     started = time.monotonic()
     applied = count = 0
-    with Client(url, auth=auth, timeout=600) as client, ThreadPoolExecutor(1) as sender:
+    with Client(url, auth=auth, timeout=600) as client, ThreadPoolExecutor(IN_FLIGHT) as sender:
         target = client.database(database).set(set_name)
-        in_flight: Future[int] | None = None
-        batch: list[bytes] = []
-        first_line = 1
+        in_flight: list[tuple[Future[int], set[str]]] = []
 
-        def send(ops: list[bytes], first: int) -> Future[int]:
+        def send(ops: list[bytes], keys: set[str], first: int) -> None:
+            nonlocal applied
+            for future, busy in list(in_flight):  # order matters only where keys meet
+                if len(in_flight) >= IN_FLIGHT or not busy.isdisjoint(keys):
+                    applied += future.result()
+                    in_flight.remove((future, busy))
             body = b"[" + b",".join(ops) + b"]"
-            return sender.submit(_send, target, body, first)
+            in_flight.append((sender.submit(_send, target, body, first), keys))
 
+        batch: list[bytes] = []
+        keys: set[str] = set()
+        first_line = 1
         for number, line in enumerate(lines, 1):
             progress(len(line))
             if not line.strip():
                 continue
-            batch.append(encode_line(line, number))
+            key, op = encode_line(line, number)
+            batch.append(op)
+            keys.add(key)
             count += 1
             if len(batch) >= batch_size:
-                if in_flight is not None:
-                    applied += in_flight.result()
-                in_flight = send(batch, first_line)
-                batch, first_line = [], number + 1
-        if in_flight is not None:
-            applied += in_flight.result()
+                send(batch, keys, first_line)
+                batch, keys, first_line = [], set(), number + 1
         if batch:
-            applied += send(batch, first_line).result()
+            send(batch, keys, first_line)
+        for future, _ in in_flight:
+            applied += future.result()
     return ImportResult(count, applied, time.monotonic() - started)
 
 

@@ -58,17 +58,27 @@ class Response:
     head_only: bool = False  # an answer to HEAD: the headers of `body`, without it
 
     def head(self, close: bool) -> bytes:
-        return b"HTTP/1.1 %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n" % (
-            _STATUS.get(self.status, b"%d Status" % self.status),
-            self.content_type,
-            len(self.body),
-            self.extra_headers,
-            b"connection: close\r\n" if close else b"",
-        )
+        start = _HEAD_STARTS.get((self.status, self.content_type))
+        if start is None:
+            start = _HEAD_STARTS[(self.status, self.content_type)] = b"HTTP/1.1 %s\r\ncontent-type: %s\r\ncontent-length: " % (
+                _STATUS.get(self.status, b"%d Status" % self.status), self.content_type)
+        return start + b"%d\r\n%s%s\r\n" % (len(self.body), self.extra_headers, b"connection: close\r\n" if close else b"")
+
+
+_HEAD_STARTS: dict[tuple[int, bytes], bytes] = {}  # the status line and content type, per pair
 
 
 def error_response(status: int, code: str, message: str, extra_headers: bytes = b"") -> Response:
     return Response(status, error_body(code, message), JSON_TYPE, extra_headers)
+
+
+def answer_of(task: asyncio.Future[Response]) -> Response:
+    """What a finished task answers; an unexpected failure is a 500 (and a log line)."""
+    try:
+        return task.result()
+    except Exception:
+        log.exception("request failed")
+        return error_response(500, "INTERNAL_ERROR", "internal error")
 
 
 class Pending:
@@ -96,12 +106,7 @@ class Pending:
         return p
 
     def _settle(self, task: asyncio.Future[Response]) -> None:
-        try:
-            response = task.result()
-        except Exception:
-            log.exception("request failed")
-            response = error_response(500, "INTERNAL_ERROR", "internal error")
-        self.resolve(response)
+        self.resolve(answer_of(task))
 
     def then(self, callback: Callable[[], None]) -> None:
         if self.response is not None:
@@ -273,7 +278,17 @@ class HttpProtocol(asyncio.Protocol):
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         method = self._parser.get_method().decode("latin-1")
         request = Request(method, path, self._headers, body)
-        self._queue.append((request, self._parser.should_keep_alive()))
+        keep_alive = self._parser.should_keep_alive()
+        if not (self._queue or self._outstanding or self._running or self._closing):  # the common case
+            result = self._server.dispatch(request)
+            if isinstance(result, Response):
+                self._write(result, keep_alive)
+                return
+            self._only_joinable = result.joinable
+            self._outstanding.append((result, keep_alive))
+            result.then(self._run_queue)
+            return
+        self._queue.append((request, keep_alive))
         if len(self._queue) > MAX_QUEUED and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()

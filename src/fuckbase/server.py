@@ -137,9 +137,21 @@ def die_with(parent: int) -> None:
         os._exit(1)
 
 
+def _few_malloc_arenas() -> None:
+    """glibc gives every thread that allocates its own arena and keeps what it frees there:
+    a restore whose chunks run on a few pool threads grew private memory by 100 MB per 500k
+    entries that way. Two arenas keep it flat; the children inherit the setting."""
+    m_arena_max = -8
+    try:
+        ctypes.CDLL(None).mallopt(m_arena_max, 2)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def run(settings: Settings) -> None:
     """Validate, lock the data dir, bind, start the children; serve until SIGTERM/SIGINT."""
     settings.validate()
+    _few_malloc_arenas()
     stream = log_stream(settings)
     setup_logging(settings, stream)
     lock_data_dir(settings.data_dir)

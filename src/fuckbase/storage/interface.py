@@ -56,8 +56,7 @@ class Database:
     sets: Mapping[str, SetInfo]
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     key: str
     value: bytes  # JSON
 

@@ -177,14 +177,16 @@ class LmdbStorage:
 
     # ------------------------------------------------------------------ the write path
 
-    def write(self, fn: Callable[[Writer], T], numbered: bool = True) -> T:
+    def write(self, fn: Callable[[Writer], T], numbered: bool = True, partial_failure: bool = False) -> T:
         """Runs `fn` in one write transaction and commits it. `fn` raises before it changes
         anything, or succeeds; a failed commit raises StorageFull or StorageFailure.
         `numbered=False` is for work no reader can tell apart (housekeeping, index fills,
-        staged restores): it gets no sequence number and no change record."""
+        staged restores): it gets no sequence number and no change record.
+        `partial_failure`: `fn` may fail after changing something (a batch); in a write group
+        it then runs in a nested transaction, so that failing undoes its changes alone."""
         group: _Group | None = getattr(self._groups, "open", None)
         if group is not None:
-            group.queue(fn)
+            group.queue(fn, partial_failure)
             return cast(T, None)  # a queued write has no result yet; group callers use none
         try:
             with self.env.begin(write=True) as txn:
@@ -277,18 +279,25 @@ class LmdbStorage:
                     raise BatchKeyNotFound(ops[0].key, 0)
                 st = w.add_set(db, set_name)
             logging = w.logging
-            for i, o in enumerate(ops):
+            failed = len(ops)
+            # in key order, stable: neighbouring keys share pages, and the operations on one
+            # key keep their order, so the outcome is the same as one after the other
+            for i in sorted(range(len(ops)), key=lambda i: ops[i].key):
+                o = ops[i]
                 if isinstance(o, Put):
                     w.put(st, o.key, o.value, o.raw)
-                    if logging:
+                elif not w.delete(st, o.key):
+                    failed = min(failed, i)
+            if failed < len(ops):
+                raise BatchKeyNotFound(ops[failed].key, failed)
+            if logging:  # in the order they were given
+                for o in ops:
+                    if isinstance(o, Put):
                         w.log(("put", database, set_name, o.key, orjson.Fragment(o.raw)))
-                else:
-                    if not w.delete(st, o.key):
-                        raise BatchKeyNotFound(o.key, i)
-                    if logging:
+                    else:
                         w.log(("delete", database, set_name, o.key))
 
-        self.write(apply)
+        self.write(apply, partial_failure=True)
         return len(ops)
 
     def drop_index(self, database: str, set_name: str, name: str, check: AccessCheck) -> None:
@@ -491,16 +500,17 @@ class _Group:
 
     def __init__(self, storage: LmdbStorage) -> None:
         self._s = storage
-        self._queued: list[Callable[[Writer], Any]] = []
+        self._queued: list[tuple[Callable[[Writer], Any], bool]] = []
 
-    def queue(self, fn: Callable[[Writer], Any]) -> None:
-        self._queued.append(fn)
+    def queue(self, fn: Callable[[Writer], Any], partial_failure: bool) -> None:
+        self._queued.append((fn, partial_failure))
 
     def __len__(self) -> int:
         return len(self._queued)
 
     def end(self) -> list[BaseException | None]:
-        """Runs every queued write in a nested transaction of one transaction, then commits it."""
+        """Runs the queued writes in one transaction (those that may fail half-way in a nested
+        one), then commits it. The others fail, if they fail, before they change anything."""
         queued = self._queued
         if not queued:
             return []
@@ -509,7 +519,17 @@ class _Group:
         try:
             with env.begin(write=True) as txn:
                 group = Writer(self._s, txn, True)
-                for fn in queued:
+                for fn, partial_failure in queued:
+                    if not partial_failure:
+                        try:
+                            fn(group)
+                        except lmdb.Error:
+                            raise
+                        except Exception as exc:  # refused before it changed anything
+                            outcomes.append(exc)
+                            continue
+                        outcomes.append(None)
+                        continue
                     child = env.begin(write=True, parent=txn)
                     w = Writer(self._s, child, False, group.logging)
                     try:
@@ -851,12 +871,14 @@ class View:
 
     def _values(self, st: SetState, keys: list[bytes]) -> list[Entry]:
         out = []
-        txn, data = self._txn, self._s.data
+        get, data, prefix = self._txn.get, self._s.data, st.prefix + b"k"
         for kb in keys:
-            key = kb.decode()
-            raw = K.value_of_stored(key, txn.get(K.data_key(st.prefix, key), db=data))
+            if len(kb) <= K.INLINE_KEY_MAX:
+                raw = get(prefix + kb, db=data)
+            else:
+                raw = K.value_of_stored(kb.decode(), get(K.data_key(st.prefix, kb.decode()), db=data))
             if raw is not None:
-                out.append(Entry(key, raw))
+                out.append(Entry(kb.decode(), raw))
         return out
 
     def lookup(self, db: Database, set_name: str, index: str, text: str) -> list[Entry]:
