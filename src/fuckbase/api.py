@@ -28,6 +28,7 @@ from fuckbase.storage import (
     Database,
     DatabaseExists,
     Delete,
+    Entry,
     IndexDef,
     IndexExists,
     NotFound,
@@ -239,8 +240,9 @@ def _batch_ops(body: dict[str, Any]) -> list[BatchOp]:
     return ops
 
 
-def _entries_json(entries: list[Any]) -> bytes:
-    return b",".join(b'{"key":' + orjson.dumps(e.key) + b',"value":' + e.value + b"}" for e in entries)
+def _entries_json(entries: list[Entry]) -> bytes:
+    dumps = orjson.dumps
+    return b",".join([b'{"key":' + dumps(k) + b',"value":' + v + b"}" for k, v in entries])
 
 
 def success(message: str | None = None, **fields: Any) -> bytes:

@@ -26,7 +26,6 @@ import lmdb
 import orjson
 
 from fuckbase.storage.interface import (
-    BASIC,
     AccessCheck,
     BatchKeyNotFound,
     BatchOp,
@@ -884,9 +883,25 @@ class View:
     def lookup(self, db: Database, set_name: str, index: str, text: str) -> list[Entry]:
         st = self._set(db, set_name)
         ix = self._ready_index(st, index)
-        prefix = ix.prefix + (b"\x00" if ix.definition.kind != BASIC else b"") + K.group_token(text)
-        keys, exact = _scan_keys(self._txn.cursor(db=self._s.index), prefix, ix.definition.kind != BASIC)
-        if not exact or ix.definition.kind != BASIC:
+        cur = self._txn.cursor(db=self._s.index)
+        if not ix.basic:
+            keys, _ = _scan_keys(cur, ix.prefix + b"\x00" + K.group_token(text), True)
+            keys.sort()
+            return self._values(st, keys)
+        prefix = ix.prefix + K.group_token(text)
+        n = len(prefix)
+        keys = []
+        long_keys = False
+        if cur.set_range(prefix):
+            for lkey, value in cur:  # basic records: the key in the LMDB key, unless it was too long
+                if not lkey.startswith(prefix):
+                    break
+                if value:
+                    keys.append(value)
+                    long_keys = True
+                else:
+                    keys.append(lkey[n:])
+        if long_keys:
             keys.sort()
         return self._values(st, keys)
 
