@@ -38,6 +38,12 @@ from compare import descendants  # noqa: E402
 from load import post, value  # noqa: E402
 
 LUA = Path(__file__).parent / "lua"
+SHOW_ERRORS = """
+local shown = 0
+response = function(status, headers, body)
+  if status ~= 200 and shown < 3 then shown = shown + 1; io.write("ERROR " .. status .. " " .. body .. "\\n") end
+end
+"""
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
@@ -139,6 +145,7 @@ def say(name: str, what: str) -> None:
 
 def load(s: Server, keys: int) -> None:
     asyncio.run(post(s.url, "/create", [b'{"name":"bench"}'], 1))
+    s.call("/set/create", {"database": "bench", "name": "users"})  # the original races on creating it
     started = time.perf_counter()
     step = 50_000
     for lo in range(0, keys, step):
@@ -185,6 +192,7 @@ def sorted_pages(s: Server) -> None:
     bodies = [json.dumps({"database": "bench", "set": "people", "key": f"p{i}", "value": {
         "dept": "eng", "hireDate": f"20{i % 25:02d}-01-{i % 28 + 1:02d}", "salary": i * 7 % 100_003}}).encode()
         for i in range(n)]
+    s.call("/set/create", {"database": "bench", "name": "people"})
     asyncio.run(post(s.url, "/set/put", bodies, 8))
     s.call("/index/create/sortable", {"database": "bench", "set": "people", "name": "by_dept",
                                       "primary_field": "dept", "sort_fields": ["salary", "hireDate"]})
@@ -218,12 +226,14 @@ def _latest(s: Server) -> str:
 
 def wrk_get(s: Server, connections: int, seconds: float, keys: int) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write((LUA / "get.lua").read_text() + (LUA / "report.lua").read_text())
+        f.write((LUA / "get.lua").read_text() + (LUA / "report.lua").read_text() + SHOW_ERRORS)
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "-s", f.name, s.url],
                          capture_output=True, text=True, env={**os.environ, "KEYS": str(keys)}).stdout
     os.unlink(f.name)
     m = re.search(r"RESULT rps=(\d+) p50_ms=([\d.]+) p99_ms=([\d.]+) errors=(\d+) requests=\d+ (\(.*\))", out)
-    return f"{m.group(1)} req/s, p50 {m.group(2)} ms, p99 {m.group(3)} ms, {m.group(4)} errors {m.group(5)}" if m else out
+    errors = "".join(f"\n      {line}" for line in out.splitlines() if line.startswith("ERROR"))
+    return (f"{m.group(1)} req/s, p50 {m.group(2)} ms, p99 {m.group(3)} ms, {m.group(4)} errors {m.group(5)}{errors}"
+            if m else out)
 
 
 def latency(s: Server, keys: int, backup_name: str) -> None:

@@ -217,3 +217,5 @@ def test_a_restore_is_atomic_for_readers_under_load(make_server: Any) -> None:
             t.join()
     assert reads > 100
     assert failures == []
+    metrics = srv.client.get("/metrics").text if srv.client is not None else ""
+    assert 'fuckbase_keys{database="shop"} 20000.0' in metrics  # nothing staged was reclaimed

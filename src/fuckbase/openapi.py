@@ -48,6 +48,22 @@ ENDPOINTS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
         {"database": _STR, "set": _STR, "key": _STR},
         ["database", "set", "key"],
     ),
+    "/set/batch": (
+        "Apply puts and deletes in one transaction, all or none [ext]",
+        {
+            "database": _STR,
+            "set": _STR,
+            "operations": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"op": {"type": "string", "enum": ["put", "delete"]}, "key": _STR, "value": _ANY},
+                    "required": ["op", "key"],
+                },
+            },
+        },
+        ["database", "set", "operations"],
+    ),
     "/index/create": (
         "Create a basic index on a field",
         {"database": _STR, "set": _STR, "name": _STR, "field": _STR},

@@ -484,3 +484,35 @@ def test_every_offset_of_a_page_agrees_with_the_rules(storage: Storage) -> None:
         want = present + sorted(k for k in rows if "v" not in rows[k])
         for offset in range(0, len(rows) + 2, 3):
             assert page(storage, "by", "x", [("v", desc)], offset, 7) == (len(rows), want[offset : offset + 7]), (desc, offset)
+
+
+def test_housekeeping_during_a_restore_keeps_what_is_staged(storage: Storage, reopen: Callable[[], Storage]) -> None:
+    """Reclaiming runs while a restore stages (the job process does both): it must leave the
+    staged data alone; only a restore given up (abort, or a crash) is reclaimed."""
+    storage.create_database("d", None)
+    w = storage.restore_writer()
+    db = w.add_database()
+    db.name = "d"
+    w.add_index(db, "s", IndexDef("e", "e"))
+    for chunk in range(5):
+        w.write(db, "s", [(f"k{chunk}-{i}", {"e": i % 3}, b'{"e":%d}' % (i % 3)) for i in range(500)])
+        while storage.maintain():
+            pass
+    w.commit(replace_all=False)
+    with storage.read() as view:
+        assert view.key_counts() == {"d": 2500}
+        assert len(view.lookup(view.database("d"), "s", "e", "1")) == 5 * 167  # i % 3 == 1 for 167 of 500
+    crashed = storage.restore_writer()  # staged, then the process "dies": nothing commits or aborts
+    staged = crashed.add_database()
+    staged.name = "d"
+    crashed.write(staged, "s", [("lost", 1, b"1")])
+    storage.close()
+    again = reopen()
+    try:
+        while again.maintain():
+            pass
+        with again.read() as view:
+            assert view.key_counts() == {"d": 2500}
+            assert view.get(view.database("d"), "s", "lost") is None
+    finally:
+        again.close()

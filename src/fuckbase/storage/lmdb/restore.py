@@ -10,7 +10,10 @@ from typing import Any, cast
 from fuckbase.storage.interface import Credentials, Database, IndexDef
 from fuckbase.storage.lmdb import keys as K
 from fuckbase.storage.lmdb.catalog import IndexState, SetState, StoredDatabase, index_record
-from fuckbase.storage.lmdb.store import _GC_INDEX, _GC_SET, STAGE_CHUNK, LmdbStorage, Writer, sequence_of
+from fuckbase.storage.lmdb.store import STAGE_CHUNK, LmdbStorage, Writer, sequence_of
+
+_STAGED_SET = b"S"
+_STAGED_INDEX = b"I"
 
 
 class LmdbSnapshot:
@@ -62,9 +65,10 @@ class StagedDatabase:
 
 
 class LmdbRestoreWriter:
-    """Stages under fresh set and index ids, each marked for reclaiming from the moment it
-    exists: an abandoned or crashed restore leaves nothing behind. The swap drops those marks
-    and marks what it replaces instead."""
+    """Stages under fresh set and index ids, each marked as staged from the moment it exists;
+    the housekeeping leaves staged ids alone, an abort or the next start-up after a crash hands
+    them to reclaiming, so a restore given up leaves nothing behind. The swap drops the marks
+    and marks what it replaces for reclaiming instead."""
 
     def __init__(self, storage: LmdbStorage) -> None:
         self._s = storage
@@ -86,7 +90,7 @@ class LmdbRestoreWriter:
     def _set(self, db: StagedDatabase, name: str) -> _StagedSet:
         st = db.sets.get(name)
         if st is None:
-            st = db.sets[name] = _StagedSet(name, self._new_id(_GC_SET))
+            st = db.sets[name] = _StagedSet(name, self._new_id(_STAGED_SET))
         return st
 
     def add_set(self, db: Any, name: str) -> None:
@@ -96,7 +100,7 @@ class LmdbRestoreWriter:
         st = self._set(db, set_name)
         if any(ix.definition.name == definition.name for ix in st.indexes):
             raise ValueError(f"index {definition.name!r} appears twice for set {set_name!r}")
-        ix = IndexState(definition, self._new_id(_GC_INDEX), ready=True)
+        ix = IndexState(definition, self._new_id(_STAGED_INDEX), ready=True)
         st.indexes.append(ix)
         if st.filled:
             st.late.append(ix)
@@ -149,9 +153,9 @@ class LmdbRestoreWriter:
             for staged in self._dbs:
                 sets: dict[str, Any] = {}
                 for st in staged.sets.values():
-                    w.unmark(_GC_SET, K.id_bytes(st.id))
+                    w.unmark(_STAGED_SET, K.id_bytes(st.id))
                     for ix in st.indexes:
-                        w.unmark(_GC_INDEX, ix.prefix)
+                        w.unmark(_STAGED_INDEX, ix.prefix)
                     sets[st.name] = {"id": st.id, "indexes": {ix.definition.name: index_record(ix) for ix in st.indexes}}
                 auth = dict(staged.auth) if staged.auth else None
                 w.save(cast(str, staged.name), {"id": w.new_id(), "auth": auth, "sets": sets})
@@ -161,4 +165,7 @@ class LmdbRestoreWriter:
         self._dbs = []
 
     def abort(self) -> None:
+        marks = [m for db in self._dbs for st in db.sets.values() for m in (
+            _STAGED_SET + K.id_bytes(st.id), *(_STAGED_INDEX + ix.prefix for ix in st.indexes))]
         self._dbs = []
+        self._s.release_staged(marks)

@@ -80,6 +80,9 @@ _FORMAT_KEY = b"format"
 _CONSUMER = b"consumer:"
 _GC_SET = b"s"
 _GC_INDEX = b"i"
+# ids a restore is staging under: reclaimed only once that restore is given up (its own
+# abort, or the start-up of a process after a crash), never while it runs
+_STAGED = {b"S": _GC_SET, b"I": _GC_INDEX}
 
 
 class NotUpgraded(StorageError):
@@ -141,6 +144,7 @@ class LmdbStorage:
             upgrade_if_needed(self)
         if primary:
             self._abandon_unfinished_builds()
+            self.release_staged(None)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -468,9 +472,20 @@ class LmdbStorage:
             more = self._trim_changes() or more
         return more
 
+    def release_staged(self, marks: list[bytes] | None) -> None:
+        """Hands staged ids over to reclaiming: `marks`, or every one (at start-up)."""
+
+        def op(w: Writer) -> None:
+            staged = marks if marks is not None else [k for k, _ in w.txn.cursor(db=self.gc) if k[:1] in _STAGED]
+            for mark in staged:
+                if w.txn.delete(mark, db=self.gc):
+                    w.txn.put(_STAGED[mark[:1]] + mark[1:], b"", db=self.gc)
+
+        self.write(op, numbered=False)
+
     def _reclaim_some(self) -> bool:
         with self.env.begin() as txn:
-            marks = [k for k, _ in txn.cursor(db=self.gc)]
+            marks = [k for k, _ in txn.cursor(db=self.gc) if k[:1] not in _STAGED]
         for mark in marks:
             if self.write(partial(Writer.reclaim, mark=mark, limit=RECLAIM_CHUNK), numbered=False):
                 return True
