@@ -32,6 +32,7 @@ from obstore.exceptions import (
 from obstore.store import S3Store as _ObstoreS3
 
 if TYPE_CHECKING:
+    from obstore import GetOptions
     from obstore.store import RetryConfig, S3Config
 
 T = TypeVar("T")
@@ -179,6 +180,9 @@ def _s3_failure(exc: BaseException, op_timeout: float) -> tuple[str, str]:
     if detail:
         return "error", f"S3 answered {detail}"
     return "error", f"S3 error: {text.splitlines()[0][:300]}"
+
+
+RANGE_BYTES = 1 << 20  # per request of a download
 
 
 class S3ObjectStore:
@@ -352,19 +356,35 @@ class S3ObjectStore:
         await self._call(f"write {key}", put)
 
     async def get_stream(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
-        """Start the download now (NotFound surfaces here); the iterator bounds each chunk wait."""
+        """The object in ranges of RANGE_BYTES, one request each and the next one under way
+        while the last is consumed: memory stays bounded however fast the store sends (one
+        streaming request let the client buffer the whole object). Every range must come from
+        the same version of the object (If-Match on its ETag). NotFound surfaces here."""
         _check_key(key)
         action = f"read {key}"
-        result = await self._call(action, obstore.get_async(self._download_store, key))
-        return self._chunks(action, result.stream(min_chunk_size=chunk_size))
+        meta = await self._call(action, obstore.head_async(self._store, key))
+        return self._ranges(action, key, int(meta["size"]), meta.get("e_tag"))
 
-    async def _chunks(self, action: str, stream: Any) -> AsyncIterator[bytes]:
-        while True:
-            try:
-                chunk = await self._call(action, stream.__anext__())
-            except StopAsyncIteration:
-                return
-            yield bytes(chunk)
+    async def _ranges(self, action: str, key: str, size: int, etag: str | None) -> AsyncIterator[bytes]:
+        async def fetch(start: int) -> bytes:
+            options: GetOptions = {"range": (start, min(size, start + RANGE_BYTES))}
+            if etag:
+                options["if_match"] = etag
+            result = await obstore.get_async(self._download_store, key, options=options)
+            return bytes(await result.bytes_async())
+
+        if size == 0:
+            return
+        ahead = asyncio.ensure_future(self._call(action, fetch(0)))
+        try:
+            for start in range(0, size, RANGE_BYTES):
+                chunk = await ahead
+                if start + RANGE_BYTES < size:
+                    ahead = asyncio.ensure_future(self._call(action, fetch(start + RANGE_BYTES)))
+                yield chunk
+        finally:
+            if not ahead.done():
+                ahead.cancel()
 
     async def get_bytes(self, key: str) -> bytes:
         _check_key(key)
