@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import itertools
 import os
 import re
 import secrets
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -183,6 +185,7 @@ def _s3_failure(exc: BaseException, op_timeout: float) -> tuple[str, str]:
 
 
 RANGE_BYTES = 1 << 20  # per request of a download
+RANGES_AHEAD = 4  # requests under way while the data is consumed
 
 
 class S3ObjectStore:
@@ -356,8 +359,8 @@ class S3ObjectStore:
         await self._call(f"write {key}", put)
 
     async def get_stream(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
-        """The object in ranges of RANGE_BYTES, one request each and the next one under way
-        while the last is consumed: memory stays bounded however fast the store sends (one
+        """The object in ranges of RANGE_BYTES, one request each, RANGES_AHEAD of them under
+        way while the data is consumed: memory stays bounded however fast the store sends (one
         streaming request let the client buffer the whole object). Every range must come from
         the same version of the object (If-Match on its ETag). NotFound surfaces here."""
         _check_key(key)
@@ -373,18 +376,19 @@ class S3ObjectStore:
             result = await obstore.get_async(self._download_store, key, options=options)
             return bytes(await result.bytes_async())
 
-        if size == 0:
-            return
-        ahead = asyncio.ensure_future(self._call(action, fetch(0)))
+        starts = iter(range(0, size, RANGE_BYTES))
+        ahead: deque[asyncio.Future[bytes]] = deque()
         try:
-            for start in range(0, size, RANGE_BYTES):
-                chunk = await ahead
-                if start + RANGE_BYTES < size:
-                    ahead = asyncio.ensure_future(self._call(action, fetch(start + RANGE_BYTES)))
+            for start in itertools.islice(starts, RANGES_AHEAD):
+                ahead.append(asyncio.ensure_future(self._call(action, fetch(start))))
+            while ahead:
+                chunk = await ahead.popleft()
+                for start in itertools.islice(starts, 1):
+                    ahead.append(asyncio.ensure_future(self._call(action, fetch(start))))
                 yield chunk
         finally:
-            if not ahead.done():
-                ahead.cancel()
+            for f in ahead:
+                f.cancel()
 
     async def get_bytes(self, key: str) -> bytes:
         _check_key(key)
