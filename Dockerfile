@@ -3,7 +3,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install --no-cache-dir . && useradd --system --home /data fuckbase && mkdir -p /data && chown fuckbase /data
+RUN pip install --no-cache-dir '.[server]' && useradd --system --home /data fuckbase && mkdir -p /data && chown fuckbase /data
 USER fuckbase
 VOLUME /data
 EXPOSE 8080

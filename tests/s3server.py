@@ -7,6 +7,7 @@ Use from a test module: `from s3server import s3, fresh_bucket  # noqa: F401`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import random
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -209,3 +211,51 @@ def s3() -> Iterator[SeaweedS3]:
 def fresh_bucket() -> str:
     """A bucket name no test has used yet; the bucket itself is not created."""
     return f"test-{uuid.uuid4().hex[:16]}"
+
+
+class CorruptingProxy:
+    """A TCP proxy in front of S3 that changes `needle` into `replacement` (same length) in
+    what clients send, as a faulty proxy or NIC would; answers pass unchanged."""
+
+    def __init__(self, target_port: int, needle: bytes, replacement: bytes) -> None:
+        assert len(needle) == len(replacement)
+        self.needle, self.replacement = needle, replacement
+        self.target_port = target_port
+        self.changed = 0
+        self._listener = socket.create_server((HOST, 0))
+        self.endpoint = f"http://{HOST}:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((HOST, self.target_port))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, corrupt: bool) -> None:
+        held = b""  # the tail of the last read, in case the needle is split across reads
+        try:
+            while data := src.recv(65536):
+                if not corrupt:
+                    dst.sendall(data)
+                    continue
+                data = held + data
+                self.changed += data.count(self.needle)
+                data = data.replace(self.needle, self.replacement)
+                keep = next((n for n in range(len(self.needle) - 1, 0, -1) if data.endswith(self.needle[:n])), 0)
+                held, data = (data[-keep:], data[:-keep]) if keep else (b"", data)
+                dst.sendall(data)
+            dst.sendall(held)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._listener.close()

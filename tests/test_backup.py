@@ -369,6 +369,48 @@ def test_backup_endpoints_need_admin(make_server: Any) -> None:
     assert srv.ok("/backup/list", {}, headers=hdr)["backups"] == []
 
 
+def test_restores_over_protected_databases_need_their_credentials(server: ServerProcess) -> None:
+    """With no admin configured, a drop of a protected database needs its credentials: so does
+    a restore that replaces or removes one. Refused restores change nothing."""
+    creds = {"username": "alice", "password": "s3cr3t"}
+    alice = {"Authorization": basic("alice", "s3cr3t")}
+    fill(server, "open", 3)
+    server.ok("/create", {"name": "vault", "auth": creds})
+    server.ok("/set/put", {"database": "vault", "set": "s", "key": "k", "value": "before"}, headers=alice)
+    full = server.ok("/backup/create", {})["backup_name"]
+    one = server.ok("/backup/create", {"database": "vault"})["backup_name"]
+    server.ok("/set/put", {"database": "vault", "set": "s", "key": "k", "value": "after"}, headers=alice)
+    err(server, "/drop", {"name": "vault"}, 401, "AUTH_FAILED")
+    for name in (full, one):
+        err(server, "/backup/restore", {"backup_name": name}, 401, "AUTH_FAILED")
+        r = server.post("/backup/restore", {"backup_name": name}, headers={"Authorization": basic("alice", "wrong")})
+        assert r.status_code == 401
+        assert server.ok("/set/get", {"database": "vault", "set": "s", "key": "k"}, headers=alice)["data"] == "after"
+    # a restore of another database needs nothing; with the credentials, both restore
+    other = server.ok("/backup/create", {"database": "open"})["backup_name"]
+    server.ok("/backup/restore", {"backup_name": other})
+    server.ok("/backup/restore", {"backup_name": one}, headers=alice)
+    assert server.ok("/set/get", {"database": "vault", "set": "s", "key": "k"}, headers=alice)["data"] == "before"
+    server.ok("/set/put", {"database": "vault", "set": "s", "key": "k", "value": "after"}, headers=alice)
+    server.ok("/backup/restore", {"backup_name": full, "auth": creds})
+    assert server.ok("/set/get", {"database": "vault", "set": "s", "key": "k"}, headers=alice)["data"] == "before"
+    # a full backup taken before "vault" existed would remove it: refused the same way
+    server.ok("/drop", {"name": "vault"}, headers=alice)
+    bare = server.ok("/backup/create", {})["backup_name"]
+    server.ok("/create", {"name": "vault", "auth": creds})
+    err(server, "/backup/restore", {"backup_name": bare}, 401, "AUTH_FAILED")
+    server.ok("/backup/restore", {"backup_name": bare}, headers=alice)
+    err(server, "/set/list", {"database": "vault"}, 404, "DB_NOT_FOUND")
+
+
+def test_restores_by_the_admin_need_only_the_admin(make_server: Any) -> None:
+    srv = make_server(args=["--admin-username", "root", "--admin-password", "pw"])
+    admin = {"X-Admin-Authorization": basic("root", "pw")}
+    srv.ok("/create", {"name": "vault", "auth": {"username": "alice", "password": "s3cr3t"}}, headers=admin)
+    name = srv.ok("/backup/create", {"database": "vault"}, headers=admin)["backup_name"]
+    srv.ok("/backup/restore", {"backup_name": name}, headers=admin)
+
+
 def test_backup_cli(make_server: Any) -> None:
     import os
     import subprocess

@@ -22,7 +22,7 @@ import obstore
 import pytest
 import zstandard
 from conftest import ServerProcess, basic
-from s3server import SeaweedS3, fresh_bucket, s3  # noqa: F401
+from s3server import CorruptingProxy, SeaweedS3, fresh_bucket, s3  # noqa: F401
 
 STAMP = r"\d{8}-\d{6}(?:_\d+)?"
 # Fault timings measured by the tests below, printed at the end of the module (pytest -s).
@@ -428,8 +428,10 @@ def test_original_object_with_plaintext_auth_restores(make_server: Any, s3: Seaw
     srv.ok("/drop", {"name": "legacy"}, headers=auth)
     srv.ok("/backup/restore", {"backup_name": ours})
     assert get(srv, "legacy", "users", "u3", headers=auth)["age"] == 41
-    # and the original's full backup restores too
-    srv.ok("/backup/restore", {"backup_name": full_name})
+    # and the original's full backup restores too: it removes "legacy", so only with its credentials
+    err(srv, "/backup/restore", {"backup_name": full_name}, 401, "AUTH_FAILED")
+    assert get(srv, "legacy", "users", "u3", headers=auth)["age"] == 41
+    srv.ok("/backup/restore", {"backup_name": full_name}, headers=auth)
     assert get(srv, "plain", "users", "c0000002") == {"email": "c2@x", "n": 2}
     err(srv, "/set/list", {"database": "legacy"}, 404, "DB_NOT_FOUND")
 
@@ -717,6 +719,42 @@ def test_reads_go_on_while_a_restore_hangs_on_frozen_s3(make_server: Any, own_s3
     assert lr.status_code == 504 and lr.json()["code"] == "LIST_FAILED", lr.text
     assert call.elapsed < 20 and listing.elapsed < 20
     assert_shop_unchanged(srv)
+
+
+def test_a_backup_damaged_on_the_way_is_never_acknowledged(make_server: Any, s3: SeaweedS3,  # noqa: F811
+                                                            fresh_bucket: str) -> None:  # noqa: F811
+    """A proxy flips bytes of what is uploaded: every backup fails with BACKUP_FAILED (the
+    object is read back and compared) instead of answering success for a corrupt object."""
+    proxy = CorruptingProxy(s3.s3_port, b"needle-value", b"needle-vblue")
+    try:
+        srv = make_server(s3_args(s3, fresh_bucket, endpoint=proxy.endpoint))
+        srv.ok("/create", {"name": "shop"})
+        srv.ok("/set/put", {"database": "shop", "set": "users", "key": "k", "value": {"v": "needle-value"}})
+        for _ in range(4):
+            r = srv.post("/backup/create", {"database": "shop"})
+            assert r.status_code == 502 and r.json()["code"] == "BACKUP_FAILED", r.text
+            assert "differs from what was sent" in r.json()["message"], r.text
+        assert proxy.changed >= 4
+        assert srv.ok("/set/get", {"database": "shop", "set": "users", "key": "k"})["data"] == {"v": "needle-value"}
+        # once the path is healthy again, backups succeed and verify
+        proxy.needle = proxy.replacement = b"-nothing-to-change-"
+        name = srv.ok("/backup/create", {"database": "shop"})["backup_name"]
+        assert srv.ok("/backup/verify", {"backup_name": name})["checksum"] == "verified"
+    finally:
+        proxy.close()
+
+
+def test_our_backup_without_its_checksum_file_is_refused(make_server: Any, s3: SeaweedS3,  # noqa: F811
+                                                         fresh_bucket: str) -> None:  # noqa: F811
+    srv = make_server(s3_args(s3, fresh_bucket))
+    fill(srv, n=5)
+    name = srv.ok("/backup/create", {"database": "shop"})["backup_name"]
+    obstore.delete(s3.store(fresh_bucket), name + ".sha256")
+    for path in ("/backup/verify", "/backup/restore"):
+        r = srv.post(path, {"backup_name": name})
+        assert r.status_code == 422 and r.json()["code"] == "BACKUP_INVALID", r.text
+        assert "checksum file" in r.json()["message"]
+    assert srv.ok("/set/get", {"database": "shop", "set": "users", "key": "u1"})["data"]["n"] == 1
 
 
 def test_wrong_credentials(make_server: Any, s3: SeaweedS3, fresh_bucket: str) -> None:  # noqa: F811

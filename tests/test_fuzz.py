@@ -8,7 +8,7 @@ from conftest import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuckbase.openapi import ENDPOINTS
+from fuckbase.contract import BY_PATH
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
@@ -22,7 +22,7 @@ fields = st.sampled_from(
 )
 bodies = st.dictionaries(fields, names | json_values, max_size=7)
 raw_bodies = st.binary(max_size=200)
-paths = st.sampled_from(sorted(ENDPOINTS))
+paths = st.sampled_from(sorted(BY_PATH))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

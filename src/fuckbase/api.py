@@ -2,22 +2,24 @@
 
 Each handler takes the parsed JSON body and the request's headers and returns the response
 body as bytes; failures are ApiError (or a storage error, which `error_for` maps to one).
-Nothing here knows about HTTP framing or which process runs it: `ROUTES` says which
-operations are long (index builds, backups, password hashing) and run apart from the rest.
+Every body is first checked against the endpoint's fields in the contract's table (presence
+and JSON types); the handlers check the rest (names, limits, meaning). Nothing here knows
+about HTTP framing or which process runs it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from fuckbase import __version__
-from fuckbase.auth import AdminGuard, DatabaseGuard, body_credentials, make_db_auth
+from fuckbase.auth import AdminGuard, DatabaseGuard, body_credentials, make_db_auth, parse_basic
+from fuckbase.contract import ENDPOINTS, MAX_SORT_FIELDS, Endpoint, ErrorCode, InvalidField, validator
 from fuckbase.errors import ApiError, invalid
 from fuckbase.names import MAX_KEY_BYTES, MAX_NAME_CHARS, is_database_name, is_key, is_object_name
 from fuckbase.storage import (
@@ -39,7 +41,6 @@ from fuckbase.storage import (
     StorageFull,
     StorageUnavailable,
 )
-from fuckbase.storage.values import match_text
 
 if TYPE_CHECKING:
     from fuckbase.backup import BackupService
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fuckbase.api")
 
 DEFAULT_LIMIT = 10
-MAX_SORT_FIELDS = 32
 # names that passed validation, by kind: most requests repeat a few names
 _VALID_DB_NAMES: set[str] = set()
 _VALID_OBJECT_NAMES: set[str] = set()
@@ -69,72 +69,50 @@ Handler = Callable[[dict[str, Any], Headers], bytes]
 AsyncHandler = Callable[[dict[str, Any], Headers], Awaitable[bytes]]
 
 
-@dataclass(frozen=True)
-class Route:
-    """`long`: may run for seconds (a build, an upload, scrypt) and is served apart from short
-    requests; `writes`: commits data, so durability "fsync" waits for a flush before answering."""
-
-    handler: str
-    long: bool = False
-    writes: bool = False
-
-
-ROUTES: dict[str, Route] = {
-    "/create": Route("create_database", long=True, writes=True),
-    "/drop": Route("drop_database", writes=True),
-    "/server/info": Route("server_info"),
-    "/set/create": Route("create_set", writes=True),
-    "/set/list": Route("list_sets"),
-    "/set/put": Route("put", writes=True),
-    "/set/get": Route("get"),
-    "/set/delete": Route("delete", writes=True),
-    "/set/batch": Route("batch", writes=True),
-    "/index/create": Route("create_index", long=True, writes=True),
-    "/index/create/sortable": Route("create_sortable_index", long=True, writes=True),
-    "/index/drop": Route("drop_index", writes=True),
-    "/index/query": Route("query"),
-    "/index/query/sorted": Route("query_sorted"),
-    "/index/query/multi-sorted": Route("query_multi_sorted"),
-    "/backup/create": Route("backup_create", long=True),
-    "/backup/list": Route("backup_list", long=True),
-    "/backup/restore": Route("backup_restore", long=True, writes=True),
-    "/backup/verify": Route("backup_verify", long=True),
-}
-BACKUP_PATHS = frozenset(p for p in ROUTES if p.startswith("/backup/"))
+BACKUP_PATHS = frozenset(e.path for e in ENDPOINTS if e.path.startswith("/backup/"))
 
 
 def error_for(exc: StorageError) -> ApiError:
     """The contract's status and code for a storage error."""
     if isinstance(exc, NotFound):
-        code = {"database": "DB_NOT_FOUND", "set": "SET_NOT_FOUND", "index": "INDEX_NOT_FOUND"}.get(
-            exc.what, "KEY_NOT_FOUND"
-        )
-        return ApiError(404, code, str(exc))
+        return ApiError(404, _NOT_FOUND.get(exc.what, ErrorCode.KEY_NOT_FOUND), str(exc))
     if isinstance(exc, AlreadyExists):
-        codes = {DatabaseExists: "DB_ALREADY_EXISTS", SetExists: "SET_ALREADY_EXISTS", IndexExists: "INDEX_ALREADY_EXISTS"}
-        return ApiError(409, codes.get(type(exc), "ALREADY_EXISTS"), str(exc))
+        return ApiError(409, _EXISTS.get(type(exc), ErrorCode.DB_ALREADY_EXISTS), str(exc))
     if isinstance(exc, StorageFull):
-        return ApiError(507, "INSUFFICIENT_STORAGE", str(exc))
+        return ApiError(507, ErrorCode.INSUFFICIENT_STORAGE, str(exc))
     if isinstance(exc, StorageUnavailable):
-        return ApiError(503, "STORAGE_UNAVAILABLE", str(exc))
+        return ApiError(503, ErrorCode.STORAGE_UNAVAILABLE, str(exc))
     log.error("storage failure: %s", exc)
-    return ApiError(500, "INTERNAL_ERROR", "storage failure")
+    return ApiError(500, ErrorCode.INTERNAL_ERROR, "storage failure")
+
+
+_NOT_FOUND = {"database": ErrorCode.DB_NOT_FOUND, "set": ErrorCode.SET_NOT_FOUND, "index": ErrorCode.INDEX_NOT_FOUND}
+_EXISTS: dict[type[AlreadyExists], ErrorCode] = {
+    DatabaseExists: ErrorCode.DB_ALREADY_EXISTS, SetExists: ErrorCode.SET_ALREADY_EXISTS,
+    IndexExists: ErrorCode.INDEX_ALREADY_EXISTS,
+}
 
 
 # ---------------------------------------------------------------- field validation
 
 
-def text_field(body: dict[str, Any], name: str) -> str:
-    v = body.get(name)
-    if v is None or v == "":
-        raise invalid(f'"{name}" is required')
-    if not isinstance(v, str):
-        raise invalid(f'"{name}" must be a string')
-    return v
+def checked(endpoint: Endpoint, handler: Callable[[dict[str, Any], Headers], Any]) -> Any:
+    """The handler, behind the check of the endpoint's declared fields."""
+    check = validator(endpoint.request_fields())
+
+    def run(body: dict[str, Any], headers: Headers) -> Any:
+        try:
+            check(body)
+        except InvalidField as exc:
+            raise invalid(str(exc)) from None
+        return handler(body, headers)
+
+    return run
 
 
 def database_name(body: dict[str, Any], field: str = "database") -> str:
-    name = text_field(body, field)
+    """A name given (the table's check has seen it is a non-empty string), checked for the rules."""
+    name: str = body[field]
     if name in _VALID_DB_NAMES:
         return name
     if not is_database_name(name):
@@ -149,7 +127,7 @@ def database_name(body: dict[str, Any], field: str = "database") -> str:
 
 def object_name(body: dict[str, Any], field: str) -> str:
     """A set or index name: 1-256 characters, no control characters."""
-    name = text_field(body, field)
+    name: str = body[field]
     if name in _VALID_OBJECT_NAMES:
         return name
     if not is_object_name(name):
@@ -165,7 +143,7 @@ def _remember(cache: set[str], name: str) -> None:
 
 
 def key_field(body: dict[str, Any]) -> str:
-    key = text_field(body, "key")
+    key: str = body["key"]
     if not is_key(key):
         raise invalid(f'"key" must be at most {MAX_KEY_BYTES} bytes of UTF-8')
     return key
@@ -179,43 +157,28 @@ def value_json(value: Any) -> bytes:
 
 
 def _int_field(obj: dict[str, Any], name: str, default: int) -> int:
-    v = obj.get(name, default)
+    v: int | None = obj.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    if v < 0:
         raise invalid(f'"pagination.{name}" must be a non-negative integer')
     return v
 
 
-def _order(spec: Any, definition: IndexDef) -> tuple[str, bool]:
-    if not isinstance(spec, dict):
-        raise invalid('each sort must be an object {"field": …, "order": "asc"|"desc"}')
-    field = spec.get("field")
-    if not isinstance(field, str) or not field:
-        raise invalid('"sort.field" is required')
+def _order(spec: dict[str, Any], definition: IndexDef) -> tuple[str, bool]:
+    field = spec["field"]
     if field not in definition.sort_fields:
         raise invalid(
             f"sort field {field!r} is not one of the index's sort fields {list(definition.sort_fields)}"
         )
     order = spec.get("order") or "asc"
-    if not isinstance(order, str) or order.lower() not in ("asc", "desc"):
+    if order.lower() not in ("asc", "desc"):
         raise invalid('"sort.order" must be "asc" or "desc"')
     return field, order.lower() == "desc"
 
 
-def _match_value(body: dict[str, Any]) -> str:
-    if "value" not in body:
-        raise invalid('"value" is required')
-    v = body["value"]
-    if isinstance(v, (dict, list)) or v is None:
-        raise invalid('"value" must be a string (or a number or boolean)')
-    return match_text(v)
-
-
 def _batch_ops(body: dict[str, Any]) -> list[BatchOp]:
-    raw_ops = body.get("operations")
-    if not isinstance(raw_ops, list):
-        raise invalid('"operations" must be a list of {"op": "put"|"delete", "key", "value"?}')
+    raw_ops: list[Any] = body["operations"]
     ops: list[BatchOp] = []
     append, dumps = ops.append, orjson.dumps
     for i, o in enumerate(raw_ops):
@@ -277,10 +240,10 @@ class Api:
         self.started = time.monotonic()
         self._info = info
         self.handlers: dict[str, Handler] = {
-            path: getattr(self, route.handler) for path, route in ROUTES.items() if path not in BACKUP_PATHS
+            e.path: checked(e, getattr(self, e.handler)) for e in ENDPOINTS if e.path not in BACKUP_PATHS
         }
         self.async_handlers: dict[str, AsyncHandler] = {
-            path: getattr(self, ROUTES[path].handler) for path in BACKUP_PATHS
+            e.path: checked(e, getattr(self, e.handler)) for e in ENDPOINTS if e.path in BACKUP_PATHS
         }
 
     def _view_database(self, view: Any, body: dict[str, Any], headers: Headers) -> Database:
@@ -342,8 +305,6 @@ class Api:
     def put(self, body: dict[str, Any], headers: Headers) -> bytes:
         set_name = object_name(body, "set")
         key = key_field(body)
-        if "value" not in body:
-            raise invalid('"value" is required')
         value = body["value"]
         self.storage.put(database_name(body), set_name, key, value, value_json(value), self._access(body, headers))
         return PUT_OK
@@ -355,7 +316,7 @@ class Api:
             db = self._view_database(view, body, headers)
             raw = view.get(db, set_name, key)
         if raw is None:
-            raise ApiError(404, "KEY_NOT_FOUND", f"key {key!r} not found")
+            raise ApiError(404, ErrorCode.KEY_NOT_FOUND, f"key {key!r} not found")
         return b'{"status":"success","data":' + raw + b"}"
 
     def delete(self, body: dict[str, Any], headers: Headers) -> bytes:
@@ -384,12 +345,8 @@ class Api:
         set_name = object_name(body, "set")
         name = object_name(body, "name")
         field = object_name(body, "primary_field")
-        sort_fields = body.get("sort_fields")
-        if (
-            not isinstance(sort_fields, list)
-            or not sort_fields
-            or not all(isinstance(f, str) and f for f in sort_fields)
-        ):
+        sort_fields: list[str] = body["sort_fields"]
+        if not sort_fields or not all(sort_fields):
             raise invalid('"sort_fields" must be a non-empty list of field names')
         if len(set(sort_fields)) != len(sort_fields):
             raise invalid('"sort_fields" must not repeat a field')
@@ -407,7 +364,7 @@ class Api:
 
     def query(self, body: dict[str, Any], headers: Headers) -> bytes:
         name = object_name(body, "index")
-        text = _match_value(body)
+        text: str = body["value"]
         set_name = object_name(body, "set")
         with self.storage.read() as view:
             db = self._view_database(view, body, headers)
@@ -422,11 +379,9 @@ class Api:
 
     def _sorted(self, body: dict[str, Any], headers: Headers, multi: bool) -> bytes:
         name = object_name(body, "index")
-        text = _match_value(body)
+        text: str = body["value"]
         set_name = object_name(body, "set")
         pagination = body.get("pagination") or {}
-        if not isinstance(pagination, dict):
-            raise invalid('"pagination" must be an object {"offset", "limit"}')
         offset = _int_field(pagination, "offset", 0)
         limit = _int_field(pagination, "limit", DEFAULT_LIMIT) or DEFAULT_LIMIT
         with self.storage.read() as view:
@@ -436,7 +391,7 @@ class Api:
                 raise invalid(f"index {name!r} is not a sortable index")
             spec = body.get("sort")
             if multi:
-                if not isinstance(spec, list) or not spec:
+                if not spec:
                     raise invalid('"sort" must be a non-empty list of {"field", "order"}')
                 order = [_order(o, definition) for o in spec]
             else:
@@ -452,10 +407,10 @@ class Api:
     def _index_of(db: Database, set_name: str, name: str) -> IndexDef:
         s = db.sets.get(set_name)
         if s is None:
-            raise ApiError(404, "SET_NOT_FOUND", f"set {set_name!r} not found in database {db.name!r}")
+            raise ApiError(404, ErrorCode.SET_NOT_FOUND, f"set {set_name!r} not found in database {db.name!r}")
         definition = s.indexes.get(name)
         if definition is None:
-            raise ApiError(404, "INDEX_NOT_FOUND", f"index {name!r} not found in set {set_name!r}")
+            raise ApiError(404, ErrorCode.INDEX_NOT_FOUND, f"index {name!r} not found in set {set_name!r}")
         return definition
 
     # backups (coroutines: they wait on the object store)
@@ -486,9 +441,34 @@ class Api:
 
     async def backup_restore(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
-        result = await self._backup_service().restore(body.get("backup_name"))
+        backups = self._backup_service()
+        name = body["backup_name"]
+        check = None if self.admin.enabled else await self._may_replace(backups.replaces(name), body, headers)
+        result = await backups.restore(name, check)
         message = "All databases restored successfully" if result["full"] else "Database restored successfully"
         return success(message, **result)
+
+    async def _may_replace(self, target: str | None, body: dict[str, Any], headers: Headers) -> Callable[[Database], None]:
+        """With no admin configured, a restore may replace or remove a protected database only
+        with its credentials, as a drop may. They are checked here, before any download, on a
+        thread (scrypt); the returned check runs inside the restore's commit and refuses any
+        protected database they were not checked against (say, one created meanwhile)."""
+        with self.storage.read() as view:
+            names = view.database_names() if target is None else [n for n in [target] if n in view.database_names()]
+            protected = [db.auth for db in map(view.database, names) if db.auth]
+        verified: set[str] = set()
+        if protected:
+            creds = parse_basic(headers.get("authorization")) or body_credentials(body, "auth")
+            for stored in protected:
+                if creds is None or not await asyncio.to_thread(self.db_guard.verify, stored, creds):
+                    raise ApiError(401, ErrorCode.AUTH_FAILED, "Authentication failed: the restore replaces a protected database")
+                verified.add(stored["hash"])
+
+        def check(replaced: Database) -> None:
+            if replaced.auth and replaced.auth["hash"] not in verified:
+                raise ApiError(401, ErrorCode.AUTH_FAILED, "Authentication failed: the restore replaces a protected database")
+
+        return check
 
     async def backup_verify(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)

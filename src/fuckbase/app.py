@@ -1,6 +1,6 @@
 """From a request to a response in a worker: routing, JSON bodies, errors, metrics, the access log.
 
-Short operations run inline. Long ones (ROUTES[...].long) go to the job process and are
+Short operations run inline. Long ones (the contract's `long` endpoints) go to the job process and are
 awaited; a credential seen for the first time is verified on a thread and the request run
 again; with durability "fsync" a write is answered once a flush covers its commit.
 """
@@ -17,8 +17,9 @@ from typing import Any
 import orjson
 
 from fuckbase.accesslog import AccessLog
-from fuckbase.api import ROUTES, Api, error_for
-from fuckbase.auth import NeedsVerification
+from fuckbase.api import Api, error_for
+from fuckbase.auth import NeedsVerification, PasswordChecks, TooManyChecks
+from fuckbase.contract import BY_PATH, ErrorCode
 from fuckbase.errors import ApiError, invalid
 from fuckbase.http import Pending, Request, Response, answer_of, error_response
 from fuckbase.metrics import Metrics
@@ -108,7 +109,7 @@ class WriteGroup:
         exc = flush.exception()
         if exc is not None:
             log.error("fsync failed: %s", exc)
-            failed = error_response(500, "INTERNAL_ERROR", "the write is committed but not known to be on disk: fsync failed")
+            failed = error_response(500, ErrorCode.INTERNAL_ERROR, "the write is committed but not known to be on disk: fsync failed")
             answers = [(d, failed if r.status == 200 else r) for d, r in answers]
         _settle(answers)
 
@@ -143,7 +144,7 @@ def _error_response(exc: BaseException) -> Response:
         err = error_for(exc)
         return error_response(err.status, err.code, err.message)
     log.error("a write failed: %r", exc)
-    return error_response(500, "INTERNAL_ERROR", "internal error")
+    return error_response(500, ErrorCode.INTERNAL_ERROR, "internal error")
 
 
 class App:
@@ -166,20 +167,21 @@ class App:
         self.forward = forward
         self.group = group
         self.flush = flush  # durability "fsync": awaits a flush covering every commit so far
+        self.password_checks = PasswordChecks()
 
     def joins(self, req: Request) -> bool:
         """Whether the request would be a write of the current group."""
-        route = ROUTES.get(req.path)
+        route = BY_PATH.get(req.path)
         return route is not None and route.writes and not route.long and req.method == "POST"
 
     def __call__(self, req: Request) -> Response | Pending:
         started = time.perf_counter()
-        route = ROUTES.get(req.path)
+        route = BY_PATH.get(req.path)
         if route is None:
             response = self._non_api(req)
             label = req.path if req.path in self.get_routes else "other"
         elif req.method != "POST":
-            response = error_response(405, "METHOD_NOT_ALLOWED", "Only POST method is allowed", _ALLOW_POST)
+            response = error_response(405, ErrorCode.METHOD_NOT_ALLOWED, "Only POST method is allowed", _ALLOW_POST)
             label = req.path
         else:
             label = req.path
@@ -214,9 +216,9 @@ class App:
     def _non_api(self, req: Request) -> Response:
         get = self.get_routes.get(req.path)
         if get is None:
-            return error_response(404, "NOT_FOUND", f"no endpoint {req.path}")
+            return error_response(404, ErrorCode.NOT_FOUND, f"no endpoint {req.path}")
         if req.method not in ("GET", "HEAD"):
-            return error_response(405, "METHOD_NOT_ALLOWED", f"{req.path} answers GET", _ALLOW_GET)
+            return error_response(405, ErrorCode.METHOD_NOT_ALLOWED, f"{req.path} answers GET", _ALLOW_GET)
         response = get()
         if req.method == "HEAD":
             return Response(response.status, response.body, response.content_type, head_only=True)
@@ -224,7 +226,7 @@ class App:
 
     async def _forwarded(self, req: Request, raw: bytes) -> Response:
         response = await self.forward(req.path, raw, req.headers)
-        if ROUTES[req.path].writes and self.flush is not None and response.status == 200:
+        if BY_PATH[req.path].writes and self.flush is not None and response.status == 200:
             return await self._after_flush(response)
         return response
 
@@ -233,15 +235,19 @@ class App:
             response = await work
         except Exception:
             log.exception("unexpected error on %s", req.path)
-            response = error_response(500, "INTERNAL_ERROR", "internal error")
+            response = error_response(500, ErrorCode.INTERNAL_ERROR, "internal error")
         self._record(req, req.path, response.status, started=started)
         return response
 
     async def _verify_then_run(self, pending: NeedsVerification, req: Request, body: dict[str, Any]) -> Response:
-        if not await asyncio.to_thread(pending.verify):
-            return error_response(401, "AUTH_FAILED", "Authentication failed")
         try:
-            if not ROUTES[req.path].writes:
+            verified = await self.password_checks.verify(pending, req.peer)
+        except TooManyChecks as exc:
+            return error_response(429, ErrorCode.TOO_MANY_REQUESTS, str(exc), b"retry-after: %d\r\n" % exc.retry_after)
+        if not verified:
+            return error_response(401, ErrorCode.AUTH_FAILED, "Authentication failed")
+        try:
+            if not BY_PATH[req.path].writes:
                 return run_handler(self.api.handlers[req.path], body, req.headers)
             before = self.group.join()
             response = run_handler(self.api.handlers[req.path], body, req.headers)

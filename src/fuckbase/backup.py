@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import logging
 import os
 import re
@@ -48,6 +49,7 @@ from fuckbase.backupformat import (
     entry_line,
     set_header,
 )
+from fuckbase.contract import BACKUP_NAME_PATTERN, ErrorCode
 from fuckbase.errors import ApiError, invalid, not_found
 from fuckbase.metrics import counter, gauge
 from fuckbase.names import is_database_name, is_key, is_object_name
@@ -74,10 +76,10 @@ PENDING = b"pending"
 CHUNK_BYTES = 1 << 20
 CLEANUP_ATTEMPTS = 6  # a failed backup's leftovers are retried for about 10 minutes
 CLEANUP_PAUSE = 30.0
-_NAME = re.compile(r"backups/([A-Za-z0-9_.\-]{1,64})/(\d{8}-\d{6})(?:_(\d+))?(\.json(?:\.gz|\.zst)?)")
+_NAME = re.compile(BACKUP_NAME_PATTERN)
 
 
-def _storage_error(code: str, exc: ObjectStoreError) -> ApiError:
+def _storage_error(code: ErrorCode, exc: ObjectStoreError) -> ApiError:
     return ApiError(504 if exc.kind == "timeout" else 502, code, str(exc))
 
 
@@ -86,7 +88,7 @@ def parse_name(name: Any) -> re.Match[str]:
     if not isinstance(name, str) or not name:
         raise invalid('"backup_name" is required')
     m = _NAME.fullmatch(name)
-    if m is None or ".." in name.split("/"):
+    if m is None or m.group(1) in (".", ".."):
         raise invalid(
             '"backup_name" must look like backups/<database>/YYYYMMDD-HHMMSS.json (or .json.gz, .json.zst)'
         )
@@ -159,6 +161,7 @@ class BackupService:
                 await self.store.ensure_ready()
                 name = await self._claim(database or FULL_FOLDER)
                 stored = await self.store.put_stream(name, spool.chunks())
+                await self._check_stored(name, spool.stored.hexdigest(), stored)
                 sidecar = {
                     "sha256": counts.checksum.hexdigest(),
                     "json_size": counts.checksum.size,
@@ -167,12 +170,13 @@ class BackupService:
                     "database": database or "all",
                     "automatic": automatic,
                     "format": FORMAT_VERSION,
+                    "stored_sha256": spool.stored.hexdigest(),
                 }
                 await self.store.put_bytes(name + SIDECAR, orjson.dumps(sidecar))
             except ObjectStoreError as exc:
                 self.stats.failed("create", exc.kind)
                 await self._release(name)
-                raise _storage_error("BACKUP_FAILED", exc) from None
+                raise _storage_error(ErrorCode.BACKUP_FAILED, exc) from None
             except BaseException:
                 self.stats.failed("create", "error")
                 await self._release(name)
@@ -187,6 +191,18 @@ class BackupService:
         self.stats.last_bytes["create"] = stored
         log.info("backup %s written: %d entries, %d bytes in %.2fs", name, counts.entries, stored, elapsed)
         return {"backup_name": name, "size": stored, "entries": counts.entries, "database": database or "all"}
+
+    async def _check_stored(self, name: str, digest: str, size: int) -> None:
+        """Reads the object back and compares it with what was sent: a store or proxy that
+        damaged it on the way fails the backup instead of acknowledging a corrupt one."""
+        h = hashlib.sha256()
+        got = 0
+        async for chunk in await self.store.get_stream(name):
+            h.update(chunk)
+            got += len(chunk)
+        if got != size or h.hexdigest() != digest:
+            raise ObjectStoreError(f"the stored {name} differs from what was sent ({got} of {size} bytes read back,"
+                                   " checksum mismatch): damaged on the way or by the store", "corrupt")
 
     async def _release(self, name: str | None) -> None:
         """Forgets the claim of a failed backup in the background: the failing request returns
@@ -216,7 +232,7 @@ class BackupService:
                 return name
             except AlreadyExists:
                 continue
-        raise ApiError(503, "BACKUP_FAILED", "too many backups in one second")
+        raise ApiError(503, ErrorCode.BACKUP_FAILED, "too many backups in one second")
 
     # ------------------------------------------------------------------ list
 
@@ -226,7 +242,7 @@ class BackupService:
             objects = await self.store.list(prefix)
         except ObjectStoreError as exc:
             self.stats.failed("list", exc.kind)
-            raise _storage_error("LIST_FAILED", exc) from None
+            raise _storage_error(ErrorCode.LIST_FAILED, exc) from None
         out = []
         for obj in objects:
             m = _NAME.fullmatch(obj.key)
@@ -245,14 +261,21 @@ class BackupService:
 
     # ------------------------------------------------------------------ restore and verify
 
-    async def restore(self, name: Any) -> dict[str, Any]:
+    @staticmethod
+    def replaces(name: Any) -> str | None:
+        """The database a restore of this backup replaces; None: a full backup, all of them."""
+        folder = parse_name(name).group(1)
+        return None if folder == FULL_FOLDER else folder
+
+    async def restore(self, name: Any, check: Callable[[Database], None] | None = None) -> dict[str, Any]:
+        """`check` sees, inside the commit, each database about to be replaced or removed."""
         m = parse_name(name)
         started = time.monotonic()
         async with self._restore_lock:
             staging = self.storage.restore_writer()
             try:
                 result = await self._read(m, staging)
-                await asyncio.to_thread(staging.commit, result["full"])
+                await asyncio.to_thread(staging.commit, result["full"], check)
             except BaseException:
                 staging.abort()
                 raise
@@ -295,10 +318,10 @@ class BackupService:
                 await asyncio.to_thread(consume, chunk)
             await asyncio.to_thread(consume, None)
         except NotFound:
-            raise not_found("BACKUP_NOT_FOUND", f"no backup named {name!r}") from None
+            raise not_found(ErrorCode.BACKUP_NOT_FOUND, f"no backup named {name!r}") from None
         except ObjectStoreError as exc:
             self.stats.failed(op, exc.kind)
-            raise _storage_error("RESTORE_FAILED", exc) from None
+            raise _storage_error(ErrorCode.RESTORE_FAILED, exc) from None
         except (zlib.error, zstandard.ZstdError, EOFError, gzip.BadGzipFile) as exc:
             self.stats.failed(op, "invalid")
             raise BackupInvalid(f"cannot decompress: {exc}") from None
@@ -308,6 +331,10 @@ class BackupService:
         if expected is not None and expected.get("sha256") != checksum.hexdigest():
             self.stats.failed(op, "invalid")
             raise BackupInvalid("checksum mismatch: the object was changed or damaged")
+        if expected is None and reader.ours:
+            self.stats.failed(op, "invalid")
+            raise BackupInvalid(f"{name} was written by FuckBase but its checksum file {name}{SIDECAR} is missing,"
+                                " so its contents cannot be checked")
         if reader.full is not full:
             self.stats.failed(op, "invalid")
             what = "full backup" if full else "database backup"
@@ -319,7 +346,8 @@ class BackupService:
             "databases": applier.names,
             "entries": applier.entries,
             "size": size,
-            "checksum": "verified" if expected is not None else "none (backup has no checksum)",
+            "checksum": "verified" if expected is not None else "none (the original implementation writes no checksum)",
+            "written_by": "fuckbase" if reader.ours else "another implementation",
         }
 
     async def _sidecar(self, name: str) -> dict[str, Any] | None:
@@ -389,6 +417,7 @@ class _Spool:
 
     def __init__(self, snapshot: Snapshot, database: str | None, compression: str, directory: Path | None) -> None:
         self.counts = _Counts()
+        self.stored = hashlib.sha256()  # of the bytes as uploaded (compressed)
         self._file = tempfile.TemporaryFile(dir=directory)
         self._fd = self._file.fileno()
         self._written = 0
@@ -423,6 +452,7 @@ class _Spool:
             self._loop.call_soon_threadsafe(self._progress.set)
 
     def _append(self, data: bytes) -> None:
+        self.stored.update(data)
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
@@ -492,7 +522,7 @@ def _backup_lines(snapshot: Snapshot, database: str | None, counts: _Counts) -> 
     if database is not None:
         db = next((d for d in databases if d.name == database), None)
         if db is None:
-            raise not_found("DB_NOT_FOUND", f"database {database!r} not found")
+            raise not_found(ErrorCode.DB_NOT_FOUND, f"database {database!r} not found")
         head = b'{"fuckbase_format":%d,' % FORMAT_VERSION + _header(db)[1:]
         yield from _database_lines(snapshot, db, counts, head)
         return

@@ -21,6 +21,7 @@ from typing import Any
 import ijson
 import orjson
 
+from fuckbase.contract import ErrorCode
 from fuckbase.errors import ApiError
 
 FORMAT_VERSION = 1
@@ -31,7 +32,7 @@ class BackupInvalid(ApiError):
     """The object is not a valid backup; nothing was changed."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(422, "BACKUP_INVALID", f"not a valid backup: {message}")
+        super().__init__(422, ErrorCode.BACKUP_INVALID, f"not a valid backup: {message}")
 
 
 # ------------------------------------------------------------------ records
@@ -396,6 +397,11 @@ class BackupReader:
     @property
     def full(self) -> bool | None:
         return self._lines.full if self._lines is not None else self._events.full  # type: ignore[union-attr]
+
+    @property
+    def ours(self) -> bool:
+        """Written by FuckBase: our line layout with our format header."""
+        return self._lines is not None and self._lines.state != "start"
 
     @property
     def metadata(self) -> dict[str, Any]:

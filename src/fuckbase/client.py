@@ -23,9 +23,11 @@ import builtins
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar, overload
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, overload
 
 import httpx
+
+from fuckbase.contract import ErrorCode, scalar_text
 
 __all__ = [
     "AdminAuthRequired",
@@ -62,6 +64,10 @@ __all__ = [
     "Set",
     "SetExists",
     "SetNotFound",
+    "StorageFull",
+    "TooManyRequests",
+    "Unavailable",
+    "RequestTimeout",
 ]
 
 T = TypeVar("T")
@@ -74,7 +80,8 @@ Sort = str | tuple[str, str]
 """A sort key: `"field"` (ascending) or `("field", "asc" | "desc")`."""
 
 QueryValue = str | int | float | bool
-"""What an index query matches; numbers and booleans match their text form on the server."""
+"""What an index query matches; a number or boolean is sent as its text form (`30`, `true`),
+which is what the server matches (it refuses anything but a string, as the original does)."""
 
 DEFAULT_URL = "http://localhost:8080"
 
@@ -86,8 +93,11 @@ class FuckBaseError(Exception):
     """Any failure of a FuckBase call: the server's `code`, `message` and HTTP `status`.
 
     `code` is None when the server sent no error code (e.g. a non-JSON error page) and
-    `status` is None when no response arrived at all.
+    `status` is None when no response arrived at all. `codes`: the contract's error codes
+    a subclass stands for.
     """
+
+    codes: ClassVar[tuple[ErrorCode, ...]] = ()
 
     def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
         super().__init__(message)
@@ -110,38 +120,47 @@ class FuckBaseConnectionError(FuckBaseError, ConnectionError):
 
 class InvalidRequest(FuckBaseError):
     """INVALID_REQUEST: a missing or malformed field, a bad name, an unknown sort field."""
+    codes = (ErrorCode.INVALID_REQUEST, ErrorCode.URI_TOO_LONG, ErrorCode.HEADERS_TOO_LARGE)
 
 
 class AuthFailed(FuckBaseError):
     """AUTH_FAILED: the database's credentials were missing or wrong."""
+    codes = (ErrorCode.AUTH_FAILED,)
 
 
 class AdminAuthRequired(FuckBaseError):
     """ADMIN_AUTH_REQUIRED: admin credentials were missing or wrong."""
+    codes = (ErrorCode.ADMIN_AUTH_REQUIRED,)
 
 
 class NotFoundError(FuckBaseError):
     """Base of the 404 errors: something named in the request does not exist."""
+    codes = (ErrorCode.NOT_FOUND,)
 
 
 class DatabaseNotFound(NotFoundError):
     """DB_NOT_FOUND."""
+    codes = (ErrorCode.DB_NOT_FOUND,)
 
 
 class SetNotFound(NotFoundError):
     """SET_NOT_FOUND."""
+    codes = (ErrorCode.SET_NOT_FOUND,)
 
 
 class IndexNotFound(NotFoundError):
     """INDEX_NOT_FOUND."""
+    codes = (ErrorCode.INDEX_NOT_FOUND,)
 
 
 class KeyNotFound(NotFoundError):
     """KEY_NOT_FOUND."""
+    codes = (ErrorCode.KEY_NOT_FOUND,)
 
 
 class BackupNotFound(NotFoundError):
     """BACKUP_NOT_FOUND: the backup name is well formed but no such backup exists."""
+    codes = (ErrorCode.BACKUP_NOT_FOUND,)
 
 
 class AlreadyExistsError(FuckBaseError):
@@ -150,87 +169,88 @@ class AlreadyExistsError(FuckBaseError):
 
 class DatabaseExists(AlreadyExistsError):
     """DB_ALREADY_EXISTS."""
+    codes = (ErrorCode.DB_ALREADY_EXISTS,)
 
 
 class SetExists(AlreadyExistsError):
     """SET_ALREADY_EXISTS."""
+    codes = (ErrorCode.SET_ALREADY_EXISTS,)
 
 
 class IndexExists(AlreadyExistsError):
     """INDEX_ALREADY_EXISTS."""
+    codes = (ErrorCode.INDEX_ALREADY_EXISTS,)
 
 
 class PayloadTooLarge(FuckBaseError):
     """PAYLOAD_TOO_LARGE: the request body is over the server's limit."""
+    codes = (ErrorCode.PAYLOAD_TOO_LARGE,)
 
 
 class MethodNotAllowed(FuckBaseError):
     """METHOD_NOT_ALLOWED."""
+    codes = (ErrorCode.METHOD_NOT_ALLOWED,)
 
 
 class S3NotEnabled(FuckBaseError):
-    """S3_NOT_ENABLED: backups are switched off on this server."""
+    """S3_NOT_ENABLED: the original server has no backup target (FuckBase always has one)."""
+    codes = (ErrorCode.S3_NOT_ENABLED,)
 
 
 class BackupFailed(FuckBaseError):
     """BACKUP_FAILED: the object store failed or timed out while writing a backup."""
+    codes = (ErrorCode.BACKUP_FAILED,)
 
 
 class RestoreFailed(FuckBaseError):
     """RESTORE_FAILED: the object store failed or timed out while reading a backup."""
+    codes = (ErrorCode.RESTORE_FAILED,)
 
 
 class ListFailed(FuckBaseError):
     """LIST_FAILED: the object store failed or timed out while listing backups."""
+    codes = (ErrorCode.LIST_FAILED,)
 
 
 class BackupInvalid(FuckBaseError):
     """BACKUP_INVALID: the object is not a valid backup; nothing was changed."""
+    codes = (ErrorCode.BACKUP_INVALID,)
 
 
 class InternalError(FuckBaseError):
     """INTERNAL_ERROR: the server failed on its own account."""
+    codes = (ErrorCode.INTERNAL_ERROR,)
 
 
 class StorageFull(FuckBaseError):
     """INSUFFICIENT_STORAGE: the server's disk is full; the write was not stored. Reads work."""
+    codes = (ErrorCode.INSUFFICIENT_STORAGE,)
 
 
 class Unavailable(FuckBaseError):
     """STORAGE_UNAVAILABLE / SERVICE_UNAVAILABLE: the server cannot do this right now; retry."""
+    codes = (ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.SERVICE_UNAVAILABLE)
+
+
+class TooManyRequests(FuckBaseError):
+    """TOO_MANY_REQUESTS: too many failed password checks lately; wait before trying again."""
+    codes = (ErrorCode.TOO_MANY_REQUESTS,)
 
 
 class RequestTimeout(FuckBaseError):
     """REQUEST_TIMEOUT: the request did not reach the server whole in time."""
+    codes = (ErrorCode.REQUEST_TIMEOUT,)
+
+
+def _error_classes(base: type[FuckBaseError]) -> list[type[FuckBaseError]]:
+    found = [base]
+    for sub in base.__subclasses__():
+        found.extend(_error_classes(sub))
+    return found
 
 
 _ERRORS: dict[str, type[FuckBaseError]] = {
-    "INVALID_REQUEST": InvalidRequest,
-    "AUTH_FAILED": AuthFailed,
-    "ADMIN_AUTH_REQUIRED": AdminAuthRequired,
-    "DB_NOT_FOUND": DatabaseNotFound,
-    "SET_NOT_FOUND": SetNotFound,
-    "INDEX_NOT_FOUND": IndexNotFound,
-    "KEY_NOT_FOUND": KeyNotFound,
-    "DB_ALREADY_EXISTS": DatabaseExists,
-    "SET_ALREADY_EXISTS": SetExists,
-    "INDEX_ALREADY_EXISTS": IndexExists,
-    "PAYLOAD_TOO_LARGE": PayloadTooLarge,
-    "METHOD_NOT_ALLOWED": MethodNotAllowed,
-    "S3_NOT_ENABLED": S3NotEnabled,
-    "BACKUP_FAILED": BackupFailed,
-    "RESTORE_FAILED": RestoreFailed,
-    "LIST_FAILED": ListFailed,
-    "BACKUP_NOT_FOUND": BackupNotFound,
-    "BACKUP_INVALID": BackupInvalid,
-    "INTERNAL_ERROR": InternalError,
-    "INSUFFICIENT_STORAGE": StorageFull,
-    "STORAGE_UNAVAILABLE": Unavailable,
-    "SERVICE_UNAVAILABLE": Unavailable,
-    "REQUEST_TIMEOUT": RequestTimeout,
-    "URI_TOO_LONG": InvalidRequest,
-    "HEADERS_TOO_LARGE": InvalidRequest,
-    "NOT_FOUND": NotFoundError,
+    code: cls for cls in _error_classes(FuckBaseError) for code in cls.codes
 }
 
 
@@ -500,14 +520,19 @@ def _drop_index(s: _SetRef, name: str) -> _Call[None]:
     return _Call("/index/drop", s.body(name=name), _nothing, auth=s.auth)
 
 
+def _match_text(value: QueryValue) -> Any:
+    """The query value the server matches; anything else is sent as it is, for it to refuse."""
+    return scalar_text(value) if isinstance(value, str | bool | int | float) else value
+
+
 def _query(s: _SetRef, index: str, value: QueryValue) -> _Call[list[Entry]]:
-    return _Call("/index/query", s.body(index=index, value=value), _query_result, auth=s.auth)
+    return _Call("/index/query", s.body(index=index, value=_match_text(value)), _query_result, auth=s.auth)
 
 
 def _query_sorted(
     s: _SetRef, index: str, value: QueryValue, sort: Sort | None, offset: int, limit: int
 ) -> _Call[Page]:
-    body = s.body(index=index, value=value, pagination={"offset": offset, "limit": limit})
+    body = s.body(index=index, value=_match_text(value), pagination={"offset": offset, "limit": limit})
     if sort is not None:
         body["sort"] = _sort_spec(sort)
     return _Call("/index/query/sorted", body, _page, auth=s.auth)
@@ -521,7 +546,7 @@ def _query_multi_sorted(
         raise TypeError("sort must be a list of sort keys, e.g. [('position', 'asc'), ('hireDate', 'desc')]")
     body = s.body(
         index=index,
-        value=value,
+        value=_match_text(value),
         sort=[_sort_spec(k) for k in sort],
         pagination={"offset": offset, "limit": limit},
     )
@@ -576,8 +601,8 @@ def _backup_list(database: str | None) -> _Call[list[BackupInfo]]:
     return _Call("/backup/list", body, _backup_infos, admin=True)
 
 
-def _backup_restore(name: str) -> _Call[dict[str, Any]]:
-    return _Call("/backup/restore", {"backup_name": name}, _whole, admin=True)
+def _backup_restore(name: str, auth: Auth | None) -> _Call[dict[str, Any]]:
+    return _Call("/backup/restore", {"backup_name": name}, _whole, auth=_basic(auth), admin=True)
 
 
 def _backup_verify(name: str) -> _Call[dict[str, Any]]:
@@ -799,9 +824,11 @@ class Backups:
         """The stored backups (of `database`, or all), newest first."""
         return self._client._run(_backup_list(database))
 
-    def restore(self, name: str) -> dict[str, Any]:
-        """Replace the data with backup `name` (a database's, or all for a full backup)."""
-        return self._client._run(_backup_restore(name))
+    def restore(self, name: str, auth: Auth | None = None) -> dict[str, Any]:
+        """Replace the data with backup `name` (a database's, or all for a full backup).
+        With no admin configured on the server, replacing a protected database needs its
+        credentials: `auth`."""
+        return self._client._run(_backup_restore(name, auth))
 
     def verify(self, name: str) -> dict[str, Any]:
         """Check that backup `name` exists and is valid, without restoring it."""
@@ -1009,9 +1036,11 @@ class AsyncBackups:
         """The stored backups (of `database`, or all), newest first."""
         return await self._client._run(_backup_list(database))
 
-    async def restore(self, name: str) -> dict[str, Any]:
-        """Replace the data with backup `name` (a database's, or all for a full backup)."""
-        return await self._client._run(_backup_restore(name))
+    async def restore(self, name: str, auth: Auth | None = None) -> dict[str, Any]:
+        """Replace the data with backup `name` (a database's, or all for a full backup).
+        With no admin configured on the server, replacing a protected database needs its
+        credentials: `auth`."""
+        return await self._client._run(_backup_restore(name, auth))
 
     async def verify(self, name: str) -> dict[str, Any]:
         """Check that backup `name` exists and is valid, without restoring it."""

@@ -1,12 +1,14 @@
-"""The error codes of the wire contract, as one exception type the HTTP layer renders."""
+"""The error envelope's exception: the HTTP layer renders it, the contract names its codes."""
 
 from __future__ import annotations
+
+from fuckbase.contract import ErrorCode
 
 
 class ApiError(Exception):
     """An error a client sees: HTTP status, stable code, human-readable message."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -14,12 +16,8 @@ class ApiError(Exception):
 
 
 def invalid(message: str) -> ApiError:
-    return ApiError(400, "INVALID_REQUEST", message)
+    return ApiError(400, ErrorCode.INVALID_REQUEST, message)
 
 
-def not_found(code: str, message: str) -> ApiError:
+def not_found(code: ErrorCode, message: str) -> ApiError:
     return ApiError(404, code, message)
-
-
-def conflict(code: str, message: str) -> ApiError:
-    return ApiError(409, code, message)

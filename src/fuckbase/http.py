@@ -22,6 +22,8 @@ from typing import Any, cast
 import httptools
 import orjson
 
+from fuckbase.contract import ErrorCode
+
 log = logging.getLogger("fuckbase.http")
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
@@ -37,7 +39,7 @@ _STATUS[507] = b"507 Insufficient Storage"
 _WANTED_HEADERS = frozenset({b"authorization", b"x-admin-authorization", b"content-length", b"expect"})
 
 
-def error_body(code: str, message: str) -> bytes:
+def error_body(code: ErrorCode, message: str) -> bytes:
     return orjson.dumps({"status": "error", "code": code, "message": message})
 
 
@@ -47,6 +49,7 @@ class Request:
     path: str
     headers: dict[str, str]  # only the ones the server reads, by lower-case name
     body: bytes
+    peer: str = ""  # the client's address
 
 
 @dataclass(slots=True)
@@ -68,7 +71,7 @@ class Response:
 _HEAD_STARTS: dict[tuple[int, bytes], bytes] = {}  # the status line and content type, per pair
 
 
-def error_response(status: int, code: str, message: str, extra_headers: bytes = b"") -> Response:
+def error_response(status: int, code: ErrorCode, message: str, extra_headers: bytes = b"") -> Response:
     return Response(status, error_body(code, message), JSON_TYPE, extra_headers)
 
 
@@ -78,7 +81,7 @@ def answer_of(task: asyncio.Future[Response]) -> Response:
         return task.result()
     except Exception:
         log.exception("request failed")
-        return error_response(500, "INTERNAL_ERROR", "internal error")
+        return error_response(500, ErrorCode.INTERNAL_ERROR, "internal error")
 
 
 class Pending:
@@ -196,12 +199,15 @@ class HttpProtocol(asyncio.Protocol):
         self._close_when_done = False
         self._refused = False
         self._in_request = False
+        self._peer = ""
         self._last_activity = self._request_began = time.monotonic()
 
     # ------------------------------------------------------------------ connection events
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) else ""
         self._server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -221,7 +227,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._refuse(refused.response)
             else:
                 log.error("HTTP parser callback failed: %r", refused)
-                self._refuse(error_response(500, "INTERNAL_ERROR", "internal error"))
+                self._refuse(error_response(500, ErrorCode.INTERNAL_ERROR, "internal error"))
         except httptools.HttpParserUpgrade:
             # we do not switch protocols: answer what came, then close
             self._close_when_done = True
@@ -229,7 +235,7 @@ class HttpProtocol(asyncio.Protocol):
             if not self._outstanding and not self._queue:
                 self._close()
         except httptools.HttpParserError as exc:
-            self._refuse(error_response(400, "INVALID_REQUEST", f"malformed HTTP request: {exc}"))
+            self._refuse(error_response(400, ErrorCode.INVALID_REQUEST, f"malformed HTTP request: {exc}"))
 
     # ------------------------------------------------------------------ parser callbacks
 
@@ -246,13 +252,13 @@ class HttpProtocol(asyncio.Protocol):
         self._url += url
         self._head_size += len(url)
         if len(self._url) > MAX_URL_BYTES:
-            raise _Refuse(error_response(414, "URI_TOO_LONG", f"the request URI exceeds {MAX_URL_BYTES} bytes"))
+            raise _Refuse(error_response(414, ErrorCode.URI_TOO_LONG, f"the request URI exceeds {MAX_URL_BYTES} bytes"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
         if self._head_size > MAX_HEAD_BYTES:
             raise _Refuse(error_response(
-                431, "HEADERS_TOO_LARGE", f"the request header block exceeds {MAX_HEAD_BYTES} bytes"))
+                431, ErrorCode.HEADERS_TOO_LARGE, f"the request header block exceeds {MAX_HEAD_BYTES} bytes"))
         lname = name.lower()
         if lname in _WANTED_HEADERS:
             self._headers[lname.decode()] = value.decode("latin-1")
@@ -277,7 +283,7 @@ class HttpProtocol(asyncio.Protocol):
         path = (url if q < 0 else url[:q]).decode("latin-1")
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         method = self._parser.get_method().decode("latin-1")
-        request = Request(method, path, self._headers, body)
+        request = Request(method, path, self._headers, body, self._peer)
         keep_alive = self._parser.should_keep_alive()
         if not (self._queue or self._outstanding or self._running or self._closing):  # the common case
             result = self._server.dispatch(request)
@@ -297,7 +303,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _too_large(self) -> Response:
         return error_response(
-            413, "PAYLOAD_TOO_LARGE", f"request body exceeds the limit of {self._server.max_body} bytes")
+            413, ErrorCode.PAYLOAD_TOO_LARGE, f"request body exceeds the limit of {self._server.max_body} bytes")
 
     # ------------------------------------------------------------------ running requests
 
@@ -384,7 +390,7 @@ class HttpProtocol(asyncio.Protocol):
             if now - self._request_began > self._server.read_timeout:
                 self._stop_reading()
                 self._write(error_response(
-                    408, "REQUEST_TIMEOUT", f"the request did not arrive whole within {self._server.read_timeout:g} s"), False)
+                    408, ErrorCode.REQUEST_TIMEOUT, f"the request did not arrive whole within {self._server.read_timeout:g} s"), False)
         elif now - self._last_activity > IDLE_TIMEOUT:
             self._close()
 

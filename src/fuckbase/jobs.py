@@ -5,9 +5,10 @@ a frozen object store for its whole timeout). Workers hand such requests to the 
 and await the answer on their event loop, so short requests never queue behind them and the
 job process's Python work never competes for a worker's interpreter lock.
 
-Messages are a 4-byte length and an orjson object, many in flight on one connection:
-request `{"id", "path", "headers", "body"}`, answer `{"id", "status", "body"}` (bodies are
-JSON and travel as they are).
+Messages are a header (a 4-byte length and an orjson object) and a body (a 4-byte length and
+the JSON bytes as they are, never nested in the header: a body the worker could parse parses
+here too), many in flight on one connection: request `{"id", "path", "headers"}`, answer
+`{"id", "status"}`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from fuckbase.api import Api, error_for
-from fuckbase.app import run_handler
+from fuckbase.app import parse_body, run_handler
 from fuckbase.backup import BackupStats
+from fuckbase.contract import ErrorCode
 from fuckbase.errors import ApiError
 from fuckbase.http import Response, error_response
 from fuckbase.storage import StorageError
@@ -36,14 +38,16 @@ _LENGTH = 4
 MAX_MESSAGE = 1 << 30
 
 
-async def _read_message(reader: asyncio.StreamReader) -> Any:
+async def _read_message(reader: asyncio.StreamReader) -> tuple[Any, bytes]:
     n = int.from_bytes(await reader.readexactly(_LENGTH), "big")
-    return orjson.loads(await reader.readexactly(n))
+    header = orjson.loads(await reader.readexactly(n))
+    n = int.from_bytes(await reader.readexactly(_LENGTH), "big")
+    return header, await reader.readexactly(n)
 
 
-def _frame(message: dict[str, Any]) -> bytes:
-    raw = orjson.dumps(message)
-    return len(raw).to_bytes(_LENGTH, "big") + raw
+def _frame(header: dict[str, Any], body: bytes) -> bytes:
+    raw = orjson.dumps(header)
+    return len(raw).to_bytes(_LENGTH, "big") + raw + len(body).to_bytes(_LENGTH, "big") + body
 
 
 class JobServer:
@@ -55,9 +59,11 @@ class JobServer:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fuckbase-job")
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self, path: str, body: Any, headers: dict[str, str]) -> Response:
-        if not isinstance(body, dict):
-            return error_response(400, "INVALID_REQUEST", "request body must be a JSON object")
+    async def run(self, path: str, raw: bytes, headers: dict[str, str]) -> Response:
+        try:
+            body = parse_body(raw)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
         coroutine = self.api.async_handlers.get(path)
         if coroutine is None:
             handler = self.api.handlers[path]
@@ -77,8 +83,8 @@ class JobServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                msg = await _read_message(reader)
-                task = asyncio.create_task(self._answer(msg, writer))
+                msg, body = await _read_message(reader)
+                task = asyncio.create_task(self._answer(msg, body, writer))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -86,14 +92,14 @@ class JobServer:
         finally:
             writer.close()
 
-    async def _answer(self, msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+    async def _answer(self, msg: dict[str, Any], body: bytes, writer: asyncio.StreamWriter) -> None:
         try:
-            response = await self.run(msg["path"], msg["body"], msg["headers"])
+            response = await self.run(msg["path"], body, msg["headers"])
         except Exception:
             log.exception("job %s failed", msg["path"])
-            response = error_response(500, "INTERNAL_ERROR", "internal error")
+            response = error_response(500, ErrorCode.INTERNAL_ERROR, "internal error")
         if not writer.is_closing():
-            writer.write(_frame({"id": msg["id"], "status": response.status, "body": orjson.Fragment(response.body)}))
+            writer.write(_frame({"id": msg["id"], "status": response.status}, response.body))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -114,13 +120,13 @@ class JobClient:
         try:
             writer = await self._connected()
         except OSError:
-            return error_response(503, "SERVICE_UNAVAILABLE", "long operations are unavailable; retry shortly")
+            return error_response(503, ErrorCode.SERVICE_UNAVAILABLE, "long operations are unavailable; retry shortly")
         self._next_id += 1
         ident = self._next_id
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self._pending[ident] = future
         headers = {k: v for k, v in headers.items() if k in ("authorization", "x-admin-authorization")}
-        writer.write(_frame({"id": ident, "path": path, "headers": headers, "body": orjson.Fragment(body)}))
+        writer.write(_frame({"id": ident, "path": path, "headers": headers}, body))
         try:
             return await future
         finally:
@@ -140,17 +146,17 @@ class JobClient:
     async def _read_answers(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                msg = await _read_message(reader)
+                msg, body = await _read_message(reader)
                 future = self._pending.get(msg["id"])
                 if future is not None and not future.done():
-                    future.set_result(Response(msg["status"], orjson.dumps(msg["body"])))
+                    future.set_result(Response(msg["status"], body))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
             if self._writer is writer:
                 self._writer = None
-            lost = error_response(503, "SERVICE_UNAVAILABLE",
+            lost = error_response(503, ErrorCode.SERVICE_UNAVAILABLE,
                                   "the job process stopped while running this request; check its outcome and retry")
             for future in self._pending.values():
                 if not future.done():

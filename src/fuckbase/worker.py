@@ -15,10 +15,11 @@ from prometheus_client.core import Metric
 
 from fuckbase import openapi
 from fuckbase.accesslog import AccessLog
-from fuckbase.api import ROUTES, Api
+from fuckbase.api import Api
 from fuckbase.app import App, WriteGroup
 from fuckbase.auth import AdminGuard, DatabaseGuard
 from fuckbase.backup import BackupStats
+from fuckbase.contract import BY_PATH, GET_PATHS
 from fuckbase.http import JSON_TYPE, PROMETHEUS_TYPE, HttpServer, Response, run_server
 from fuckbase.jobs import JobClient
 from fuckbase.metrics import Metrics, Published, Tallies, counter, gauge
@@ -30,8 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fuckbase.worker")
 
-GET_ROUTES = ("/health", "/metrics", "/openapi.json")
-ENDPOINTS = (*ROUTES, *GET_ROUTES, "other")  # the last one counts every unknown path
+ENDPOINTS = (*BY_PATH, *GET_PATHS, "other")  # the last one counts every unknown path
 DRAIN_WAIT = 10.0  # seconds in-flight requests get to finish at a stop
 
 
@@ -77,10 +77,16 @@ def _settle(futures: list[asyncio.Future[None]], error: StorageError | None) -> 
 
 
 def storage_metrics(storage: Storage) -> Iterable[Metric]:
+    """Protected databases are not named: /metrics needs no credentials, and what a protected
+    database holds is only for those who have them. Their keys are counted together."""
     with storage.read() as view:
         counts = view.key_counts()
+        protected = {n for n in counts if view.database(n).auth}
     yield gauge("fuckbase_databases", "Databases", [], [([], len(counts))])
-    yield gauge("fuckbase_keys", "Keys per database", ["database"], (([n], c) for n, c in sorted(counts.items())))
+    yield gauge("fuckbase_keys", "Keys per open database", ["database"],
+                (([n], c) for n, c in sorted(counts.items()) if n not in protected))
+    yield gauge("fuckbase_protected_keys", "Keys of all protected databases together", [],
+                [([], sum(counts[n] for n in protected))])
     yield counter("fuckbase_commits", "Commits to the storage", [], [([], storage.sequence())])
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+from fuckbase.contract import scalar_text
+
 MISSING: Any = object()
 
 
@@ -24,18 +26,8 @@ def field_of(value: Any, name: str) -> Any:
 
 def match_text(v: Any) -> str:
     """A field's value as the text `/index/query`'s "value" is compared with."""
-    if isinstance(v, str):
-        return v
-    if v is True:
-        return "true"
-    if v is False:
-        return "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if v.is_integer() and abs(v) < 1e21:
-            return str(int(v))
-        return repr(v)
+    if isinstance(v, str | bool | int | float):
+        return scalar_text(v)
     if v is None:
         return "null"
     return orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()

@@ -145,9 +145,10 @@ class LmdbRestoreWriter:
                     raw = w.txn.get(cast(str, name).encode(), db=s.catalog)
                     if raw is not None:
                         replaced.append(s.load_database(w.txn, cast(str, name)))
-            for old in replaced:
-                if check is not None:
+            if check is not None:  # all before any change
+                for old in replaced:
                     check(old)
+            for old in replaced:
                 w.txn.delete(old.name.encode(), db=s.catalog)
                 w.forget(old)
             for staged in self._dbs:

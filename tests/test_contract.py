@@ -1,0 +1,251 @@
+"""The contract's table against what is built from it: routes, OpenAPI, the client's error
+map, and every field of every endpoint refusing every wrong JSON type with 400."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import ServerProcess, basic
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fuckbase
+from fuckbase import client
+from fuckbase.contract import BY_PATH, ENDPOINTS, GET_PATHS, ORIGINAL_ONLY, ErrorCode, Field, Kind
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "fuckbase"
+
+# a valid body per endpoint: the tests make one field wrong at a time
+VALID: dict[str, dict[str, Any]] = {
+    "/create": {"name": "fresh", "auth": {"username": "u", "password": "p"}},
+    "/drop": {"name": "shop"},
+    "/server/info": {},
+    "/set/create": {"database": "shop", "name": "more"},
+    "/set/list": {"database": "shop"},
+    "/set/put": {"database": "shop", "set": "users", "key": "k", "value": {"age": 1}},
+    "/set/get": {"database": "shop", "set": "users", "key": "k"},
+    "/set/delete": {"database": "shop", "set": "users", "key": "k"},
+    "/set/batch": {"database": "shop", "set": "users", "operations": [{"op": "put", "key": "k", "value": 1}]},
+    "/index/create": {"database": "shop", "set": "users", "name": "i", "field": "age"},
+    "/index/create/sortable": {"database": "shop", "set": "users", "name": "s", "primary_field": "age",
+                               "sort_fields": ["age"]},
+    "/index/drop": {"database": "shop", "set": "users", "name": "i"},
+    "/index/query": {"database": "shop", "set": "users", "index": "i", "value": "1"},
+    "/index/query/sorted": {"database": "shop", "set": "users", "index": "s", "value": "1",
+                            "sort": {"field": "age", "order": "asc"}, "pagination": {"offset": 0, "limit": 5}},
+    "/index/query/multi-sorted": {"database": "shop", "set": "users", "index": "s", "value": "1",
+                                  "sort": [{"field": "age", "order": "desc"}], "pagination": {"offset": 0, "limit": 5}},
+    "/backup/create": {"database": "shop"},
+    "/backup/list": {"database": "shop"},
+    "/backup/restore": {"backup_name": "backups/shop/20250101-000000.json"},
+    "/backup/verify": {"backup_name": "backups/shop/20250101-000000.json"},
+}
+CREDS = {"username": "u", "password": "p"}
+
+WRONG: dict[str, list[Any]] = {
+    "string": [1, 1.5, True, False, [], ["x"], {}, {"a": "b"}],
+    "integer": ["1", 1.5, True, [], {}],
+    "object": ["x", 1, True, [], ["x"]],
+    "array": ["x", 1, True, {}, {"a": 1}],
+}
+wrong_values = {
+    t: st.one_of(
+        *([] if t == "string" else [st.text(max_size=5)]),
+        *([] if t == "integer" else [st.integers()]),
+        st.floats(allow_nan=False, allow_infinity=False).filter(lambda f, t=t: t != "integer" or not f.is_integer()),
+        st.booleans(),
+        *([] if t == "array" else [st.lists(st.integers(), max_size=3)]),
+        *([] if t == "object" else [st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)]),
+    )
+    for t in WRONG
+}
+
+
+def field_paths(fields: tuple[Field, ...], prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Kind]]:
+    """Every declared field, nested ones too (list items as index 0)."""
+    for f in fields:
+        path = (*prefix, f.name)
+        yield path, f.kind
+        yield from field_paths(f.kind.fields, path)
+        if f.kind.items is not None:
+            yield (*path, 0), f.kind.items
+            yield from field_paths(f.kind.items.fields, (*path, 0))
+
+
+def label(path: tuple[Any, ...]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+def with_value(body: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    """A copy of body with the field at path replaced (containers made as needed)."""
+    import copy
+
+    out = copy.deepcopy(body)
+    node: Any = out
+    for i, p in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(node, dict) and not isinstance(node.get(p), (dict, list)):
+            node[p] = [{}] if isinstance(nxt, int) else {}
+        node = node[p]
+    node[path[-1]] = value
+    return out
+
+
+def example(path: str, database: str = "shop") -> dict[str, Any]:
+    """VALID[path] on `database`, with every credential field the endpoint accepts."""
+    body = dict(VALID[path])
+    if "database" in body:
+        body["database"] = database
+    for f in BY_PATH[path].request_fields():
+        if f.kind.fields and f.name in ("auth", "admin_auth"):
+            body.setdefault(f.name, dict(CREDS))
+    return body
+
+
+CASES = [
+    (e.path, path, kind.type)
+    for e in ENDPOINTS
+    for path, kind in field_paths(e.request_fields())
+    if kind.type in WRONG
+]
+
+
+# ------------------------------------------------------------------------------ parity
+
+
+def test_every_endpoint_has_a_valid_example() -> None:
+    assert set(VALID) == set(BY_PATH)
+
+
+def test_openapi_lists_every_route_and_states_the_rules(server: ServerProcess) -> None:
+    spec = server.client.get("/openapi.json").json()  # type: ignore[union-attr]
+    assert set(spec["paths"]) == set(BY_PATH) | set(GET_PATHS)
+    for e in ENDPOINTS:
+        schema = spec["paths"][e.path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert set(schema.get("required", [])) == {f.name for f in e.request_fields() if f.required}
+        assert set(schema["properties"]) == {f.name for f in e.request_fields()}
+    put = spec["paths"]["/set/put"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert put["properties"]["database"]["pattern"] == r"^[A-Za-z0-9_.\-]{1,64}$"
+    assert put["properties"]["key"]["maxLength"] == 1024
+    assert put["properties"]["set"]["maxLength"] == 256
+    codes = spec["paths"]["/set/get"]["post"]["responses"]["default"]["content"]["application/json"]["schema"]
+    assert set(codes["properties"]["code"]["enum"]) == {c.value for c in ErrorCode}
+
+
+def test_the_client_maps_every_code_and_nothing_else() -> None:
+    mapped = set(client._ERRORS)
+    assert mapped == {c.value for c in ErrorCode}
+    assert client._ERRORS["KEY_NOT_FOUND"] is client.KeyNotFound
+    assert client._ERRORS["NOT_FOUND"] is client.NotFoundError
+    assert client._ERRORS["STORAGE_UNAVAILABLE"] is client.Unavailable
+
+
+def test_the_server_sends_every_code_and_only_the_contracts() -> None:
+    server_src = {p: p.read_text() for p in SRC.rglob("*.py") if p.name not in ("client.py", "contract.py")}
+    used = {m for text in server_src.values() for m in re.findall(r"ErrorCode\.([A-Z_0-9]+)", text)}
+    assert used == {c.name for c in ErrorCode} - {c.name for c in ORIGINAL_ONLY}
+    for path, text in server_src.items():  # no code as a bare string anywhere
+        bare = {c.value for c in ErrorCode if f'"{c.value}"' in text}
+        assert not bare, (path, bare)
+
+
+def test_the_package_exports_the_whole_client() -> None:
+    for name in client.__all__:
+        assert getattr(fuckbase, name) is getattr(client, name)
+    assert fuckbase.KeyNotFound is client.KeyNotFound
+    assert issubclass(fuckbase.KeyNotFound, fuckbase.FuckBaseError)
+    assert set(client.__all__) <= set(dir(fuckbase))
+    with pytest.raises(AttributeError):
+        _ = fuckbase.NoSuchThing  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------ wrong types
+
+
+@pytest.fixture(scope="module")
+def typed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One open database "shop" and one protected database "vault", each with set "users"."""
+    srv = ServerProcess(tmp_path_factory.mktemp("typed") / "data").start()
+    srv.ok("/create", {"name": "shop"})
+    srv.ok("/set/create", {"database": "shop", "name": "users"})
+    srv.ok("/create", {"name": "vault", "auth": CREDS})
+    srv.ok("/set/create", {"database": "vault", "name": "users"}, headers={"Authorization": basic("u", "p")})
+    yield srv
+    srv.stop()
+
+
+def _expect_400(srv: ServerProcess, path: str, body: dict[str, Any], field: str) -> None:
+    r = srv.post(path, body)
+    assert r.status_code == 400, (path, body, r.status_code, r.text)
+    got = r.json()
+    assert got["code"] == "INVALID_REQUEST"
+    assert f'"{field}"' in got["message"], (field, got["message"])
+
+
+@pytest.mark.parametrize("database", ["shop", "vault"])
+def test_every_field_refuses_every_wrong_type(typed: ServerProcess, database: str) -> None:
+    assert CASES
+    for path, field_path, json_type in CASES:
+        base = example(path, database)
+        for wrong in WRONG[json_type]:
+            _expect_400(typed, path, with_value(base, field_path, wrong), label(field_path))
+
+
+@pytest.mark.parametrize("database", ["shop", "vault"])
+def test_batch_operations_of_the_wrong_type(typed: ServerProcess, database: str) -> None:
+    base = {"database": database, "set": "users", "auth": CREDS}
+    for ops in ("x", 1, {"op": "put"}, [1], [[]], [{"op": 1, "key": "k"}], [{"op": "put", "key": 1, "value": 1}],
+                [{"op": "put", "key": "k"}]):
+        r = typed.post("/set/batch", {**base, "operations": ops})
+        assert r.status_code == 400 and r.json()["code"] == "INVALID_REQUEST", (ops, r.text)
+
+
+def test_auth_of_the_wrong_type_on_an_open_database(typed: ServerProcess) -> None:
+    """The original refuses it; we used to ignore it on open databases."""
+    for path in ("/set/create", "/set/list", "/set/put", "/set/get", "/set/delete"):
+        for auth in ("u:p", 1, ["u", "p"], True):
+            _expect_400(typed, path, {**VALID[path], "auth": auth}, "auth")
+
+
+def test_the_index_value_must_be_text(typed: ServerProcess) -> None:
+    typed.ok("/index/create", VALID["/index/create"])
+    for path in ("/index/query", "/index/query/sorted", "/index/query/multi-sorted"):
+        for value in (1, 1.5, True, False):
+            _expect_400(typed, path, {**VALID[path], "value": value}, "value")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(CASES), data=st.data())
+def test_random_wrong_types_are_400(typed: ServerProcess, case: tuple[str, tuple[Any, ...], str],
+                                    data: st.DataObject) -> None:
+    path, field_path, json_type = case
+    wrong = data.draw(wrong_values[json_type])
+    _expect_400(typed, path, with_value(example(path), field_path, wrong), label(field_path))
+
+
+def test_valid_bodies_are_not_refused_for_their_types(typed: ServerProcess) -> None:
+    """The examples above are well typed: whatever they fail on, it is not a field's type."""
+    for path, body in VALID.items():
+        r = typed.post(path, body)
+        assert r.status_code != 500, (path, r.text)
+        if r.status_code == 400:
+            assert "must be" not in r.json()["message"] and "is required" not in r.json()["message"], (path, r.text)
+
+
+def test_a_client_error_for_every_code_the_server_sends(typed: ServerProcess) -> None:
+    c = fuckbase.Client(typed.url)
+    with pytest.raises(fuckbase.KeyNotFound):
+        c.create_database("other").create_set("users").get("no-such-key")
+    with pytest.raises(fuckbase.NotFoundError) as unknown:
+        c._run(client._Call("/no/such/path", {}, lambda d: d))
+    assert unknown.value.code == "NOT_FOUND"
+    c.close()
+    assert httpx  # the client's transport
