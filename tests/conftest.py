@@ -9,12 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from inprocess import in_process
 
 from fuckbase.storage import Storage
 from fuckbase.storage.lmdb import LmdbStorage
@@ -135,6 +136,13 @@ def make_server(tmp_path: Path) -> Iterator[Any]:
     yield make
     for srv in servers:
         srv.stop()
+
+
+@pytest.fixture
+async def in_app(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The server's request path in this process (tests/inprocess.py): for pure validation."""
+    async with in_process(tmp_path) as client:
+        yield client
 
 
 @pytest.fixture

@@ -434,3 +434,19 @@ def test_backup_cli(make_server: Any) -> None:
     assert "BACKUP_NOT_FOUND" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     env["FUCKBASE_ADMIN_PASSWORD"] = "wrong"
     assert "ADMIN_AUTH_REQUIRED" in cli("list", ok=False).stderr
+
+
+def test_backup_cli_restores_a_protected_database_with_its_credentials(server: ServerProcess) -> None:
+    import os
+    import subprocess
+    import sys
+
+    server.ok("/create", {"name": "vault", "auth": {"username": "alice", "password": "s3cr3t"}})
+    name = server.ok("/backup/create", {"database": "vault"})["backup_name"]
+    env = {**os.environ, "FUCKBASE_URL": server.url}
+    command = [sys.executable, "-m", "fuckbase", "backup", "restore", name]
+    r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode != 0 and "AUTH_FAILED" in r.stderr
+    r = subprocess.run([*command, "--username", "alice", "--password", "s3cr3t"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0 and "restored vault" in r.stdout, r.stderr

@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ServerProcess, basic
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from inprocess import in_process
 
 import fuckbase
 from fuckbase import client
@@ -183,43 +184,67 @@ def typed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 def _expect_400(srv: ServerProcess, path: str, body: dict[str, Any], field: str) -> None:
-    r = srv.post(path, body)
+    _check_400(srv.post(path, body), path, body, field)
+
+
+def _check_400(r: httpx.Response, path: str, body: dict[str, Any], field: str) -> None:
     assert r.status_code == 400, (path, body, r.status_code, r.text)
     got = r.json()
     assert got["code"] == "INVALID_REQUEST"
     assert f'"{field}"' in got["message"], (field, got["message"])
 
 
+async def _two_databases(c: httpx.AsyncClient) -> None:
+    """Open "shop" and protected "vault", each with set "users" (in process)."""
+    for path, body in (("/create", {"name": "shop"}), ("/set/create", {"database": "shop", "name": "users"}),
+                       ("/create", {"name": "vault", "auth": CREDS}),
+                       ("/set/create", {"database": "vault", "name": "users", "auth": CREDS}),
+                       ("/index/create", {"database": "shop", "set": "users", "name": "i", "field": "age"})):
+        r = await c.post(path, json=body)
+        assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("database", ["shop", "vault"])
-def test_every_field_refuses_every_wrong_type(typed: ServerProcess, database: str) -> None:
+async def test_every_field_refuses_every_wrong_type(tmp_path: Path, database: str) -> None:
+    """In process: every declared field, nested ones too, every wrong JSON type."""
     assert CASES
-    for path, field_path, json_type in CASES:
-        base = example(path, database)
-        for wrong in WRONG[json_type]:
-            _expect_400(typed, path, with_value(base, field_path, wrong), label(field_path))
+    async with in_process(tmp_path) as c:
+        await _two_databases(c)
+        for path, field_path, json_type in CASES:
+            base = example(path, database)
+            for wrong in WRONG[json_type]:
+                body = with_value(base, field_path, wrong)
+                _check_400(await c.post(path, json=body), path, body, label(field_path))
 
 
 @pytest.mark.parametrize("database", ["shop", "vault"])
-def test_batch_operations_of_the_wrong_type(typed: ServerProcess, database: str) -> None:
-    base = {"database": database, "set": "users", "auth": CREDS}
-    for ops in ("x", 1, {"op": "put"}, [1], [[]], [{"op": 1, "key": "k"}], [{"op": "put", "key": 1, "value": 1}],
-                [{"op": "put", "key": "k"}]):
-        r = typed.post("/set/batch", {**base, "operations": ops})
-        assert r.status_code == 400 and r.json()["code"] == "INVALID_REQUEST", (ops, r.text)
+async def test_batch_operations_of_the_wrong_type(tmp_path: Path, database: str) -> None:
+    async with in_process(tmp_path) as c:
+        await _two_databases(c)
+        base = {"database": database, "set": "users", "auth": CREDS}
+        for ops in ("x", 1, {"op": "put"}, [1], [[]], [{"op": 1, "key": "k"}], [{"op": "put", "key": 1, "value": 1}],
+                    [{"op": "put", "key": "k"}]):
+            r = await c.post("/set/batch", json={**base, "operations": ops})
+            assert r.status_code == 400 and r.json()["code"] == "INVALID_REQUEST", (ops, r.text)
 
 
-def test_auth_of_the_wrong_type_on_an_open_database(typed: ServerProcess) -> None:
+async def test_auth_of_the_wrong_type_on_an_open_database(tmp_path: Path) -> None:
     """The original refuses it; we used to ignore it on open databases."""
-    for path in ("/set/create", "/set/list", "/set/put", "/set/get", "/set/delete"):
-        for auth in ("u:p", 1, ["u", "p"], True):
-            _expect_400(typed, path, {**VALID[path], "auth": auth}, "auth")
+    async with in_process(tmp_path) as c:
+        await _two_databases(c)
+        for path in ("/set/create", "/set/list", "/set/put", "/set/get", "/set/delete"):
+            for auth in ("u:p", 1, ["u", "p"], True):
+                body = {**VALID[path], "auth": auth}
+                _check_400(await c.post(path, json=body), path, body, "auth")
 
 
-def test_the_index_value_must_be_text(typed: ServerProcess) -> None:
-    typed.ok("/index/create", VALID["/index/create"])
-    for path in ("/index/query", "/index/query/sorted", "/index/query/multi-sorted"):
-        for value in (1, 1.5, True, False):
-            _expect_400(typed, path, {**VALID[path], "value": value}, "value")
+async def test_the_index_value_must_be_text(tmp_path: Path) -> None:
+    async with in_process(tmp_path) as c:
+        await _two_databases(c)
+        for path in ("/index/query", "/index/query/sorted", "/index/query/multi-sorted"):
+            for value in (1, 1.5, True, False):
+                body = {**VALID[path], "value": value}
+                _check_400(await c.post(path, json=body), path, body, "value")
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -249,3 +274,78 @@ def test_a_client_error_for_every_code_the_server_sends(typed: ServerProcess) ->
     assert unknown.value.code == "NOT_FOUND"
     c.close()
     assert httpx  # the client's transport
+
+
+# what a request valid under the OpenAPI document may still be refused for: the meaning of
+# the data, which no schema states (and the byte length of a key, which JSON Schema cannot)
+SEMANTIC = ("is not one of the index's sort fields", "is not a sortable index", "bytes of UTF-8")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """Values valid under the JSON Schema subset the OpenAPI document uses."""
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    kind = schema.get("type")
+    if kind == "string":
+        if "pattern" in schema:
+            text = st.from_regex(schema["pattern"], fullmatch=True)
+        else:
+            text = st.text(min_size=schema.get("minLength", 0), max_size=min(schema.get("maxLength", 40), 40))
+        if "maxLength" in schema:
+            text = text.filter(lambda t: len(t) <= schema["maxLength"])
+        if "not" in schema:
+            text = text.filter(lambda t: t not in schema["not"]["enum"])
+        return text
+    if kind == "integer":
+        return st.integers(schema.get("minimum", -(2**63)), schema.get("maximum", 2**63 - 1))
+    if kind == "array":
+        items = from_schema(schema["items"])
+        return st.lists(items, min_size=schema.get("minItems", 0), max_size=min(schema.get("maxItems", 5), 5),
+                        unique=schema.get("uniqueItems", False))
+    if kind == "object":
+        props = schema.get("properties", {})
+        required = set(schema.get("required", []))
+        needs_value = "if" in schema  # the operations' rule: a put has a value
+        return st.fixed_dictionaries(
+            {k: from_schema(v) for k, v in props.items() if k in required or (needs_value and k == "value")},
+            optional={k: from_schema(v) for k, v in props.items() if k not in required and not (needs_value and k == "value")},
+        )
+    return st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                        max_leaves=8)
+
+
+@pytest.fixture(scope="module")
+def request_schemas(typed: ServerProcess) -> dict[str, Any]:
+    spec = typed.client.get("/openapi.json").json()  # type: ignore[union-attr]
+    return {path: spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            for path in BY_PATH}
+
+
+@pytest.mark.parametrize("path", sorted(BY_PATH))
+def test_requests_valid_under_openapi_are_not_refused_as_malformed(typed: ServerProcess,
+                                                                   request_schemas: dict[str, Any], path: str) -> None:
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=from_schema(request_schemas[path]))
+    def check(body: dict[str, Any]) -> None:
+        # JSON text cannot carry lone surrogates, which a schema's "string" allows
+        assume(all(not any(0xD800 <= ord(c) <= 0xDFFF for c in s) for s in _strings(body)))
+        r = typed.post(path, body)
+        assert r.status_code != 500, (path, body, r.text)
+        if r.status_code == 400:
+            message = r.json()["message"]
+            assert any(reason in message for reason in SEMANTIC), (path, body, message)
+
+    check()

@@ -19,9 +19,18 @@ import orjson
 
 from fuckbase import __version__
 from fuckbase.auth import AdminGuard, DatabaseGuard, body_credentials, make_db_auth, parse_basic
-from fuckbase.contract import ENDPOINTS, MAX_SORT_FIELDS, Endpoint, ErrorCode, InvalidField, validator
+from fuckbase.contract import (
+    ENDPOINTS,
+    MAX_KEY_BYTES,
+    MAX_NAME_CHARS,
+    MAX_SORT_FIELDS,
+    Endpoint,
+    ErrorCode,
+    InvalidField,
+    validator,
+)
 from fuckbase.errors import ApiError, invalid
-from fuckbase.names import MAX_KEY_BYTES, MAX_NAME_CHARS, is_database_name, is_key, is_object_name
+from fuckbase.names import is_database_name, is_key, is_object_name
 from fuckbase.storage import (
     BASIC,
     SORTABLE,

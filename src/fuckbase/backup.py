@@ -88,7 +88,7 @@ def parse_name(name: Any) -> re.Match[str]:
     if not isinstance(name, str) or not name:
         raise invalid('"backup_name" is required')
     m = _NAME.fullmatch(name)
-    if m is None or m.group(1) in (".", ".."):
+    if m is None:
         raise invalid(
             '"backup_name" must look like backups/<database>/YYYYMMDD-HHMMSS.json (or .json.gz, .json.zst)'
         )

@@ -188,10 +188,14 @@ def backup_list(obj: Any, database: str | None) -> None:
 
 @backup.command("restore")
 @click.argument("name")
+@_opt("--username", env="FUCKBASE_DB_USERNAME", default="",
+      help="With no admin on the server: the credentials of the protected database it replaces.")
+@_opt("--password", env="FUCKBASE_DB_PASSWORD", default="", help="That database's password.")
 @click.pass_obj
-def backup_restore(obj: Any, name: str) -> None:
+def backup_restore(obj: Any, name: str, username: str, password: str) -> None:
     """Restore a backup (replaces that database, or every database for a full backup)."""
-    result = _remote(obj, f"restoring {name}", lambda c: c.backups.restore(name))
+    auth = (username, password) if username else None
+    result = _remote(obj, f"restoring {name}", lambda c: c.backups.restore(name, auth))
     click.echo(f"restored {', '.join(result['databases'])}: {result['entries']} entries")
 
 

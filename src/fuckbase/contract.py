@@ -53,12 +53,14 @@ Clients still map them: they talk to both servers."""
 
 # ------------------------------------------------------------------------------ field kinds
 
-_DB_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+DB_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+RESERVED_DB_NAMES = frozenset({"full", ".", ".."})  # "full" names the full-backup folder
 _OBJECT_NAME_PATTERN = r"^[^\x00-\x1f\x7f]{1,256}$"
-BACKUP_NAME_PATTERN = r"^backups/([A-Za-z0-9_.\-]{1,64})/(\d{8}-\d{6})(?:_(\d+))?(\.json(?:\.gz|\.zst)?)$"
+BACKUP_NAME_PATTERN = r"^backups/((?!\.\.?/)[A-Za-z0-9_.\-]{1,64})/(\d{8}-\d{6})(?:_(\d+))?(\.json(?:\.gz|\.zst)?)$"
 MAX_SORT_FIELDS = 32
 MAX_KEY_BYTES = 1024
 MAX_NAME_CHARS = 256
+MAX_INT = 2**63 - 1
 
 JsonType = Literal["string", "integer", "object", "array", "any"]
 _PYTHON_TYPES: dict[str, tuple[type, ...]] = {
@@ -104,7 +106,7 @@ class Field:
 
 STRING = Kind("string")
 DATABASE_NAME = Kind("string", {
-    "pattern": _DB_NAME_PATTERN, "not": {"enum": ["full", ".", ".."]},
+    "pattern": DB_NAME_PATTERN, "not": {"enum": sorted(RESERVED_DB_NAMES)},
     "description": '1-64 of A-Z a-z 0-9 _ - ., not "." or "..", and not "full" (it names the full-backup folder)',
 }, blank_is_missing=True)
 OBJECT_NAME = Kind("string", {
@@ -118,17 +120,22 @@ MATCH_VALUE = Kind("string", {"description": "matched against the indexed field'
 CREDENTIALS = Kind("object", fields=(
     Field("username", STRING, required=True), Field("password", STRING, required=True),
 ))
+NEW_CREDENTIALS = Kind("object", fields=(
+    Field("username", Kind("string", {"minLength": 1}), required=True),
+    Field("password", Kind("string", {"minLength": 1}), required=True),
+))
 SORT = Kind("object", fields=(
     Field("field", Kind("string", {"minLength": 1}), required=True),
     Field("order", Kind("string", {"pattern": "^([Aa][Ss][Cc]|[Dd][Ee][Ss][Cc])$", "default": "asc"})),
 ))
 PAGINATION = Kind("object", fields=(
-    Field("offset", Kind("integer", {"minimum": 0, "default": 0})),
-    Field("limit", Kind("integer", {"minimum": 0, "default": 10, "description": "0 means the default, 10"})),
+    Field("offset", Kind("integer", {"minimum": 0, "maximum": MAX_INT, "default": 0})),
+    Field("limit", Kind("integer", {"minimum": 0, "maximum": MAX_INT, "default": 10,
+                                    "description": "0 means the default, 10"})),
 ))
 SORT_FIELDS = Kind("array", {"minItems": 1, "maxItems": MAX_SORT_FIELDS, "uniqueItems": True},
                    items=Kind("string", {"minLength": 1}))
-OPERATION = Kind("object", fields=(
+OPERATION = Kind("object", {"if": {"properties": {"op": {"const": "put"}}}, "then": {"required": ["value"]}}, fields=(
     Field("op", Kind("string", {"enum": ["put", "delete"]}), required=True),
     Field("key", KEY, required=True),
     Field("value", ANY_JSON, description="required for a put"),
@@ -205,7 +212,7 @@ _OK = _success()
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/create", "Create a database", "create_database",
              (Field("name", DATABASE_NAME, required=True),
-              Field("auth", CREDENTIALS, description="credentials the new database will require")),
+              Field("auth", NEW_CREDENTIALS, description="credentials the new database will require")),
              "admin", _success(data=_data(database=_STR)), long=True, writes=True),
     Endpoint("/drop", "Drop a database", "drop_database", (Field("name", DATABASE_NAME, required=True),),
              "admin or database", _OK, writes=True),
@@ -310,12 +317,17 @@ def validator(fields: tuple[Field, ...]) -> Check:
             if types and (type(value) not in types):
                 raise InvalidField(name, f"must be {word}")
             if inner is not None:
-                try:
-                    inner(value)
-                except InvalidField as exc:
-                    raise InvalidField(f"{name}{exc.label}", exc.problem) from None
+                _within(name, inner, value)
 
     return check
+
+
+def _within(prefix: str, check: Check, value: Any) -> None:
+    """Runs a nested check; the label of what fails gets the prefix of where it sits."""
+    try:
+        check(value)
+    except InvalidField as exc:
+        raise InvalidField(prefix + exc.label, exc.problem) from None
 
 
 def _inner(kind: Kind) -> Check | None:
@@ -324,10 +336,7 @@ def _inner(kind: Kind) -> Check | None:
         fields = validator(kind.fields)
 
         def check_object(value: Any) -> None:
-            try:
-                fields(value)
-            except InvalidField as exc:
-                raise InvalidField(f".{exc.label}", exc.problem) from None
+            _within(".", fields, value)
 
         return check_object
     if kind.items is not None:
@@ -339,10 +348,7 @@ def _inner(kind: Kind) -> Check | None:
                 if types and type(value) not in types:
                     raise InvalidField(f"[{i}]", f"must be {word}")
                 if inner is not None:
-                    try:
-                        inner(value)
-                    except InvalidField as exc:
-                        raise InvalidField(f"[{i}]{exc.label}", exc.problem) from None
+                    _within(f"[{i}]", inner, value)
 
         return check_items
     return None

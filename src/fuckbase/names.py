@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 
-MAX_KEY_BYTES = 1024
-MAX_NAME_CHARS = 256
-RESERVED_DB_NAMES = frozenset({"full", ".", ".."})  # "full" names the full-backup folder
-_DB_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+from fuckbase.contract import DB_NAME_PATTERN, MAX_KEY_BYTES, MAX_NAME_CHARS, RESERVED_DB_NAMES
+
+_DB_NAME = re.compile(DB_NAME_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
