@@ -94,7 +94,10 @@ async def test_stream_round_trip_20mb(store: ObjectStore) -> None:
     data = os.urandom(20 * MB + 12345)
     # Odd chunk sizes so that parts never line up with what the producer hands over.
     written = await st.put_stream("backups/db/big.json", chunks_of(data, 700_001))
-    assert written == len(data)
+    assert written.size == len(data)
+    # where the store has ETags, the one predicted from the bytes sent is the one it reports
+    assert written.etag == await st.etag("backups/db/big.json")
+    assert (written.etag is None) == (st.kind == "local")
     got = await read_all(st, "backups/db/big.json", chunk_size=MB)
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
     [info] = await st.list("backups/db/")
@@ -102,7 +105,8 @@ async def test_stream_round_trip_20mb(store: ObjectStore) -> None:
     chunk_sizes = [len(c) async for c in await st.get_stream("backups/db/big.json", chunk_size=MB)]
     assert max(chunk_sizes) <= 2 * MB and sum(chunk_sizes) == len(data)
     # Overwrite with a small body: a single PUT replaces the multipart object.
-    assert await st.put_stream("backups/db/big.json", chunks_of(b'{"a": 1}', 3)) == 8
+    small = await st.put_stream("backups/db/big.json", chunks_of(b'{"a": 1}', 3))
+    assert small.size == 8 and small.etag == await st.etag("backups/db/big.json")
     assert await st.get_bytes("backups/db/big.json") == b'{"a": 1}'
 
 
@@ -123,9 +127,11 @@ async def test_ensure_ready_outside_us_east_1(s3: SeaweedS3, fresh_bucket: str) 
 
 async def test_big_s3_upload_is_multipart(s3: SeaweedS3, fresh_bucket: str) -> None:  # noqa: F811
     st = await ready(s3_store(s3, fresh_bucket))
-    await st.put_stream("big", chunks_of(os.urandom(20 * MB), MB))
-    meta = await obstore.head_async(s3.store(fresh_bucket), "big")
-    assert "-" in (meta["e_tag"] or "")  # multipart ETags end in -<parts>
+    for size in (8 * MB - 1, 8 * MB + 1, 16 * MB, 20 * MB):  # around the part size
+        written = await st.put_stream("big", chunks_of(os.urandom(size), MB))
+        meta = await obstore.head_async(s3.store(fresh_bucket), "big")
+        assert written.etag == meta["e_tag"], size
+    assert meta["e_tag"].endswith('-3"')  # multipart ETags end in -<parts>
 
 
 async def test_put_bytes_create_only(store: ObjectStore) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import hashlib
 import itertools
 import os
 import re
@@ -19,7 +20,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -58,6 +59,14 @@ class ObjectInfo:
     last_modified: datetime  # UTC, tz-aware
 
 
+class Written(NamedTuple):
+    """What an upload sent: its size, and the ETag the store will report for those bytes when
+    that is predictable (S3's MD5 of the object, or of its parts' MD5s), else None."""
+
+    size: int
+    etag: str | None
+
+
 class ObjectStoreError(Exception):
     """A storage operation failed; the message says what was being done and why, never secrets.
 
@@ -86,7 +95,10 @@ class ObjectStore(Protocol):
 
     async def put_stream(
         self, key: str, chunks: AsyncIterable[bytes], content_type: str = "application/json"
-    ) -> int: ...
+    ) -> Written: ...
+
+    async def etag(self, key: str) -> str | None:
+        """The ETag the store reports for the object (None where stores have none)."""
 
     async def put_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> None: ...
 
@@ -122,6 +134,37 @@ def open_store(
             op_timeout=op_timeout,
         )
     return LocalObjectStore(local_dir)
+
+
+class _PartDigests:
+    """The MD5s S3 computes over an upload as obstore sends it: one PUT below the part size,
+    else parts of exactly that size. S3 reports the MD5 of a single PUT as its ETag, and for
+    a multipart upload the MD5 of the parts' MD5s with the part count."""
+
+    def __init__(self, part_size: int) -> None:
+        self._part_size = part_size
+        self._done: list[bytes] = []
+        self._part = hashlib.md5(usedforsecurity=False)
+        self._in_part = 0
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        self.size += len(data)
+        view = memoryview(data)
+        while view:
+            take = min(len(view), self._part_size - self._in_part)
+            self._part.update(view[:take])
+            self._in_part += take
+            view = view[take:]
+            if self._in_part == self._part_size:
+                self._done.append(self._part.digest())
+                self._part, self._in_part = hashlib.md5(usedforsecurity=False), 0
+
+    def etag(self) -> str:
+        if self.size < self._part_size:
+            return f'"{self._part.hexdigest()}"'
+        digests = self._done + ([self._part.digest()] if self._in_part else [])
+        return f'"{hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"'
 
 
 def _check_key(key: str) -> None:
@@ -323,7 +366,7 @@ class S3ObjectStore:
 
     async def put_stream(
         self, key: str, chunks: AsyncIterable[bytes], content_type: str = "application/json"
-    ) -> int:
+    ) -> Written:
         """Buffered multipart upload: each write and the final commit get their own time budget,
         so producing the data may take as long as it needs; on any failure the upload is aborted."""
         _check_key(key)
@@ -335,12 +378,12 @@ class S3ObjectStore:
             buffer_size=_PART_SIZE,
             max_concurrency=_PARTS_IN_FLIGHT,
         )
-        written = 0
+        parts = _PartDigests(_PART_SIZE)
         try:
             async for chunk in chunks:
                 if chunk:
                     await self._call(action, writer.write(chunk))
-                    written += len(chunk)
+                    parts.update(chunk)
             await self._call(action, writer.close())
         except BaseException as exc:
             # The writer's context-manager exit is obstore's only route to AbortMultipartUpload.
@@ -348,7 +391,12 @@ class S3ObjectStore:
                 async with asyncio.timeout(min(self._op_timeout, 10.0)):
                     await writer.__aexit__(type(exc), exc, exc.__traceback__)
             raise
-        return written
+        return Written(parts.size, parts.etag())
+
+    async def etag(self, key: str) -> str | None:
+        _check_key(key)
+        meta = await self._call(f"read {key}", obstore.head_async(self._store, key))
+        return meta.get("e_tag")
 
     async def put_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> None:
         """Single PUT; create_only sends If-None-Match: * so exactly one concurrent writer wins."""
@@ -466,7 +514,7 @@ class LocalObjectStore:
 
     async def put_stream(
         self, key: str, chunks: AsyncIterable[bytes], content_type: str = "application/json"
-    ) -> int:
+    ) -> Written:
         """Stream into a temp file next to the target, then rename: readers never see half a file."""
         path = self._path(key)
         action = f"write {key}"
@@ -486,7 +534,10 @@ class LocalObjectStore:
             with suppress(OSError):
                 await asyncio.shield(asyncio.to_thread(_discard, file, tmp))
             raise
-        return written
+        return Written(written, None)
+
+    async def etag(self, key: str) -> str | None:
+        return None
 
     async def put_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> None:
         """create_only links the finished temp file into place: atomic across processes."""
