@@ -1,8 +1,9 @@
 """From a request to a response in a worker: routing, JSON bodies, errors, metrics, the access log.
 
-Short operations run inline. Long ones (the contract's `long` endpoints) go to the job process and are
-awaited; a credential seen for the first time is verified on a thread and the request run
-again; with durability "fsync" a write is answered once a flush covers its commit.
+Short operations run inline. Long ones (the contract's `long` endpoints) go to the job
+process and are awaited; a credential seen for the first time is verified by `PasswordChecks`
+(bounded, off the loop) and the request run again; with durability "fsync" a write is
+answered once a flush covers its commit.
 """
 
 from __future__ import annotations
