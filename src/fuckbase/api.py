@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from fuckbase import __version__
-from fuckbase.auth import AdminGuard, DatabaseGuard, body_credentials, make_db_auth, parse_basic
+from fuckbase.auth import AdminGuard, DatabaseGuard, body_credentials, make_db_auth
 from fuckbase.contract import (
     ENDPOINTS,
     MAX_KEY_BYTES,
@@ -41,10 +41,8 @@ from fuckbase.storage import (
     Delete,
     Entry,
     IndexDef,
-    IndexExists,
     NotFound,
     Put,
-    SetExists,
     Storage,
     StorageError,
     StorageFull,
@@ -86,7 +84,7 @@ def error_for(exc: StorageError) -> ApiError:
     if isinstance(exc, NotFound):
         return ApiError(404, _NOT_FOUND.get(exc.what, ErrorCode.KEY_NOT_FOUND), str(exc))
     if isinstance(exc, AlreadyExists):
-        return ApiError(409, _EXISTS.get(type(exc), ErrorCode.DB_ALREADY_EXISTS), str(exc))
+        return ApiError(409, _EXISTS[exc.what], str(exc))
     if isinstance(exc, StorageFull):
         return ApiError(507, ErrorCode.INSUFFICIENT_STORAGE, str(exc))
     if isinstance(exc, StorageUnavailable):
@@ -96,10 +94,8 @@ def error_for(exc: StorageError) -> ApiError:
 
 
 _NOT_FOUND = {"database": ErrorCode.DB_NOT_FOUND, "set": ErrorCode.SET_NOT_FOUND, "index": ErrorCode.INDEX_NOT_FOUND}
-_EXISTS: dict[type[AlreadyExists], ErrorCode] = {
-    DatabaseExists: ErrorCode.DB_ALREADY_EXISTS, SetExists: ErrorCode.SET_ALREADY_EXISTS,
-    IndexExists: ErrorCode.INDEX_ALREADY_EXISTS,
-}
+_EXISTS = {"database": ErrorCode.DB_ALREADY_EXISTS, "set": ErrorCode.SET_ALREADY_EXISTS,
+           "index": ErrorCode.INDEX_ALREADY_EXISTS}
 
 
 # ---------------------------------------------------------------- field validation
@@ -463,15 +459,12 @@ class Api:
         thread (scrypt); the returned check runs inside the restore's commit and refuses any
         protected database they were not checked against (say, one created meanwhile)."""
         with self.storage.read() as view:
-            names = view.database_names() if target is None else [n for n in [target] if n in view.database_names()]
+            present = view.database_names()
+            names = present if target is None else [target] if target in present else []
             protected = [db.auth for db in map(view.database, names) if db.auth]
-        verified: set[str] = set()
-        if protected:
-            creds = parse_basic(headers.get("authorization")) or body_credentials(body, "auth")
-            for stored in protected:
-                if creds is None or not await asyncio.to_thread(self.db_guard.verify, stored, creds):
-                    raise ApiError(401, ErrorCode.AUTH_FAILED, "Authentication failed: the restore replaces a protected database")
-                verified.add(stored["hash"])
+        for stored in protected:  # each raises 401 unless the request's credentials open it
+            await asyncio.to_thread(self.db_guard.check, stored, headers.get("authorization"), body)
+        verified = {stored["hash"] for stored in protected}
 
         def check(replaced: Database) -> None:
             if replaced.auth and replaced.auth["hash"] not in verified:

@@ -171,7 +171,6 @@ class BackupService:
                     "database": database or "all",
                     "automatic": automatic,
                     "format": FORMAT_VERSION,
-                    "stored_sha256": spool.stored.hexdigest(),
                 }
                 await self.store.put_bytes(name + SIDECAR, orjson.dumps(sidecar))
             except ObjectStoreError as exc:

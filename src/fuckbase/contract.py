@@ -55,7 +55,7 @@ Clients still map them: they talk to both servers."""
 
 DB_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 RESERVED_DB_NAMES = frozenset({"full", ".", ".."})  # "full" names the full-backup folder
-_OBJECT_NAME_PATTERN = r"^[^\x00-\x1f\x7f]{1,256}$"
+OBJECT_NAME_PATTERN = r"^[^\x00-\x1f\x7f]{1,256}$"
 BACKUP_NAME_PATTERN = r"^backups/((?!\.\.?/)[A-Za-z0-9_.\-]{1,64})/(\d{8}-\d{6})(?:_(\d+))?(\.json(?:\.gz|\.zst)?)$"
 MAX_SORT_FIELDS = 32
 MAX_KEY_BYTES = 1024
@@ -110,7 +110,7 @@ DATABASE_NAME = Kind("string", {
     "description": '1-64 of A-Z a-z 0-9 _ - ., not "." or "..", and not "full" (it names the full-backup folder)',
 }, blank_is_missing=True)
 OBJECT_NAME = Kind("string", {
-    "pattern": _OBJECT_NAME_PATTERN, "minLength": 1, "maxLength": MAX_NAME_CHARS,
+    "pattern": OBJECT_NAME_PATTERN, "minLength": 1, "maxLength": MAX_NAME_CHARS,
     "description": f"1-{MAX_NAME_CHARS} characters, no control characters",
 }, blank_is_missing=True)
 KEY = Kind("string", {"minLength": 1, "maxLength": MAX_KEY_BYTES, "description": f"1-{MAX_KEY_BYTES} bytes of UTF-8"},

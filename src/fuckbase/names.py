@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
-from fuckbase.contract import DB_NAME_PATTERN, MAX_KEY_BYTES, MAX_NAME_CHARS, RESERVED_DB_NAMES
+from fuckbase.contract import DB_NAME_PATTERN, MAX_KEY_BYTES, OBJECT_NAME_PATTERN, RESERVED_DB_NAMES
 
 _DB_NAME = re.compile(DB_NAME_PATTERN)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_OBJECT_NAME = re.compile(OBJECT_NAME_PATTERN)
 
 
 def is_database_name(name: object) -> bool:
@@ -17,7 +17,7 @@ def is_database_name(name: object) -> bool:
 
 def is_object_name(name: object) -> bool:
     """A set or index name: 1-256 characters, no control characters."""
-    return isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS and not _CONTROL.search(name)
+    return isinstance(name, str) and bool(_OBJECT_NAME.fullmatch(name))
 
 
 def is_key(key: object) -> bool:
