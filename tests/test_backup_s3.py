@@ -33,7 +33,9 @@ TIMINGS: dict[str, float] = {}
 
 
 def s3_args(server: SeaweedS3, bucket: str, *, endpoint: str | None = None, timeout: float = 5,
-            secret: str | None = None) -> list[str]:
+            secret: str | None = None, continuous: bool | None = False) -> list[str]:
+    """Server flags for this S3 server. Continuous backup (on by default with S3) is off unless
+    asked for (None: the default): these tests count the requests and objects of named backups."""
     return [
         "--s3-endpoint", endpoint or server.endpoint,
         "--s3-bucket", bucket,
@@ -41,6 +43,7 @@ def s3_args(server: SeaweedS3, bucket: str, *, endpoint: str | None = None, time
         "--s3-secret-key", server.secret_key if secret is None else secret,
         "--s3-region", server.region,
         "--s3-timeout", str(timeout),
+        *([] if continuous is None else ["--backup-continuous" if continuous else "--no-backup-continuous"]),
     ]
 
 

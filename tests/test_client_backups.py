@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from conftest import ServerProcess
 
 from fuckbase.client import (
     AdminAuthRequired,
+    AlreadyExistsError,
     AsyncClient,
     BackupInfo,
     BackupNotFound,
@@ -145,3 +147,39 @@ async def test_async_backups(server: ServerProcess) -> None:
         assert await users.get("u1") == {"v": 1}
         with pytest.raises(BackupNotFound):
             await c.backups.verify(MISSING)
+
+
+def _shipped_past(c: Client, moment: float) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        window = c.server_info().get("continuous", {}).get("window", {})
+        if window.get("latest") and datetime.fromisoformat(window["latest"]).timestamp() > moment:
+            return
+        time.sleep(0.1)
+    raise AssertionError(c.server_info())
+
+
+def test_point_in_time_restores_from_the_client(make_server: Any) -> None:
+    srv = make_server(["--backup-continuous", "--backup-sync-interval", "0.2"])
+    with Client(srv.url) as c:
+        _shipped_past(c, 0)
+        users = c.create_database("shop").create_set("users")
+        users.put("u1", {"v": 1})
+        time.sleep(0.05)
+        then = datetime.now(UTC)
+        time.sleep(0.05)
+        users.put("u1", {"v": 2})
+        _shipped_past(c, time.time())
+        assert c.backups.restore_to(then, "shop", into="shop_then")["databases"] == ["shop_then"]
+        assert c.database("shop_then").set("users").get("u1") == {"v": 1}
+        assert users.get("u1") == {"v": 2}
+        c.backups.restore_to(then.isoformat())
+        assert users.get("u1") == {"v": 1}
+        with pytest.raises(ValueError):
+            c.backups.restore_to(datetime.now())  # no time zone
+        with pytest.raises(BackupNotFound):
+            c.backups.restore_to("2001-01-01T00:00:00Z")
+        name = c.backups.create("shop")["backup_name"]
+        assert c.backups.restore(name, into="shop_copy")["databases"] == ["shop_copy"]
+        with pytest.raises(AlreadyExistsError):
+            c.backups.restore(name, into="shop_copy")

@@ -276,7 +276,8 @@ def test_a_client_error_for_every_code_the_server_sends(typed: ServerProcess) ->
 
 # what a request valid under the OpenAPI document may still be refused for: the meaning of
 # the data, which no schema states (and the byte length of a key, which JSON Schema cannot)
-SEMANTIC = ("is not one of the index's sort fields", "is not a sortable index", "bytes of UTF-8")
+SEMANTIC = ("is not one of the index's sort fields", "is not a sortable index", "bytes of UTF-8",
+            "is not a valid date and time", '"as" needs')
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -313,6 +314,13 @@ def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         return st.lists(items, min_size=schema.get("minItems", 0), max_size=min(schema.get("maxItems", 5), 5),
                         unique=schema.get("uniqueItems", False))
     if kind == "object":
+        if "oneOf" in schema:  # exactly one of some fields (a restore: a backup name or an instant)
+            alternatives = [set(alt["required"]) for alt in schema["oneOf"]]
+            others = set().union(*alternatives)
+            return st.sampled_from(alternatives).flatmap(lambda chosen: from_schema({
+                **{k: v for k, v in schema.items() if k != "oneOf"},
+                "properties": {k: v for k, v in schema["properties"].items() if k not in others - chosen},
+                "required": [*schema.get("required", []), *chosen]}))
         props = schema.get("properties", {})
         required = set(schema.get("required", []))
         needs_value = "if" in schema  # the operations' rule: a put has a value

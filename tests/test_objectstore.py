@@ -121,7 +121,8 @@ async def test_ensure_ready_outside_us_east_1(s3: SeaweedS3, fresh_bucket: str) 
         local_dir=Path("/nonexistent"),
     )
     await st.ensure_ready()
-    await st.put_bytes("k", b"v")
+    etag = await st.put_bytes("k", b"v")
+    assert etag is not None and etag.strip('"') == hashlib.md5(b"v").hexdigest()  # S3's ETag of a single PUT
     assert [info.key for info in await st.list("")] == ["k"]
 
 
@@ -148,8 +149,9 @@ async def test_put_bytes_create_only(store: ObjectStore) -> None:
         *(st.put_bytes("locks/race.lock", str(n).encode(), create_only=True) for n in range(10)),
         return_exceptions=True,
     )
-    winners = [n for n, r in enumerate(results) if r is None]
-    assert len(winners) == 1 and all(isinstance(r, AlreadyExists) for r in results if r is not None), results
+    winners = [n for n, r in enumerate(results) if not isinstance(r, BaseException)]
+    assert len(winners) == 1 and all(isinstance(r, AlreadyExists) for r in results
+                                     if isinstance(r, BaseException)), results
     assert await st.get_bytes("locks/race.lock") == str(winners[0]).encode()
 
 
@@ -188,6 +190,11 @@ async def test_list_prefix_nested_and_delete(store: ObjectStore) -> None:
     assert await listed("backups/a/") == ["backups/a/2.json"]
     with pytest.raises(NotFound):
         await st.get_bytes("backups/a/1.json")
+    many = [f"bulk/{n:04d}" for n in range(1005)]  # more than one DeleteObjects request holds
+    for key in many:
+        await st.put_bytes(key, b"")
+    await st.delete_many([*many[5:], "bulk/missing"])
+    assert await listed("bulk/") == many[:5]
 
 
 async def test_failed_upload_leaves_nothing_visible(store: ObjectStore, tmp_path: Path) -> None:

@@ -440,17 +440,52 @@ class Api:
         return success(message, **result, target=backups.target)
 
     async def backup_list(self, body: dict[str, Any], headers: Headers) -> bytes:
+        """Lists the named backups and, when a continuous backup exists, its restorable range."""
+        from fuckbase import continuous
+        from fuckbase.objectstore import ObjectStoreError
+
         self.admin.check(headers.get("x-admin-authorization"), body)
         backups = self._backup_service()
-        return success(backups=await backups.list(self._optional_database(body)), target=backups.target)
+        listed = await backups.list(self._optional_database(body))
+        try:
+            span = continuous.window(await continuous.timeline(backups.store, backups.shipped()))
+        except ObjectStoreError as exc:
+            raise ApiError(504 if exc.kind == "timeout" else 502, ErrorCode.LIST_FAILED, str(exc)) from None
+        extra: dict[str, Any] = {"point_in_time": span} if span is not None else {}
+        return success(None, backups=listed, target=backups.target, **extra)
 
     async def backup_restore(self, body: dict[str, Any], headers: Headers) -> bytes:
+        """A named backup, or with "at" the state at an instant; "as" restores one database
+        into a new name and leaves the original alone."""
+        from fuckbase import continuous
+
         self.admin.check(headers.get("x-admin-authorization"), body)
         backups = self._backup_service()
-        name = body["backup_name"]
-        check = None if self.admin.enabled else await self._may_replace(backups.replaces(name), body, headers)
-        result = await backups.restore(name, check)
-        message = "All databases restored successfully" if result["full"] else "Database restored successfully"
+        name, at = body.get("backup_name"), body.get("at")
+        if name and at:
+            raise invalid('give "backup_name" or "at", not both')
+        if not name and not at:
+            raise invalid('"backup_name" is required (or "at" for a point-in-time restore)')
+        into = database_name(body, "as") if body.get("as") else None
+        if at:
+            instant = continuous.parse_instant(at)
+            database = self._optional_database(body)
+            if into is not None and database is None:
+                raise invalid('"as" needs "database": the one database to restore under the new name')
+            target = into or database
+        else:
+            target = backups.replaces(name)
+            if into is not None and target is None:
+                raise invalid('"as" needs a database backup, not a full one')
+            target = into or target
+        check = None if self.admin.enabled else await self._may_replace(target, body, headers)
+        if at:
+            result = await continuous.restore_to(backups, instant, database, into, check)
+            restored = f"restored as of {result['at']}"
+        else:
+            result = await backups.restore(name, check, into)
+            restored = "restored successfully"
+        message = f"All databases {restored}" if result["full"] else f"Database {restored}"
         return success(message, **result)
 
     async def _may_replace(self, target: str | None, body: dict[str, Any], headers: Headers) -> Callable[[Database], None]:

@@ -103,18 +103,20 @@ class BackupStats:
     last_duration: dict[str, float] = field(default_factory=dict)
     last_bytes: dict[str, int] = field(default_factory=dict)
     failures: dict[tuple[str, str], int] = field(default_factory=dict)
+    continuous: dict[str, Any] = field(default_factory=dict)  # the shipper's status, when it runs
 
     def failed(self, op: str, kind: str) -> None:
         self.failures[(op, kind)] = self.failures.get((op, kind), 0) + 1
 
     def dump(self) -> dict[str, Any]:
         return {"last_success": dict(self.last_success), "last_duration": dict(self.last_duration),
-                "last_bytes": dict(self.last_bytes), "failures": [[op, kind, n] for (op, kind), n in self.failures.items()]}
+                "last_bytes": dict(self.last_bytes), "failures": [[op, kind, n] for (op, kind), n in self.failures.items()],
+                "continuous": self.continuous}
 
     @classmethod
     def from_dump(cls, d: dict[str, Any]) -> BackupStats:
         return cls(dict(d.get("last_success", {})), dict(d.get("last_duration", {})), dict(d.get("last_bytes", {})),
-                   {(op, kind): n for op, kind, n in d.get("failures", ())})
+                   {(op, kind): n for op, kind, n in d.get("failures", ())}, dict(d.get("continuous") or {}))
 
     def metrics(self) -> Iterable[Metric]:
         yield gauge("fuckbase_backup_last_success_timestamp_seconds", "Last successful operation",
@@ -125,6 +127,23 @@ class BackupStats:
                     ["operation"], (([k], v) for k, v in self.last_bytes.items()))
         yield counter("fuckbase_backup_failures", "Failed backup operations by kind",
                       ["operation", "kind"], (([op, kind], n) for (op, kind), n in self.failures.items()))
+        c = self.continuous
+        if not c:
+            return
+        yield gauge("fuckbase_continuous_shipping", "1 while continuous backup ships changes", [],
+                    [([], 1.0 if c.get("state") == "shipping" else 0.0)])
+        yield gauge("fuckbase_continuous_lag_seconds", "Age of the oldest change not yet shipped", [],
+                    [([], c.get("lag_seconds", 0.0))])
+        yield gauge("fuckbase_continuous_pending_changes", "Commits not yet shipped", [],
+                    [([], c.get("pending_changes", 0))])
+        yield gauge("fuckbase_continuous_shipped_sequence", "The last commit shipped", [],
+                    [([], c.get("shipped_sequence", 0))])
+        yield gauge("fuckbase_continuous_shipped_timestamp_seconds", "Up to when the shipped changes are complete",
+                    [], [([], c.get("shipped_until", 0.0))])
+        yield counter("fuckbase_continuous_requests", "Object-store requests of continuous backup", ["operation"],
+                      (([op], n) for op, n in c.get("requests", {}).items()))
+        yield counter("fuckbase_continuous_failures", "Continuous backup failures by kind", ["kind"],
+                      (([kind], n) for kind, n in c.get("failures", {}).items()))
 
 
 class BackupService:
@@ -136,9 +155,12 @@ class BackupService:
         self.compression = compression
         self.retention = retention
         self.stats = BackupStats()
-        self._restore_lock = asyncio.Lock()
+        self.restore_lock = asyncio.Lock()
         self._last_auto_sequence = -1
         self._cleanups: set[asyncio.Task[None]] = set()
+        # set where continuous backup runs: (generation, sequence, until) it has shipped, which
+        # may be newer than what the store shows, so that this node restores up to now
+        self.shipped: Callable[[], tuple[str, int, float] | None] = lambda: None
 
     @property
     def target(self) -> str:
@@ -160,19 +182,7 @@ class BackupService:
             try:
                 await self.store.ensure_ready()
                 name = await self._claim(database or FULL_FOLDER)
-                written = await self.store.put_stream(name, spool.chunks())
-                stored = written.size
-                await self._check_stored(name, spool.stored.hexdigest(), written)
-                sidecar = {
-                    "sha256": counts.checksum.hexdigest(),
-                    "json_size": counts.checksum.size,
-                    "size": stored,
-                    "entries": counts.entries,
-                    "database": database or "all",
-                    "automatic": automatic,
-                    "format": FORMAT_VERSION,
-                }
-                await self.store.put_bytes(name + SIDECAR, orjson.dumps(sidecar))
+                stored = await self._upload(name, spool, {"database": database or "all", "automatic": automatic})
             except ObjectStoreError as exc:
                 self.stats.failed("create", exc.kind)
                 await self._release(name)
@@ -191,6 +201,31 @@ class BackupService:
         self.stats.last_bytes["create"] = stored
         log.info("backup %s written: %d entries, %d bytes in %.2fs", name, counts.entries, stored, elapsed)
         return {"backup_name": name, "size": stored, "entries": counts.entries, "database": database or "all"}
+
+    async def _upload(self, name: str, spool: _Spool, about: dict[str, Any]) -> int:
+        """Sends the spooled backup, checks what the store holds, then writes its sidecar."""
+        written = await self.store.put_stream(name, spool.chunks())
+        await self._check_stored(name, spool.stored.hexdigest(), written)
+        counts = spool.counts
+        sidecar = {"sha256": counts.checksum.hexdigest(), "json_size": counts.checksum.size, "size": written.size,
+                   "entries": counts.entries, **about, "format": FORMAT_VERSION}
+        await self.store.put_bytes(name + SIDECAR, orjson.dumps(sidecar))
+        return written.size
+
+    async def write_base(self, name_of: Callable[[int, float], str]) -> tuple[str, int, float]:
+        """A zstd full backup under the name `name_of(sequence, taken)` gives: continuous
+        backup's base snapshot. `taken` is read once the snapshot has begun, so every commit it
+        holds is older. Returns (name, sequence, taken); raises ObjectStoreError."""
+        snapshot = self.storage.snapshot()
+        taken = time.time()
+        sequence = snapshot.sequence()
+        spool = _Spool(snapshot, None, "zstd", self.spool_dir)
+        name = name_of(sequence, taken)
+        try:
+            await self._upload(name, spool, {"database": "all", "automatic": True, "sequence": sequence, "taken": taken})
+        finally:
+            spool.close()
+        return name, sequence, taken
 
     async def _check_stored(self, name: str, digest: str, written: Written) -> None:
         """Checks that the store holds what was sent, so that a store or proxy that damaged it
@@ -271,14 +306,22 @@ class BackupService:
         folder = parse_name(name).group(1)
         return None if folder == FULL_FOLDER else folder
 
-    async def restore(self, name: Any, check: Callable[[Database], None] | None = None) -> dict[str, Any]:
-        """`check` sees, inside the commit, each database about to be replaced or removed."""
+    async def restore(self, name: Any, check: Callable[[Database], None] | None = None,
+                      into: str | None = None) -> dict[str, Any]:
+        """`check` sees, inside the commit, each database about to be replaced or removed.
+        `into` restores a database backup under that name, which must not be in use."""
         m = parse_name(name)
         started = time.monotonic()
-        async with self._restore_lock:
+        async with self.restore_lock:
             staging = self.storage.restore_writer()
             try:
-                result = await self._read(m, staging)
+                staged: dict[str, StagedDatabase] = {}
+                result = await self.read(m.group(0), m.group(1) == FULL_FOLDER, m.group(4), staging, staged=staged)
+                if into is not None:
+                    for db in staged.values():
+                        db.name = into
+                    result["databases"] = [into]
+                    check = refuse_existing
                 await asyncio.to_thread(staging.commit, result["full"], check)
             except BaseException:
                 staging.abort()
@@ -292,20 +335,21 @@ class BackupService:
         return result
 
     async def verify(self, name: Any) -> dict[str, Any]:
-        return await self._read(parse_name(name), None)
+        m = parse_name(name)
+        return await self.read(m.group(0), m.group(1) == FULL_FOLDER, m.group(4), None)
 
-    async def _read(self, m: re.Match[str], staging: RestoreWriter | None) -> dict[str, Any]:
-        """Streams the object through the parser; with staging, also writes it aside."""
-        name = m.group(0)
-        full = m.group(1) == FULL_FOLDER
+    async def read(self, name: str, full: bool, extension: str, staging: RestoreWriter | None,
+                   only: str | None = None, staged: dict[str, StagedDatabase] | None = None) -> dict[str, Any]:
+        """Streams the object through the parser; with staging, also writes it aside: every
+        database, or with `only` that one alone. `staged` receives the staged databases by name."""
         op = "restore" if staging is not None else "verify"
         try:
             expected = await self._sidecar(name)
             stream = await self.store.get_stream(name)
-            applier = _Applier(staging, full)
+            applier = _Applier(staging, full, only, staged)
             reader = BackupReader()
             checksum = Checksummer()
-            decompress = _decompressor(m.group(4))
+            decompress = _decompressor(extension)
 
             def consume(chunk: bytes | None) -> None:
                 """Parses (and stages) a chunk on a worker thread; None marks the end."""
@@ -405,9 +449,21 @@ class BackupService:
             await self.store.delete(name + SIDECAR)
             log.info("retention: deleted %s", name)
 
+    @staticmethod
+    def created_at(name: str) -> float:
+        """When a backup was made, from the timestamp in its name."""
+        stamp = parse_name(name).group(2)
+        return datetime.strptime(stamp, "%Y%m%d-%H%M%S").replace(tzinfo=UTC).timestamp()
+
     async def latest_full(self) -> str | None:
         backups = await self.list(FULL_FOLDER)
         return backups[0]["name"] if backups else None
+
+
+def refuse_existing(db: Database) -> None:
+    """The commit check of a restore into a new name: nothing in use is replaced."""
+    raise ApiError(409, ErrorCode.DB_ALREADY_EXISTS,
+                   f"database {db.name!r} already exists: restore into a name not in use, or drop it first")
 
 
 # ---------------------------------------------------------------------- encoding
@@ -590,9 +646,13 @@ class _Applier:
     """Validates records and, when restoring, writes them into the staging area (on a worker
     thread: each batch of entries is a commit of its own)."""
 
-    def __init__(self, staging: RestoreWriter | None, full: bool) -> None:
+    def __init__(self, staging: RestoreWriter | None, full: bool, only: str | None = None,
+                 staged: dict[str, StagedDatabase] | None = None) -> None:
         self.staging = staging
         self.full = full
+        self.only = only
+        self.staged = staged if staged is not None else {}
+        self._undecided = False  # with `only`: the current database's name is not known yet
         self.names: list[str] = []
         self.entries = 0
         self._db: StagedDatabase | None = None
@@ -612,7 +672,9 @@ class _Applier:
                 self._databases_seen += 1
                 if not self.full and self._databases_seen > 1:
                     raise BackupInvalid("a database backup holds more than one database")
-                db: StagedDatabase = self.staging.add_database() if self.staging is not None else _Unstaged()
+                staging = self.staging is not None and self.only is None
+                db: StagedDatabase = self.staging.add_database() if staging and self.staging else _Unstaged()
+                self._undecided = self.staging is not None and self.only is not None
                 self._db = db
                 self._db_fields = {}
                 self._set_name = None
@@ -624,6 +686,12 @@ class _Applier:
             raise BackupInvalid("data outside a database")
         return self._db
 
+    def _target(self) -> RestoreWriter | None:
+        """Where the current database's contents go: nowhere for a database not restored."""
+        if self._undecided:
+            raise BackupInvalid("a database's contents come before its name")
+        return self.staging if not isinstance(self._db, _Unstaged) else None
+
     def _meta(self, fields: dict[str, Any]) -> None:
         db = self._need_db()
         self._db_fields.update(fields)
@@ -634,6 +702,11 @@ class _Applier:
             if db.name is not None and db.name != name:
                 raise BackupInvalid("a database has two names")
             db.name = name
+            if self._undecided:  # restoring one database of several: stage it alone
+                self._undecided = False
+                if name == self.only and self.staging is not None:
+                    db = self._db = self.staging.add_database()
+                    db.name = name
         if "fuckbase_auth" in fields:
             auth = fields["fuckbase_auth"]
             if auth is not None:
@@ -663,14 +736,15 @@ class _Applier:
                     or not all(isinstance(f, str) and f for f in sort_fields)
                     or (kind == 1 and not sort_fields)):
                 raise BackupInvalid(f"index {key!r} is malformed")
-            if self.staging is not None:
+            target = self._target()
+            if target is not None:
                 assert isinstance(name, str) and isinstance(fld, str) and isinstance(set_name, str)
                 if kind == 1:
                     definition = IndexDef(name, fld, SORTABLE, tuple(sort_fields))
                 else:
                     definition = IndexDef(name, fld, BASIC)
                 try:
-                    self.staging.add_index(db, set_name, definition)
+                    target.add_index(db, set_name, definition)
                 except ValueError as exc:
                     raise BackupInvalid(str(exc)) from None
 
@@ -679,8 +753,9 @@ class _Applier:
         if not is_object_name(name):
             raise BackupInvalid(f"bad set name {name!r}")
         self._set_name = name
-        if self.staging is not None:
-            self.staging.add_set(db, name)
+        target = self._target()
+        if target is not None:
+            target.add_set(db, name)
 
     def _entries(self, rec: Entries) -> None:
         if self._set_name is None:
@@ -696,8 +771,9 @@ class _Applier:
                     raise BackupInvalid(f"bad value for key {key!r:.80}: {exc}") from None
             batch.append((key, value, raw))
         self.entries += len(batch)
-        if self.staging is not None:
-            self.staging.write(self._need_db(), self._set_name, batch)
+        target = self._target()
+        if target is not None:
+            target.write(self._need_db(), self._set_name, batch)
 
     def _end_database(self) -> None:
         db = self._need_db()
@@ -708,6 +784,8 @@ class _Applier:
         if db.name in self.names:
             raise BackupInvalid(f"database {db.name!r} appears twice")
         self.names.append(db.name)
+        if self.staging is not None and not isinstance(db, _Unstaged):
+            self.staged[db.name] = db
         self._db = None
         self._set_name = None
 

@@ -140,7 +140,39 @@ def _opt(*decls: str, env: str, **kw: Any) -> Any:
     "--restore-on-start",
     env="FUCKBASE_RESTORE_ON_START",
     default="",
-    help="'latest' or a backup name: restore it when the data dir is empty at startup.",
+    help="'latest' (the newest change of the continuous backup, else the newest full backup) or a "
+    "backup name: restore it when the data dir is empty at startup.",
+)
+@_opt(
+    "--backup-continuous/--no-backup-continuous",
+    env="FUCKBASE_BACKUP_CONTINUOUS",
+    default=None,
+    help="Ship every change to the backup target within the sync interval, for point-in-time restores. "
+    "Default: on with S3, off for the local folder.",
+)
+@_opt(
+    "--backup-sync-interval",
+    env="FUCKBASE_BACKUP_SYNC_INTERVAL",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Seconds within which a committed change reaches the backup target (continuous backup).",
+)
+@_opt(
+    "--backup-snapshot-interval",
+    env="FUCKBASE_BACKUP_SNAPSHOT_INTERVAL",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Minutes between the base snapshots of continuous backup (taken only when something changed).",
+)
+@_opt(
+    "--backup-snapshot-changes",
+    env="FUCKBASE_BACKUP_SNAPSHOT_CHANGES",
+    type=int,
+    default=200_000,
+    show_default=True,
+    help="Changes after which continuous backup takes a new base snapshot, bounding what a restore replays.",
 )
 @click.version_option(__version__, prog_name="fuckbase")
 @click.pass_context
@@ -299,6 +331,10 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         backup_retention=opts["backup_retention"],
         backup_compression=opts["backup_compression"],
         restore_on_start=opts["restore_on_start"],
+        backup_continuous=opts["backup_continuous"],
+        backup_sync_interval=opts["backup_sync_interval"],
+        backup_snapshot_interval_minutes=opts["backup_snapshot_interval"],
+        backup_snapshot_changes=opts["backup_snapshot_changes"],
     )
 
 

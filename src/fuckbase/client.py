@@ -23,6 +23,7 @@ import builtins
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, overload
 
 import httpx
@@ -601,8 +602,23 @@ def _backup_list(database: str | None) -> _Call[list[BackupInfo]]:
     return _Call("/backup/list", body, _backup_infos, admin=True)
 
 
-def _backup_restore(name: str, auth: Auth | None) -> _Call[dict[str, Any]]:
-    return _Call("/backup/restore", {"backup_name": name}, _whole, auth=_basic(auth), admin=True)
+def _backup_restore(name: str, auth: Auth | None, into: str | None) -> _Call[dict[str, Any]]:
+    body = {"backup_name": name, **({"as": into} if into else {})}
+    return _Call("/backup/restore", body, _whole, auth=_basic(auth), admin=True)
+
+
+def _backup_restore_to(at: datetime | str, database: str | None, into: str | None,
+                       auth: Auth | None) -> _Call[dict[str, Any]]:
+    if isinstance(at, datetime):
+        if at.tzinfo is None:
+            raise ValueError("a point in time needs its time zone (e.g. datetime.now(timezone.utc))")
+        at = at.isoformat()
+    body: dict[str, Any] = {"at": at}
+    if database:
+        body["database"] = database
+    if into:
+        body["as"] = into
+    return _Call("/backup/restore", body, _whole, auth=_basic(auth), admin=True)
 
 
 def _backup_verify(name: str) -> _Call[dict[str, Any]]:
@@ -824,11 +840,17 @@ class Backups:
         """The stored backups (of `database`, or all), newest first."""
         return self._client._run(_backup_list(database))
 
-    def restore(self, name: str, auth: Auth | None = None) -> dict[str, Any]:
+    def restore(self, name: str, auth: Auth | None = None, into: str | None = None) -> dict[str, Any]:
         """Replace the data with backup `name` (a database's, or all for a full backup).
         With no admin configured on the server, replacing a protected database needs its
-        credentials: `auth`."""
-        return self._client._run(_backup_restore(name, auth))
+        credentials: `auth`. `into` restores a database backup under that new name instead."""
+        return self._client._run(_backup_restore(name, auth, into))
+
+    def restore_to(self, at: datetime | str, database: str | None = None, into: str | None = None,
+                   auth: Auth | None = None) -> dict[str, Any]:
+        """[ext] Restore every database (or `database`, optionally `into` a new name) as it was
+        at the instant `at`, from the server's continuous backup."""
+        return self._client._run(_backup_restore_to(at, database, into, auth))
 
     def verify(self, name: str) -> dict[str, Any]:
         """Check that backup `name` exists and is valid, without restoring it."""
@@ -1036,11 +1058,17 @@ class AsyncBackups:
         """The stored backups (of `database`, or all), newest first."""
         return await self._client._run(_backup_list(database))
 
-    async def restore(self, name: str, auth: Auth | None = None) -> dict[str, Any]:
+    async def restore(self, name: str, auth: Auth | None = None, into: str | None = None) -> dict[str, Any]:
         """Replace the data with backup `name` (a database's, or all for a full backup).
         With no admin configured on the server, replacing a protected database needs its
-        credentials: `auth`."""
-        return await self._client._run(_backup_restore(name, auth))
+        credentials: `auth`. `into` restores a database backup under that new name instead."""
+        return await self._client._run(_backup_restore(name, auth, into))
+
+    async def restore_to(self, at: datetime | str, database: str | None = None, into: str | None = None,
+                   auth: Auth | None = None) -> dict[str, Any]:
+        """[ext] Restore every database (or `database`, optionally `into` a new name) as it was
+        at the instant `at`, from the server's continuous backup."""
+        return await self._client._run(_backup_restore_to(at, database, into, auth))
 
     async def verify(self, name: str) -> dict[str, Any]:
         """Check that backup `name` exists and is valid, without restoring it."""

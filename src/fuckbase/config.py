@@ -55,6 +55,10 @@ class Settings:
     backup_retention: int = 0
     backup_compression: str = "none"
     restore_on_start: str = ""
+    backup_continuous: bool | None = None
+    backup_sync_interval: float = 1.0
+    backup_snapshot_interval_minutes: float = 60.0
+    backup_snapshot_changes: int = 200_000
 
     @property
     def effective_backup_dir(self) -> Path:
@@ -66,6 +70,11 @@ class Settings:
         if self.backup_interval_minutes is not None:
             return self.backup_interval_minutes
         return 60.0 if self.s3.enabled else 0.0
+
+    @property
+    def effective_backup_continuous(self) -> bool:
+        """Continuous backup: on by default with S3, off for the local folder."""
+        return self.backup_continuous if self.backup_continuous is not None else self.s3.enabled
 
     def validate(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -90,6 +99,12 @@ class Settings:
             raise ConfigError("backup retention must be >= 0")
         if self.backup_compression not in COMPRESSIONS:
             raise ConfigError(f"backup compression must be one of {', '.join(COMPRESSIONS)}")
+        if not 0.05 <= self.backup_sync_interval <= 3600:
+            raise ConfigError("backup sync interval must be 0.05-3600 seconds")
+        if self.backup_snapshot_interval_minutes <= 0:
+            raise ConfigError("backup snapshot interval must be > 0 minutes")
+        if self.backup_snapshot_changes < 1:
+            raise ConfigError("backup snapshot changes must be >= 1")
         if bool(self.admin_username) != bool(self.admin_password):
             raise ConfigError("admin username and admin password must be given together")
         if self.s3.enabled and bool(self.s3.access_key) != bool(self.s3.secret_key):

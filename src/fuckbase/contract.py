@@ -8,7 +8,7 @@ dependencies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -56,6 +56,7 @@ Clients still map them: they talk to both servers."""
 DB_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 RESERVED_DB_NAMES = frozenset({"full", ".", ".."})  # "full" names the full-backup folder
 OBJECT_NAME_PATTERN = r"^[^\x00-\x1f\x7f]{1,256}$"
+INSTANT_PATTERN = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})$"
 BACKUP_NAME_PATTERN = r"^backups/((?!\.\.?/)[A-Za-z0-9_.\-]{1,64})/(\d{8}-\d{6})(?:_(\d+))?(\.json(?:\.gz|\.zst)?)$"
 MAX_SORT_FIELDS = 32
 MAX_KEY_BYTES = 1024
@@ -142,6 +143,8 @@ OPERATION = Kind("object", {"if": {"properties": {"op": {"const": "put"}}}, "the
 ))
 OPERATIONS = Kind("array", {"items": OPERATION.json_schema()})  # items checked by the handler, by index
 BACKUP_NAME = Kind("string", {"pattern": BACKUP_NAME_PATTERN}, blank_is_missing=True)
+INSTANT = Kind("string", {"pattern": INSTANT_PATTERN, "description": "RFC 3339, e.g. 2026-12-01T14:00:00Z"},
+               blank_is_missing=True)
 
 AUTH = Field("auth", CREDENTIALS, description="the database's credentials (or an Authorization: Basic header)")
 ADMIN_AUTH = Field("admin_auth", CREDENTIALS, description="admin credentials (or an X-Admin-Authorization header)")
@@ -192,6 +195,7 @@ class Endpoint:
     response: dict[str, Any]
     long: bool = False
     writes: bool = False
+    body_rule: Mapping[str, Any] = field(default_factory=dict)  # JSON Schema over the whole body
 
     def request_fields(self) -> tuple[Field, ...]:
         """The declared fields and the credential fields its auth kind accepts."""
@@ -257,10 +261,16 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/backup/list", "List backups, newest first", "backup_list",
              (Field("database", DATABASE_NAME, description="absent, null or empty: all databases"),),
              "admin", _success(backups={"type": "array", "items": _BACKUP}), long=True),
-    Endpoint("/backup/restore", "Restore a backup atomically", "backup_restore",
-             (Field("backup_name", BACKUP_NAME, required=True),),
-             "admin or database", _success(backup_name=_STR, databases={"type": "array", "items": _STR}),
-             long=True, writes=True),
+    Endpoint("/backup/restore", "Restore a backup, or the state at an instant, atomically", "backup_restore",
+             (Field("backup_name", BACKUP_NAME, description="the backup to restore; or give \"at\""),
+              Field("at", INSTANT, description="[ext] restore the state as of this instant, from the continuous backup"),
+              Field("database", DATABASE_NAME, description="[ext] with \"at\": this database only; absent: all"),
+              Field("as", DATABASE_NAME, description="[ext] restore one database into this new name instead")),
+             "admin or database", {**_success(databases={"type": "array", "items": _STR}),
+                                   "properties": {**_success()["properties"], "backup_name": _STR, "at": _STR,
+                                                  "databases": {"type": "array", "items": _STR}}},
+             long=True, writes=True,
+             body_rule={"oneOf": [{"required": ["backup_name"]}, {"required": ["at"]}]}),
     Endpoint("/backup/verify", "Check a backup fully without applying it", "backup_verify",
              (Field("backup_name", BACKUP_NAME, required=True),),
              "admin", _success(backup_name=_STR, checksum=_STR), long=True),

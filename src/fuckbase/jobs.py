@@ -14,6 +14,7 @@ here too), many in flight on one connection: request `{"id", "path", "headers"}`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from fuckbase.backup import BackupStats
 from fuckbase.contract import ErrorCode
 from fuckbase.errors import ApiError
 from fuckbase.http import Response, error_response
+from fuckbase.objectstore import ObjectStoreError
 from fuckbase.storage import StorageError
 
 if TYPE_CHECKING:
@@ -178,6 +180,7 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
 
     from fuckbase.auth import AdminGuard, DatabaseGuard
     from fuckbase.backup import BackupService
+    from fuckbase.continuous import Shipper, stop_logging_changes
     from fuckbase.metrics import Published
     from fuckbase.objectstore import open_store
     from fuckbase.storage.lmdb import LmdbStorage
@@ -209,6 +212,14 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
         report({"error": f"bad S3 configuration: {exc}"})
         raise SystemExit(2) from None
     backups = BackupService(storage, store, settings.backup_compression, settings.backup_retention, rt.run_dir)
+    shipper = None
+    if settings.effective_backup_continuous:
+        shipper = Shipper(storage, backups, settings.data_dir, rt.run_dir, sync_interval=settings.backup_sync_interval,
+                          snapshot_minutes=settings.backup_snapshot_interval_minutes,
+                          snapshot_changes=settings.backup_snapshot_changes)
+        backups.shipped = shipper.shipped
+    else:
+        stop_logging_changes(storage, settings.data_dir)
     api = Api(storage, AdminGuard(settings.admin_username, settings.admin_password), DatabaseGuard(inline=True),
               lambda: {}, backups)
     server = JobServer(api, settings.request_threads)
@@ -227,7 +238,9 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
         listener = await server.serve(rt.jobs_address)
         report({"backup_target": backups.target})
         tasks = [asyncio.create_task(_housekeeping(storage)),
-                 asyncio.create_task(_publishing(published, backups.stats))]
+                 asyncio.create_task(_publishing(published, backups.stats, shipper))]
+        if shipper is not None:
+            tasks.append(asyncio.create_task(shipper.run()))
         if settings.durability == "os":
             tasks.append(asyncio.create_task(_syncing(storage)))
         interval = settings.effective_backup_interval
@@ -238,6 +251,8 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if shipper is not None:
+            await shipper.release()
         published.write(backups.stats.dump())
 
     try:
@@ -253,13 +268,22 @@ async def _restore_on_start(storage: Any, backups: Any, which: str) -> str | Non
         if view.database_names():
             log.info("restore-on-start skipped: the data dir already holds databases")
             return None
+    from fuckbase.continuous import latest_instant, restore_to
+
     try:
         name = await backups.latest_full() if which == "latest" else which
-        if name is None:
+        newest_change = await latest_instant(backups.store) if which == "latest" else None
+        if newest_change is not None and (name is None or newest_change >= backups.created_at(name)):
+            result = await restore_to(backups, newest_change, None, None, None)
+            name = f"the continuous backup up to {result['at']}"
+        elif name is None:
             return f"restore-on-start: no full backup found in {backups.target}"
-        result = await backups.restore(name)
+        else:
+            result = await backups.restore(name)
     except ApiError as exc:
         return f"restore-on-start of {which} failed: {exc.message}"
+    except ObjectStoreError as exc:
+        return f"restore-on-start of {which} failed: {exc}"
     log.info("restore-on-start: restored %s (%d databases)", name, len(result["databases"]))
     return None
 
@@ -283,10 +307,12 @@ async def _syncing(storage: Any) -> None:
             log.error("fsync failed: %s", exc)
 
 
-async def _publishing(published: Any, stats: BackupStats) -> None:
+async def _publishing(published: Any, stats: BackupStats, shipper: Any) -> None:
     last = None
     while True:
         await asyncio.sleep(0.2)
+        if shipper is not None:
+            stats.continuous = dataclasses.asdict(shipper.status)
         now = stats.dump()
         if now != last:
             published.write(now)

@@ -15,7 +15,7 @@ import os
 import re
 import secrets
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,6 +43,7 @@ T = TypeVar("T")
 # Multipart part size and parts in flight: memory per upload stays near 8 MiB * (4 + 1).
 _PART_SIZE = 8 * 1024 * 1024
 _PARTS_IN_FLIGHT = 4
+BULK_DELETE = 1000
 # Local writes are batched so each thread hop moves a useful amount of data.
 _LOCAL_WRITE_BATCH = 1024 * 1024
 # Temp files of unfinished local writes; `list` never reports them.
@@ -100,7 +101,8 @@ class ObjectStore(Protocol):
     async def etag(self, key: str) -> str | None:
         """The ETag the store reports for the object (None where stores have none)."""
 
-    async def put_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> None: ...
+    async def put_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> str | None:
+        """One write of the whole object; the ETag the store answered (None where stores have none)."""
 
     async def get_stream(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]: ...
 
@@ -109,6 +111,9 @@ class ObjectStore(Protocol):
     async def list(self, prefix: str) -> builtins.list[ObjectInfo]: ...
 
     async def delete(self, key: str) -> None: ...
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Deletes these objects (missing ones are fine), in as few requests as the store allows."""
 
     async def aclose(self) -> None: ...
 
@@ -398,13 +403,14 @@ class S3ObjectStore:
         meta = await self._call(f"read {key}", obstore.head_async(self._store, key))
         return meta.get("e_tag")
 
-    async def put_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+    async def put_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> str | None:
         """Single PUT; create_only sends If-None-Match: * so exactly one concurrent writer wins."""
         _check_key(key)
         put = obstore.put_async(
             self._store, key, data, mode="create" if create_only else "overwrite", use_multipart=False
         )
-        await self._call(f"write {key}", put)
+        result = await self._call(f"write {key}", put)
+        return result.get("e_tag")
 
     async def get_stream(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The object in ranges of RANGE_BYTES, one request each, RANGES_AHEAD of them under
@@ -465,6 +471,14 @@ class S3ObjectStore:
         _check_key(key)
         with suppress(NotFound):
             await self._call(f"delete {key}", obstore.delete_async(self._store, key))
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            _check_key(key)
+        for start in range(0, len(keys), BULK_DELETE):  # S3's DeleteObjects takes 1,000 keys
+            batch = list(keys[start : start + BULK_DELETE])
+            with suppress(NotFound):
+                await self._call(f"delete {len(batch)} objects", obstore.delete_async(self._store, batch))
 
     async def aclose(self) -> None:
         """obstore keeps no resources that need closing; present for the interface."""
@@ -539,10 +553,11 @@ class LocalObjectStore:
     async def etag(self, key: str) -> str | None:
         return None
 
-    async def put_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+    async def put_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> str | None:
         """create_only links the finished temp file into place: atomic across processes."""
         path = self._path(key)
         await self._io(f"write {key}", _write_file, self._temp_path(path), path, data, create_only)
+        return None
 
     async def get_stream(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         action = f"read {key}"
@@ -568,6 +583,10 @@ class LocalObjectStore:
         path = self._path(key)
         with suppress(NotFound):
             await self._io(f"delete {key}", path.unlink, reading=True)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            await self.delete(key)
 
     async def aclose(self) -> None:
         """Nothing stays open between calls; present for the interface."""

@@ -42,11 +42,12 @@ def _operation(e: Endpoint) -> dict[str, Any]:
     required = [f.name for f in fields if f.required]
     if required:
         schema["required"] = required
+    schema.update(e.body_rule)
     return {
         "summary": e.summary,
         "description": e.summary + "." + _AUTH_NOTE[e.auth] + (" Long: served apart from short requests." if e.long else ""),
         "security": _SECURITY[e.auth],
-        "requestBody": {"required": bool(required), "content": {"application/json": {"schema": schema}}},
+        "requestBody": {"required": bool(required or e.body_rule), "content": {"application/json": {"schema": schema}}},
         "responses": {
             "200": {"description": "success", "content": {"application/json": {"schema": e.response}}},
             "default": {"description": "the error envelope", "content": {"application/json": {"schema": _ERROR}}},

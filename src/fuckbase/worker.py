@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import uvloop
@@ -107,10 +107,19 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
         "durability": settings.durability,
         "backup_target": backup_target,
         "backup_interval_minutes": settings.effective_backup_interval,
+        "backup_continuous": settings.effective_backup_continuous,
         "workers": settings.workers,
     }
+
+    def server_info() -> dict[str, Any]:
+        shipping = BackupStats.from_dump(backup_figures.read()).continuous
+        if not shipping:
+            return info
+        keep = ("state", "generation", "shipped_sequence", "pending_changes", "lag_seconds", "window")
+        return {**info, "continuous": {k: shipping[k] for k in keep if k in shipping}}
+
     api = Api(storage, AdminGuard(settings.admin_username, settings.admin_password),
-              DatabaseGuard(inline=False), lambda: info)
+              DatabaseGuard(inline=False), server_info)
     want_access = settings.access_log and settings.log_level in ("debug", "info")
     access_log = AccessLog(rt.stream) if want_access else None
     openapi_body = orjson.dumps(openapi.spec())

@@ -413,6 +413,39 @@ def test_an_aborted_restore_leaves_nothing(storage: Storage) -> None:
         assert view.key_counts() == {"d": 0}
 
 
+def test_changes_replayed_on_a_staged_restore(storage: Storage) -> None:
+    """Deletes, index drops and removed databases on staged data, as a point-in-time replay
+    applies them: the swap shows exactly the replayed state, indexes and counts included."""
+    storage.create_database("live", None)
+    w = storage.restore_writer()
+    db = w.add_database()
+    db.name = "d"
+    w.add_index(db, "s", IndexDef("e", "e"))
+    w.add_index(db, "s", IndexDef("srt", "e", SORTABLE, ("n",)))
+    w.write(db, "s", [(f"k{i}", {"e": i % 2, "n": i}, orjson.dumps({"e": i % 2, "n": i})) for i in range(6)])
+    w.delete(db, "s", ["k0", "k3", "missing"])
+    w.write(db, "s", [("k1", {"e": 0, "n": 9}, b'{"e":0,"n":9}')])  # a replaced value moves in the indexes
+    w.drop_index(db, "s", "e")
+    w.delete(db, "nothing", ["x"])  # a set never staged: nothing to do
+    gone = w.add_database()
+    gone.name = "gone"
+    w.write(gone, "s", [("a", 1, b"1")])
+    w.remove_database(gone)
+    w.commit(replace_all=True)
+    while storage.maintain():
+        pass
+    with storage.read() as view:
+        assert view.database_names() == ["d"]
+        d = view.database("d")
+        assert set(d.sets["s"].indexes) == {"srt"}
+        assert view.key_counts() == {"d": 4}
+        assert view.get(d, "s", "k0") is None and view.get(d, "s", "k1") == b'{"e":0,"n":9}'
+    assert page(storage, "srt", "0", [("n", False)]) == (3, ["k2", "k4", "k1"])
+    assert page(storage, "srt", "1", [("n", True)]) == (1, ["k5"])
+    with pytest.raises(IndexNotFound):
+        lookup(storage, "d", "s", "e", "0")
+
+
 def test_change_sequence_and_retention(storage: Storage) -> None:
     start = storage.sequence()
     storage.create_database("d", None)

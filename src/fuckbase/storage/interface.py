@@ -239,6 +239,16 @@ class RestoreWriter(Protocol):
     def write(self, db: StagedDatabase, set_name: str, entries: Sequence[tuple[str, Any, bytes]]) -> None:
         """Stores (key, value, JSON) entries; a repeated key keeps its last value."""
 
+    def delete(self, db: StagedDatabase, set_name: str, keys: Sequence[str]) -> None:
+        """Removes staged entries (and their index records); keys not staged are skipped.
+        With `drop_index` and `remove_database`, this lets logged changes be replayed on
+        top of a restored snapshot before the swap."""
+
+    def drop_index(self, db: StagedDatabase, set_name: str, name: str) -> None: ...
+
+    def remove_database(self, db: StagedDatabase) -> None:
+        """Forgets a staged database: it will not be swapped in."""
+
     def commit(self, replace_all: bool, check: Callable[[Database], None] | None = None) -> None:
         """Swaps the staged databases in, in one commit; with `replace_all` every other
         database goes too. `check` is called, inside that commit, for each database about to

@@ -114,6 +114,32 @@ class LmdbRestoreWriter:
 
             self._s.write(partial(Writer.stage, st=state, entries=chunk), numbered=False)
 
+    def delete(self, db: Any, set_name: str, keys: Sequence[str]) -> None:
+        st = db.sets.get(set_name)
+        if st is None or not keys:
+            return
+        state = st.state()
+
+        def op(w: Writer, chunk: Sequence[str]) -> None:
+            for key in chunk:
+                w.delete(state, key)
+
+        for start in range(0, len(keys), STAGE_CHUNK):
+            self._s.write(partial(op, chunk=keys[start : start + STAGE_CHUNK]), numbered=False)
+
+    def drop_index(self, db: Any, set_name: str, name: str) -> None:
+        st = db.sets.get(set_name)
+        if st is None:
+            return
+        dropped = [ix for ix in st.indexes if ix.definition.name == name]
+        st.indexes = [ix for ix in st.indexes if ix.definition.name != name]
+        st.late = [ix for ix in st.late if ix.definition.name != name]
+        self._s.release_staged([_STAGED_INDEX + ix.prefix for ix in dropped])
+
+    def remove_database(self, db: Any) -> None:
+        self._dbs = [d for d in self._dbs if d is not db]
+        self._s.release_staged(_marks([db]))
+
     def _fill_late_indexes(self, st: _StagedSet) -> None:
         """Indexes whose definitions came after entries of their set: scan what is staged."""
         if not st.late:
@@ -166,7 +192,12 @@ class LmdbRestoreWriter:
         self._dbs = []
 
     def abort(self) -> None:
-        marks = [m for db in self._dbs for st in db.sets.values() for m in (
-            _STAGED_SET + K.id_bytes(st.id), *(_STAGED_INDEX + ix.prefix for ix in st.indexes))]
+        marks = _marks(self._dbs)
         self._dbs = []
         self._s.release_staged(marks)
+
+
+def _marks(dbs: list[StagedDatabase]) -> list[bytes]:
+    """The staged marks of every set and index of these databases."""
+    return [m for db in dbs for st in db.sets.values() for m in (
+        _STAGED_SET + K.id_bytes(st.id), *(_STAGED_INDEX + ix.prefix for ix in st.indexes))]

@@ -1,0 +1,791 @@
+"""Continuous backup: the change sequence shipped to the object store every second, and
+restores to any instant of the window it covers.
+
+Layout, beside the seed's `backups/<database>/…` and `backups/full/…` (which stay as they are):
+
+    continuous/lease.json                                   which node ships (one at a time)
+    continuous/<generation>/snapshots/<sequence>-<taken ms>.json.zst (+ .sha256)
+    continuous/<generation>/segments/<after>-<upto>-<until ms>.jsonl.zst
+
+A generation is one data dir's stream: sequence numbers mean something only within it, so a
+node restored from the bucket starts a new one. A snapshot is a full backup in the usual format
+holding every commit up to its sequence, and nothing newer than its time. A segment holds every
+change with a sequence in (after, upto], and vouches that nothing else was committed before
+`until`. A restore to an instant takes the newest snapshot taken at or before it and replays
+the changes after it up to that instant; a missing or damaged segment on the way is refused,
+never skipped.
+
+Segments are zstd-compressed JSON Lines: a header line, one line per commit
+(`{"s": sequence, "t": time, "ops": [...]}`), and a trailer with the count and the SHA-256 of
+everything before it. Each second's changes make a small segment; every COMPACT_SECONDS the
+node writes one segment for the whole period from its local log (kept until then) and deletes
+the small ones, so a busy hour leaves a handful of objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zstandard
+
+from fuckbase.backup import BackupService, refuse_existing
+from fuckbase.backupformat import BackupInvalid
+from fuckbase.contract import INSTANT_PATTERN, ErrorCode
+from fuckbase.errors import ApiError, invalid, not_found
+from fuckbase.objectstore import AlreadyExists, NotFound, ObjectStore, ObjectStoreError
+from fuckbase.storage import BASIC, SORTABLE, Change, Database, IndexDef, RestoreWriter, StagedDatabase, Storage
+
+log = logging.getLogger("fuckbase.continuous")
+
+ROOT = "continuous/"
+LEASE = ROOT + "lease.json"
+CONSUMER = "continuous"  # the storage's change-sequence consumer
+STATE_FILE = "continuous.json"  # in the data dir: this node's id and generation
+SEGMENT_FORMAT = 1
+LEASE_TTL = 60.0  # a lease not renewed for this long may be taken over by another node
+LEASE_RENEW = 10.0
+COMPACT_SECONDS = 600.0
+COMPACT_SEGMENTS = 600  # small segments that trigger a compaction before COMPACT_SECONDS
+SEGMENT_CHANGES = 50_000  # commits per small segment at most; more are shipped in several
+READ_CHUNK = 10_000  # commits read from the local log at once
+RETRY_PAUSE_MAX = 30.0
+
+_SNAPSHOT = re.compile(r"continuous/([0-9TZ]{16}-[0-9a-f]{8})/snapshots/(\d{20})-(\d{13})\.json\.zst")
+_SEGMENT = re.compile(r"continuous/([0-9TZ]{16}-[0-9a-f]{8})/segments/(\d{20})-(\d{20})-(\d{13})\.jsonl\.zst")
+
+
+def _ms(t: float) -> str:
+    return f"{int(t * 1000):013d}"
+
+
+def rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_instant(text: Any) -> float:
+    """An RFC 3339 time with its offset (`2026-12-01T14:00:00Z`, fractions allowed), else 400."""
+    if not isinstance(text, str) or not re.fullmatch(INSTANT_PATTERN, text):
+        raise invalid(f'"at" must be an RFC 3339 time with its offset, e.g. 2026-12-01T14:00:00Z (got {text!r:.60})')
+    try:
+        return datetime.fromisoformat(text.upper()).timestamp()
+    except (ValueError, OverflowError):
+        raise invalid(f'"at" is not a valid date and time: {text!r:.60}') from None
+
+
+# ---------------------------------------------------------------------- segments
+
+
+def _op_json(op: tuple[Any, ...]) -> list[Any]:
+    if op[0] == "put":
+        return ["put", op[1], op[2], op[3], orjson.Fragment(op[4])]
+    if op[0] == "create_index":
+        d: IndexDef = op[3]
+        return ["create_index", op[1], op[2],
+                {"name": d.name, "field": d.field, "kind": d.kind, "sort_fields": list(d.sort_fields)}]
+    return list(op)
+
+
+class SegmentEncoder:
+    """Encodes commits into one segment, compressed as they come, into a spooled temp file."""
+
+    def __init__(self, generation: str, after: int, directory: Path | None) -> None:
+        self._file = tempfile.SpooledTemporaryFile(max_size=8 << 20, dir=str(directory) if directory else None)  # noqa: SIM115
+        self._z = zstandard.ZstdCompressor(level=3, write_checksum=True).compressobj()
+        self._sha = hashlib.sha256()
+        self._generation = generation
+        self.after = after
+        self.count = 0
+        self._lines: list[bytes] = []
+
+    def add(self, changes: Iterable[Change]) -> None:
+        for c in changes:
+            self._lines.append(orjson.dumps({"s": c.sequence, "t": c.time, "ops": [_op_json(op) for op in c.ops]}))
+            self.count += 1
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._lines:
+            data = b"\n".join(self._lines) + b"\n"
+            self._lines = []
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        self._sha.update(data)
+        self._file.write(self._z.compress(data))
+
+    def start(self) -> None:
+        self._write(orjson.dumps({"fuckbase_changes": SEGMENT_FORMAT, "generation": self._generation,
+                                  "after": self.after}) + b"\n")
+
+    def finish(self, upto: int, until: float) -> bytes:
+        """The whole compressed segment; the trailer vouches for its range and content."""
+        self._flush()
+        trailer = {"end": True, "upto": upto, "until": until, "changes": self.count, "sha256": self._sha.hexdigest()}
+        self._file.write(self._z.compress(orjson.dumps(trailer) + b"\n") + self._z.flush())
+        self._file.seek(0)
+        data = self._file.read()
+        self._file.close()
+        return bytes(data)
+
+
+async def read_segment(store: ObjectStore, key: str, after: int, upto: int) -> AsyncIterator[dict[str, Any]]:
+    """The commits of one segment, each checked against the header; the trailer's checksum is
+    checked at the end, and a segment cut short or damaged raises BackupInvalid naming it."""
+    d = zstandard.ZstdDecompressor().decompressobj()
+    sha = hashlib.sha256()
+    pending = b""
+    header: dict[str, Any] | None = None
+    trailer: dict[str, Any] | None = None
+    count = 0
+
+    def bad(why: str) -> BackupInvalid:
+        return BackupInvalid(f"segment {key} (changes {after + 1}-{upto}) {why}: the changes after sequence {after}"
+                             " cannot be replayed")
+
+    try:
+        async for chunk in await store.get_stream(key):
+            pending += d.decompress(chunk)
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if trailer is not None:
+                    raise bad("has data after its end")
+                rec = orjson.loads(line)
+                if header is None:
+                    if not isinstance(rec, dict) or rec.get("fuckbase_changes") != SEGMENT_FORMAT or rec.get("after") != after:
+                        raise bad("has a wrong header")
+                    header = rec
+                    sha.update(line + b"\n")
+                    continue
+                if isinstance(rec, dict) and rec.get("end") is True:
+                    trailer = rec
+                    continue
+                sha.update(line + b"\n")
+                count += 1
+                if not isinstance(rec, dict) or not isinstance(rec.get("s"), int) or not after < rec["s"] <= upto:
+                    raise bad("holds a change outside its range")
+                yield rec
+    except NotFound:
+        raise bad("is missing") from None
+    except (zstandard.ZstdError, orjson.JSONDecodeError) as exc:
+        raise bad(f"is damaged ({exc})") from None
+    if not d.eof or pending:
+        raise bad("is cut short")
+    if trailer is None or trailer.get("sha256") != sha.hexdigest() or trailer.get("changes") != count \
+            or trailer.get("upto") != upto:
+        raise bad("fails its checksum")
+
+
+# ---------------------------------------------------------------------- what the store holds
+
+
+@dataclass(frozen=True)
+class SnapshotObject:
+    key: str
+    generation: str
+    sequence: int
+    taken: float
+
+
+@dataclass(frozen=True)
+class SegmentObject:
+    key: str
+    generation: str
+    after: int
+    upto: int
+    until: float
+
+
+@dataclass
+class Generation:
+    name: str
+    snapshots: list[SnapshotObject] = field(default_factory=list)  # by sequence
+    segments: list[SegmentObject] = field(default_factory=list)
+    # from the node shipping it (its lease, or the shipper itself): (S, T) says that every
+    # change committed before T has a sequence of at most S, so a chain that reaches S holds
+    # the state at T, and a quiet node's window grows without a segment a second
+    vouched: tuple[int, float] | None = None
+
+    def vouched_until(self, end: int) -> float | None:
+        """How far the vouch extends a chain that ends at sequence `end`, if it does."""
+        if self.vouched is None or end < self.vouched[0]:
+            return None
+        return self.vouched[1]
+
+    def chain(self, start: int) -> Iterator[SegmentObject]:
+        """Segments that continue from `start` one after another, the longest reach first;
+        stops at the first sequence no segment continues from."""
+        pos = start
+        while True:
+            nxt = max((s for s in self.segments if s.after <= pos < s.upto), key=lambda s: s.upto, default=None)
+            if nxt is None:
+                return
+            yield nxt
+            pos = nxt.upto
+
+    def latest(self) -> float | None:
+        """The newest instant some snapshot plus an unbroken chain of segments reaches."""
+        best = None
+        for snap in self.snapshots:
+            end, pos = snap.taken, snap.sequence
+            for seg in self.chain(snap.sequence):
+                end, pos = max(end, seg.until), seg.upto
+            end = max(end, self.vouched_until(pos) or end)
+            best = end if best is None else max(best, end)
+        return best
+
+
+async def timeline(store: ObjectStore, shipped: tuple[str, int, float] | None = None) -> dict[str, Generation]:
+    """Every generation in the store, by name (which sorts by when it began); `shipped` is
+    what this node's own shipper vouches for beyond what the store shows."""
+    gens: dict[str, Generation] = {}
+    leased = False
+    for obj in await store.list(ROOT):
+        leased = leased or obj.key == LEASE
+        if m := _SNAPSHOT.fullmatch(obj.key):
+            gen = gens.setdefault(m.group(1), Generation(m.group(1)))
+            gen.snapshots.append(SnapshotObject(obj.key, m.group(1), int(m.group(2)), int(m.group(3)) / 1000))
+        elif m := _SEGMENT.fullmatch(obj.key):
+            gen = gens.setdefault(m.group(1), Generation(m.group(1)))
+            gen.segments.append(SegmentObject(obj.key, m.group(1), int(m.group(2)), int(m.group(3)),
+                                              int(m.group(4)) / 1000))
+    for gen in gens.values():
+        gen.snapshots.sort(key=lambda s: s.sequence)
+    if leased:
+        with contextlib.suppress(NotFound, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            lease = orjson.loads(await store.get_bytes(LEASE))
+            holder = gens.get(lease["generation"])
+            if holder is not None:
+                holder.vouched = (int(lease["shipped"]["sequence"]), parse_instant(lease["shipped"]["until"]))
+    if shipped is not None and shipped[0] in gens:
+        gen = gens[shipped[0]]
+        if gen.vouched is None or gen.vouched < shipped[1:]:
+            gen.vouched = shipped[1:]
+    return dict(sorted(gens.items()))
+
+
+def window(gens: dict[str, Generation]) -> dict[str, Any] | None:
+    """The restorable range, for /backup/list and /server/info."""
+    starts = [g.snapshots[0].taken for g in gens.values() if g.snapshots]
+    ends = [t for g in gens.values() if (t := g.latest()) is not None]
+    if not starts or not ends:
+        return None
+    snapshots: list[dict[str, Any]] = [{"name": s.key, "timestamp": rfc3339(s.taken), "sequence": s.sequence, "generation": g.name}
+                 for g in gens.values() for s in g.snapshots]
+    snapshots.sort(key=lambda s: s["timestamp"], reverse=True)
+    return {"earliest": rfc3339(min(starts)), "latest": rfc3339(max(ends)), "snapshots": snapshots}
+
+
+async def latest_instant(store: ObjectStore) -> float | None:
+    """The newest instant the continuous backup can restore, or None without one."""
+    gens = await timeline(store)
+    ends = [t for g in gens.values() if (t := g.latest()) is not None]
+    return max(ends) if ends else None
+
+
+# ---------------------------------------------------------------------- point-in-time restore
+
+
+class _Replay:
+    """Applies logged changes to staged databases, as they were applied to the live ones.
+    With `only`, changes to other databases are passed over."""
+
+    def __init__(self, staging: RestoreWriter, staged: dict[str, StagedDatabase], only: str | None) -> None:
+        self.staging = staging
+        self.staged = staged
+        self.only = only
+        self.applied = 0
+        self._run: tuple[str, str, str] | None = None  # ("put" | "delete", database, set)
+        self._items: list[Any] = []
+
+    def flush(self) -> None:
+        if self._run is not None and self._items:
+            kind, db, set_name = self._run
+            if kind == "put":
+                self.staging.write(self.staged[db], set_name, self._items)
+            else:
+                self.staging.delete(self.staged[db], set_name, self._items)
+        self._run, self._items = None, []
+
+    def _queue(self, run: tuple[str, str, str], item: Any) -> None:
+        if run != self._run or len(self._items) >= READ_CHUNK:
+            self.flush()
+            self._run = run
+        self._items.append(item)
+
+    def apply(self, change: dict[str, Any]) -> None:
+        for op in change["ops"]:
+            kind = op[0]
+            if kind == "restore":
+                names, replace_all = op[1], op[2]
+                if replace_all or self.only is None or self.only in names:
+                    raise _Unreplayable(change)
+                continue
+            if self.only is not None and op[1] != self.only:
+                continue
+            self.applied += 1
+            if kind == "put":
+                self._queue(("put", op[1], op[2]), (op[3], op[4], orjson.dumps(op[4])))
+            elif kind == "delete":
+                self._queue(("delete", op[1], op[2]), op[3])
+            else:
+                self.flush()
+                self._catalog(op)
+
+    def _catalog(self, op: list[Any]) -> None:
+        kind, name = op[0], op[1]
+        if kind == "create_database":
+            db = self.staging.add_database()
+            db.name = name
+            db.auth = op[2]
+            self.staged[name] = db
+        elif kind == "drop_database":
+            self.staging.remove_database(self.staged.pop(name))
+        elif kind == "create_set":
+            self.staging.add_set(self.staged[name], op[2])
+        elif kind == "create_index":
+            d = op[3]
+            definition = IndexDef(d["name"], d["field"], SORTABLE if d["kind"] == SORTABLE else BASIC,
+                                  tuple(d["sort_fields"]))
+            self.staging.add_index(self.staged[name], op[2], definition)
+        elif kind == "drop_index":
+            self.staging.drop_index(self.staged[name], op[2], op[3])
+        else:
+            raise BackupInvalid(f"unknown change {kind!r}")
+
+
+class _Unreplayable(Exception):
+    def __init__(self, change: dict[str, Any]) -> None:
+        super().__init__()
+        self.change = change
+
+
+async def restore_to(backups: BackupService, at: float, database: str | None, into: str | None,
+                     check: Callable[[Database], None] | None) -> dict[str, Any]:
+    """Restores every database (or one, optionally under another name) as it was at `at`:
+    the newest snapshot taken at or before it, plus the logged changes up to it. All or nothing."""
+    store = backups.store
+    try:
+        gens = await timeline(store, backups.shipped())
+    except ObjectStoreError as exc:
+        raise ApiError(504 if exc.kind == "timeout" else 502, ErrorCode.RESTORE_FAILED, str(exc)) from None
+    span = window(gens)
+    base, gen = None, None
+    for g in reversed(gens.values()):
+        base = next((s for s in reversed(g.snapshots) if s.taken <= at), None)
+        if base is not None:
+            gen = g
+            break
+    if base is None or gen is None or span is None:
+        where = f"the restorable range is {span['earliest']} to {span['latest']}" if span else "no continuous backup exists"
+        raise not_found(ErrorCode.BACKUP_NOT_FOUND, f"no point-in-time state at {rfc3339(at)}: {where}")
+    latest = gen.latest() or base.taken
+    if at > latest:
+        end = max([base.sequence, *(seg.upto for seg in gen.chain(base.sequence))])
+        known = max([gen.vouched[0] if gen.vouched else 0, *(seg.upto for seg in gen.segments)])
+        if known > end:  # changes the stream had are gone: a gap, not just the end of the window
+            raise BackupInvalid(f"the changes of generation {gen.name} after sequence {end} are missing (the stream"
+                                f" reached sequence {known}): no segment continues from there, so {rfc3339(at)}"
+                                " cannot be reached")
+        raise not_found(ErrorCode.BACKUP_NOT_FOUND,
+                        f"no point-in-time state at {rfc3339(at)}: generation {gen.name} reaches {rfc3339(latest)}")
+    started = time.monotonic()
+    async with backups.restore_lock:
+        staging = backups.storage.restore_writer()
+        staged: dict[str, StagedDatabase] = {}
+        try:
+            result = await backups.read(base.key, True, ".json.zst", staging, only=database, staged=staged)
+            replay = _Replay(staging, staged, database)
+            await _replay(store, gen, base, at, replay)
+            await asyncio.to_thread(replay.flush)
+            names = sorted(staged)
+            if database is not None:
+                if database not in staged:
+                    raise not_found(ErrorCode.BACKUP_NOT_FOUND, f"database {database!r} did not exist at {rfc3339(at)}")
+                names = [into or database]
+                staged[database].name = names[0]
+            commit_check = check if into is None else refuse_existing
+            await asyncio.to_thread(staging.commit, database is None, commit_check)
+        except ObjectStoreError as exc:
+            staging.abort()
+            backups.stats.failed("restore", exc.kind)
+            raise ApiError(504 if exc.kind == "timeout" else 502, ErrorCode.RESTORE_FAILED, str(exc)) from None
+        except BaseException:
+            staging.abort()
+            raise
+    log.info("restored to %s: %d databases from %s plus %d changes in %.2fs", rfc3339(at), len(names), base.key,
+             replay.applied, time.monotonic() - started)
+    return {"at": rfc3339(at), "databases": names, "snapshot": base.key, "changes_replayed": replay.applied,
+            "entries": result["entries"], "full": database is None}
+
+
+async def _replay(store: ObjectStore, gen: Generation, base: SnapshotObject, at: float, replay: _Replay) -> None:
+    pos, reached = base.sequence, base.taken
+    for seg in gen.chain(base.sequence):
+        batch: list[dict[str, Any]] = []
+        async for change in read_segment(store, seg.key, seg.after, seg.upto):
+            if change["s"] <= pos:
+                continue
+            if change["t"] > at:
+                await asyncio.to_thread(_apply_all, replay, batch)
+                return
+            batch.append(change)
+            if len(batch) >= READ_CHUNK:
+                await asyncio.to_thread(_apply_all, replay, batch)
+                batch = []
+        await asyncio.to_thread(_apply_all, replay, batch)
+        pos, reached = seg.upto, seg.until
+        if reached >= at:
+            return
+    if (gen.vouched_until(pos) or reached) < at:
+        raise BackupInvalid(f"the changes of generation {gen.name} after sequence {pos} ({rfc3339(reached)}) are"
+                            f" missing: no segment continues from there, so {rfc3339(at)} cannot be reached")
+
+
+def _apply_all(replay: _Replay, changes: list[dict[str, Any]]) -> None:
+    try:
+        for change in changes:
+            replay.apply(change)
+    except _Unreplayable as exc:
+        raise BackupInvalid(f"a restore replaced databases at {rfc3339(exc.change['t'])} (sequence"
+                            f" {exc.change['s']}); states between it and the next snapshot cannot be rebuilt") from None
+    except (KeyError, IndexError, TypeError) as exc:
+        raise BackupInvalid(f"a logged change cannot be applied ({type(exc).__name__}: {exc})") from None
+
+
+# ---------------------------------------------------------------------- shipping
+
+
+@dataclass
+class ShipStatus:
+    """What /metrics and /server/info report about continuous backup."""
+
+    state: str = "starting"
+    generation: str = ""
+    shipped_sequence: int = 0
+    stored_sequence: int = 0  # the end of the last segment stored
+    shipped_until: float = 0.0
+    pending_changes: int = 0
+    lag_seconds: float = 0.0
+    requests: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    window: dict[str, str] = field(default_factory=dict)  # the restorable range: earliest, latest
+
+    def count(self, op: str, n: int = 1) -> None:
+        self.requests[op] = self.requests.get(op, 0) + n
+
+    def failed(self, kind: str) -> None:
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+
+
+class StreamTaken(Exception):
+    """Another node holds the lease on the stream."""
+
+
+class Shipper:
+    """Ships the change sequence of this node's data dir to the object store; one per node,
+    in the process that runs the schedule."""
+
+    def __init__(self, storage: Storage, backups: BackupService, data_dir: Path, spool_dir: Path | None, *,
+                 sync_interval: float = 1.0, snapshot_minutes: float = 60.0, snapshot_changes: int = 200_000) -> None:
+        self.storage = storage
+        self.backups = backups
+        self.store: ObjectStore = backups.store
+        self.state_path = data_dir / STATE_FILE
+        self.spool_dir = spool_dir
+        self.sync_interval = sync_interval
+        self.snapshot_seconds = snapshot_minutes * 60
+        self.snapshot_changes = snapshot_changes
+        self.status = ShipStatus()
+        self.node = ""
+        self.generation = ""
+        self._compacted = 0  # the storage keeps the changes after this for the next compaction
+        self._shipped = 0  # every change up to this is stored
+        self._small: list[SegmentObject] = []
+        self._last_compact = time.monotonic()
+        self._last_renew = 0.0
+        self._last_snapshot = time.monotonic()
+        self._since_snapshot = 0
+        self._snapshot_due = False
+
+    # -- running
+
+    async def run(self) -> None:
+        """Ships until cancelled; any failure is logged, counted and retried with back-off,
+        while the changes wait in the local log."""
+        pause = self.sync_interval
+        while True:
+            try:
+                await self._start()
+                pause = self.sync_interval
+                await self._ship_forever()
+            except StreamTaken as exc:
+                self.status.state = f"refused: {exc}"
+                self.status.failed("lease")
+                log.error("continuous backup refused: %s", exc)
+                pause = LEASE_TTL / 2
+            except ObjectStoreError as exc:
+                self.status.state = f"waiting for the object store: {exc}"
+                self.status.failed(exc.kind)
+                log.warning("continuous backup: %s (retrying in %.0fs)", exc, pause)
+            except ApiError as exc:
+                self.status.state = f"failing: {exc.message}"
+                self.status.failed("error")
+                log.error("continuous backup: %s", exc.message)
+            except Exception as exc:
+                self.status.state = f"failing: {type(exc).__name__}: {exc}"
+                self.status.failed("error")
+                log.exception("continuous backup failed")
+            await asyncio.sleep(pause)
+            pause = min(RETRY_PAUSE_MAX, pause * 2)
+
+    async def _start(self) -> None:
+        if not self.generation:
+            self._compacted = await asyncio.to_thread(self._open_stream)
+            self.status.generation = self.generation
+            self.status.shipped_sequence = self._compacted
+        await self.store.ensure_ready()
+        await self._acquire_lease()
+        gens = await self._list()
+        mine = gens.get(self.generation, Generation(self.generation))
+        if any(s.upto > self.storage.sequence() for s in mine.segments):
+            # the data dir lost commits the stream holds (a power loss before its fsync): its
+            # numbers would now mean other changes, so it starts a new generation
+            log.warning("continuous backup: the data dir is behind its stream %s; starting a new one", self.generation)
+            await asyncio.to_thread(stop_logging_changes, self.storage, self.state_path.parent)
+            self.generation = ""
+            await self._start()
+            return
+        self.status.stored_sequence = max([0, *(s.upto for s in mine.segments)])
+        self._small = [s for s in mine.segments if s.after >= self._compacted]
+        self.status.shipped_sequence = max([self._compacted, *(s.upto for s in self._small)])
+        span = window(gens)
+        if span is not None:
+            self.status.window = {"earliest": span["earliest"], "latest": span["latest"]}
+        if not mine.snapshots:
+            await self._snapshot()
+        if self._small:
+            await self._compact()
+        self._shipped = self._compacted if not self._small else self._small[-1].upto
+        self.status.state = "shipping"
+
+    def _open_stream(self) -> int:
+        """This node's id and generation, kept in the data dir: a data dir without them (new,
+        or restored from the bucket) starts a new generation from a fresh consumer."""
+        state: dict[str, Any] = {}
+        try:
+            state = orjson.loads(self.state_path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            pass
+        self.node = state.get("node") or secrets.token_hex(8)
+        if state.get("generation"):
+            self.generation = state["generation"]
+            return self.storage.retain_changes(CONSUMER)
+        self.storage.release_changes(CONSUMER)
+        acked = self.storage.retain_changes(CONSUMER)
+        self.generation = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps({"node": self.node, "generation": self.generation}))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+        return acked
+
+    async def _list(self) -> dict[str, Generation]:
+        self.status.count("list")
+        return await timeline(self.store)
+
+    async def _ship_forever(self) -> None:
+        while True:
+            started = time.monotonic()
+            await self._ship()
+            now = time.monotonic()
+            if now - self._last_renew >= LEASE_RENEW:
+                await self._renew_lease()
+            if self._small and (len(self._small) >= COMPACT_SEGMENTS or now - self._last_compact >= COMPACT_SECONDS):
+                await self._compact()
+            if self._snapshot_due or self._since_snapshot >= self.snapshot_changes or (
+                    self._since_snapshot and now - self._last_snapshot >= self.snapshot_seconds):
+                await self._snapshot()
+            # start to start one interval apart, so a change waits at most about one interval
+            await asyncio.sleep(max(0.05, self.sync_interval - (time.monotonic() - started)))
+
+    async def _ship(self) -> None:
+        """Ships every change not yet shipped, as one small segment per SEGMENT_CHANGES."""
+        while True:
+            until = time.time()
+            sequence = self.storage.sequence()  # read first: every commit up to it is in the log
+            changes = await asyncio.to_thread(self.storage.changes, self._shipped, SEGMENT_CHANGES)
+            full = len(changes) >= SEGMENT_CHANGES
+            if full:
+                sequence, until = changes[-1].sequence, changes[-1].time
+            elif changes:  # commits made since `sequence` was read are in too
+                sequence = max(sequence, changes[-1].sequence)
+            self.status.pending_changes = max(0, sequence - self._shipped)
+            self.status.lag_seconds = max(0.0, time.time() - changes[0].time) if changes else 0.0
+            if not changes:
+                # nothing to ship; commits that changed nothing may have moved the sequence
+                self._shipped = max(self._shipped, sequence)
+                self._shipped_to(self._shipped, until)
+                return
+            seg = await self._put_segment(self._shipped, changes, sequence, until)
+            self.status.stored_sequence = seg.upto
+            self._small.append(seg)
+            self._shipped = seg.upto
+            self._since_snapshot += len(changes)
+            if any(op[0] == "restore" for c in changes for op in c.ops):
+                self._snapshot_due = True
+            self._shipped_to(seg.upto, seg.until)
+            self.status.pending_changes = max(0, self.storage.sequence() - seg.upto)
+            self.status.lag_seconds = 0.0
+            if not full:
+                return
+
+    def shipped(self) -> tuple[str, int, float] | None:
+        """What is stored for certain: (generation, every change up to this sequence, nothing
+        else committed before this time)."""
+        if self.status.state != "shipping":
+            return None
+        return self.generation, self.status.stored_sequence, self.status.shipped_until
+
+    def _shipped_to(self, sequence: int, until: float) -> None:
+        self.status.shipped_sequence, self.status.shipped_until = sequence, until
+        if "earliest" in self.status.window:
+            self.status.window["latest"] = rfc3339(until)
+
+    async def _put_segment(self, after: int, changes: Iterable[Change] | None, upto: int, until: float,
+                           source: Callable[[SegmentEncoder], None] | None = None) -> SegmentObject:
+        enc = SegmentEncoder(self.generation, after, self.spool_dir)
+        enc.start()
+        if changes is not None:
+            await asyncio.to_thread(enc.add, changes)
+        if source is not None:
+            await asyncio.to_thread(source, enc)
+        data = await asyncio.to_thread(enc.finish, upto, until)
+        key = f"{ROOT}{self.generation}/segments/{after:020d}-{upto:020d}-{_ms(until)}.jsonl.zst"
+        self.status.count("put")
+        etag = await self.store.put_bytes(key, data)
+        if etag is not None and etag.strip('"') != hashlib.md5(data, usedforsecurity=False).hexdigest():
+            self.status.count("delete")
+            await self.store.delete(key)
+            raise ObjectStoreError(f"the stored {key} differs from what was sent", "corrupt")
+        return SegmentObject(key, self.generation, after, upto, until)
+
+    async def _compact(self) -> None:
+        """One segment for everything since the last compaction, from the local log; then the
+        small segments it replaces go, and the local log lets go of what it now holds."""
+        upto = max(s.upto for s in self._small)
+        until = max(s.until for s in self._small)
+        start = self._compacted
+
+        def fill(enc: SegmentEncoder) -> None:
+            pos = start
+            while pos < upto:
+                chunk = [c for c in self.storage.changes(pos, READ_CHUNK) if c.sequence <= upto]
+                if not chunk:
+                    break
+                enc.add(chunk)
+                pos = chunk[-1].sequence
+
+        seg = await self._put_segment(start, None, upto, until, fill)
+        replaced = [s.key for s in self._small if s.key != seg.key and s.upto <= upto]
+        if replaced:
+            self.status.count("delete", (len(replaced) + 999) // 1000)
+            await self.store.delete_many(replaced)
+        await asyncio.to_thread(self.storage.acknowledge, CONSUMER, upto)
+        self._compacted = upto
+        self._small = [s for s in self._small if s.upto > upto]
+        self._last_compact = time.monotonic()
+
+    async def _snapshot(self) -> None:
+        def name_of(sequence: int, taken: float) -> str:
+            return f"{ROOT}{self.generation}/snapshots/{sequence:020d}-{_ms(taken)}.json.zst"
+
+        self.status.count("put", 3)  # the upload (one or more parts), its check and its sidecar
+        name, sequence, taken = await self.backups.write_base(name_of)
+        self.status.window.setdefault("earliest", rfc3339(taken))
+        self.status.window["latest"] = max(self.status.window.get("latest", ""), rfc3339(taken))
+        self._snapshot_due = False
+        self._since_snapshot = 0
+        self._last_snapshot = time.monotonic()
+        log.info("continuous backup: base snapshot %s (sequence %d)", name, sequence)
+
+    # -- the lease
+
+    async def _read_lease(self) -> dict[str, Any] | None:
+        self.status.count("get")
+        try:
+            lease = orjson.loads(await self.store.get_bytes(LEASE))
+        except NotFound:
+            return None
+        except orjson.JSONDecodeError:
+            return {"node": "?", "renewed": 0.0}
+        return lease if isinstance(lease, dict) else {"node": "?", "renewed": 0.0}
+
+    def _lease_body(self) -> bytes:
+        return orjson.dumps({"node": self.node, "generation": self.generation, "renewed": time.time(),
+                             "shipped": {"sequence": self.status.stored_sequence,
+                                         "until": rfc3339(self.status.shipped_until or time.time())}})
+
+    async def _acquire_lease(self) -> None:
+        lease = await self._read_lease()
+        if lease is not None and lease.get("node") != self.node:
+            age = time.time() - float(lease.get("renewed") or 0)
+            if age < LEASE_TTL:
+                raise StreamTaken(f"node {lease.get('node')} ships to this bucket and prefix (its lease was renewed"
+                                  f" {age:.0f}s ago; it may be taken over {LEASE_TTL:.0f}s after its last renewal)")
+            log.warning("continuous backup: taking over the lease of node %s, silent for %.0fs", lease.get("node"), age)
+            self.status.count("delete")
+            await self.store.delete(LEASE)
+            lease = None
+        self.status.count("put")
+        try:
+            if lease is None:
+                await self.store.put_bytes(LEASE, self._lease_body(), create_only=True)
+            else:
+                await self.store.put_bytes(LEASE, self._lease_body())
+        except AlreadyExists:
+            raise StreamTaken("another node took the lease at the same moment") from None
+        self._last_renew = time.monotonic()
+
+    async def _renew_lease(self) -> None:
+        lease = await self._read_lease()
+        if lease is None or lease.get("node") != self.node:
+            holder = lease.get("node") if lease else "nobody"
+            raise StreamTaken(f"the lease was taken over (now held by {holder}) while this node was silent")
+        self.status.count("put")
+        await self.store.put_bytes(LEASE, self._lease_body())
+        self._last_renew = time.monotonic()
+
+    async def release(self) -> None:
+        """On a clean stop: ship what is left and give the lease up at once."""
+        if self.status.state != "shipping":
+            return
+        try:
+            await self._ship()
+            lease = await self._read_lease()
+            if lease is not None and lease.get("node") == self.node:
+                await self.store.delete(LEASE)
+        except (ObjectStoreError, ApiError) as exc:
+            log.warning("continuous backup: final shipping failed: %s", exc)
+
+
+def stop_logging_changes(storage: Storage, data_dir: Path) -> None:
+    """With continuous backup off, the storage keeps no changes for it; a later start begins a
+    new generation."""
+    storage.release_changes(CONSUMER)
+    (data_dir / STATE_FILE).unlink(missing_ok=True)
+

@@ -1,0 +1,379 @@
+"""Continuous backup against a real S3 server (SeaweedFS): changes shipped within a second,
+restores to any instant, a lost node rebuilt from the bucket, and every way the stream can break."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import ServerProcess
+from s3server import SeaweedS3, fresh_bucket, s3  # noqa: F401
+from test_backup_s3 import get_object, object_keys, original_database, put_object, s3_args
+
+SEGMENTS = r"continuous/.*/segments/"
+
+
+def instant() -> tuple[float, str]:
+    """A moment clearly between the writes before and after it."""
+    time.sleep(0.05)
+    now = time.time()
+    time.sleep(0.05)
+    return now, datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def wait_shipped(srv: ServerProcess, after: float, timeout: float = 20.0) -> dict[str, Any]:
+    """Waits until the server has shipped everything committed before `after`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = srv.ok("/server/info").get("continuous", {"state": "not published yet"})
+        latest = info.get("window", {}).get("latest")
+        if info["state"] == "shipping" and latest and ts(latest) > after:
+            return info  # type: ignore[no-any-return]
+        time.sleep(0.1)
+    raise AssertionError(f"not shipped in {timeout}s: {srv.ok('/server/info')}")
+
+
+KEYS = [f"u{i}" for i in range(13)]
+
+
+def state(srv: ServerProcess, shop: str = "shop", only_shop: bool = False) -> dict[str, Any]:
+    """Everything the API shows of the test's data, for exact comparison."""
+    out: dict[str, Any] = {}
+
+    def read(path: str, body: dict[str, Any]) -> Any:
+        r = srv.post(path, body)
+        data = r.json()
+        return data.get("data") if r.status_code == 200 else data["code"]
+
+    for key in KEYS:
+        out[f"{shop}/{key}"] = read("/set/get", {"database": shop, "set": "users", "key": key})
+    for text in ("e0", "e1", "e2"):
+        out[f"email={text}"] = read("/index/query", {"database": shop, "set": "users", "index": "email", "value": text})
+        out[f"srt={text}"] = read("/index/query/sorted", {"database": shop, "set": "users", "index": "srt",
+                                                           "value": text, "pagination": {"limit": 100}})
+    out["n_ix=12"] = read("/index/query", {"database": shop, "set": "users", "index": "n_ix", "value": "12"})
+    if not only_shop:
+        for db in ("other", "third"):
+            out[f"{db}/k"] = read("/set/get", {"database": db, "set": "s", "key": "k"})
+    return out
+
+
+def put(srv: ServerProcess, key: str, value: Any, db: str = "shop", set_name: str = "users") -> None:
+    srv.ok("/set/put", {"database": db, "set": set_name, "key": key, "value": value})
+
+
+@pytest.fixture
+def shipping(make_server: Any, s3: SeaweedS3, fresh_bucket: str) -> ServerProcess:  # noqa: F811
+    srv: ServerProcess = make_server(s3_args(s3, fresh_bucket, continuous=True) + ["--backup-sync-interval", "0.2",
+                                                                   "--backup-snapshot-changes", "15"])
+    srv.bucket = fresh_bucket  # type: ignore[attr-defined]
+    wait_shipped(srv, 0)  # the window opens with the first base snapshot
+    return srv
+
+
+def test_a_restore_to_an_instant_gives_exactly_the_state_at_that_instant(shipping: ServerProcess,
+                                                                           s3: SeaweedS3) -> None:  # noqa: F811
+    srv = shipping
+    srv.ok("/create", {"name": "shop", "auth": {"username": "u", "password": "p"}})
+    auth = {"auth": {"username": "u", "password": "p"}}
+    srv.client.headers["Authorization"] = "Basic dTpw"  # type: ignore[union-attr]
+    for i in range(10):
+        put(srv, f"u{i}", {"email": f"e{i % 3}", "n": i})
+    srv.ok("/index/create", {"database": "shop", "set": "users", "name": "email", "field": "email", **auth})
+    srv.ok("/index/create/sortable", {"database": "shop", "set": "users", "name": "srt", "primary_field": "email",
+                                      "sort_fields": ["n"]})
+    srv.ok("/create", {"name": "other"})
+    put(srv, "k", "other-1", db="other", set_name="s")
+    t1, at1 = instant()
+    state1 = state(srv)
+
+    srv.ok("/set/delete", {"database": "shop", "set": "users", "key": "u1"})
+    srv.ok("/set/delete", {"database": "shop", "set": "users", "key": "u2"})
+    put(srv, "u3", {"email": "e0", "n": 3})
+    put(srv, "u10", {"email": "e1", "n": 10})
+    srv.ok("/index/drop", {"database": "shop", "set": "users", "name": "email"})
+    srv.ok("/set/batch", {"database": "shop", "set": "users", "operations": [
+        {"op": "put", "key": "u11", "value": {"email": "e2", "n": 11}}, {"op": "delete", "key": "u4"}]})
+    srv.ok("/create", {"name": "third"})
+    put(srv, "k", "third-1", db="third", set_name="s")
+    t2, at2 = instant()
+    state2 = state(srv)
+
+    srv.ok("/drop", {"name": "other"})
+    srv.ok("/index/create", {"database": "shop", "set": "users", "name": "n_ix", "field": "n"})
+    put(srv, "u12", {"email": "e0", "n": 12})
+    put(srv, "k", "third-2", db="third", set_name="s")
+    t3, at3 = instant()
+    state3 = state(srv)
+    assert state1 != state2 != state3
+    wait_shipped(srv, t3)
+
+    listed = srv.ok("/backup/list")["point_in_time"]
+    assert ts(listed["earliest"]) < t1 and ts(listed["latest"]) > t3
+    assert len(listed["snapshots"]) >= 2  # a new base after 15 changes
+
+    # one database into a new name: the original stays as it is
+    r = srv.ok("/backup/restore", {"at": at1, "database": "shop", "as": "shop_t1"})
+    assert r["databases"] == ["shop_t1"]
+    assert state(srv, "shop_t1", only_shop=True) == {k.replace("shop/", "shop_t1/"): v for k, v in state1.items()
+                                                      if not k.startswith(("other/", "third/"))}
+    assert state(srv) == state3
+    r = srv.post("/backup/restore", {"at": at1, "database": "shop", "as": "shop_t1"})
+    assert (r.status_code, r.json()["code"]) == (409, "DB_ALREADY_EXISTS")
+
+    for at, expected in ((at2, state2), (at1, state1), (at3, state3)):
+        r = srv.ok("/backup/restore", {"at": at})
+        assert r["full"] is True
+        assert state(srv) == expected, at
+    srv.ok("/backup/restore", {"at": at2})
+    info = srv.ok("/server/info")
+    assert info["databases_count"] == 3  # shop, other, third: shop_t1 came later
+    r = srv.post("/set/get", {"database": "shop", "set": "users", "key": "u0"}, headers={"Authorization": ""})
+    assert r.status_code == 401  # the credentials came back with the database
+
+
+def test_bad_point_in_time_requests_are_refused_and_change_nothing(shipping: ServerProcess) -> None:
+    srv = shipping
+    srv.ok("/create", {"name": "shop"})
+    put(srv, "u0", 1)
+    t, at = instant()
+    wait_shipped(srv, t)
+    for body, code in (
+        ({"at": "yesterday"}, 400), ({"at": "2026-13-45T99:00:00Z"}, 400), ({"at": "2026-12-01T10:00:00"}, 400),
+        ({"at": 5}, 400), ({"at": at, "backup_name": "backups/full/20260101-000000.json"}, 400),
+        ({"at": at, "as": "copy"}, 400), ({"at": at, "database": "full"}, 400), ({}, 400),
+        ({"at": "2001-01-01T00:00:00Z"}, 404), ({"at": "2999-01-01T00:00:00Z"}, 404),
+        ({"at": at, "database": "nothere"}, 404),
+    ):
+        r = srv.post("/backup/restore", body)
+        assert r.status_code == code, (body, r.text)
+        assert r.json()["status"] == "error"
+    assert state(srv)["shop/u0"] == 1
+
+
+def test_a_lost_node_is_rebuilt_from_the_bucket_with_every_write_older_than_a_second(
+        make_server: Any, s3: SeaweedS3, fresh_bucket: str, tmp_path: Path) -> None:  # noqa: F811
+    """RPO ≤ 1 s with the default sync interval: kill -9 under a steady put load, delete the
+    data dir, start a new node from the bucket."""
+    srv = make_server(s3_args(s3, fresh_bucket, continuous=None))  # on by default with S3
+    srv.ok("/create", {"name": "shop"})
+    acked: list[tuple[float, str, int]] = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        with httpx.Client(base_url=srv.url, timeout=10) as c:
+            n = 0
+            while not stop.is_set():
+                key = f"w{worker}-{n}"
+                try:
+                    r = c.post("/set/put", json={"database": "shop", "set": "s", "key": key, "value": n})
+                except httpx.HTTPError:
+                    return
+                if r.status_code == 200:
+                    acked.append((time.time(), key, n))
+                n += 1
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(4)
+    killed_at = time.time()
+    srv.kill9()
+    stop.set()
+    for t in threads:
+        t.join()
+    shutil.rmtree(srv.data_dir)
+    must_have = [(key, n) for t, key, n in acked if t < killed_at - 1.0]
+    assert len(must_have) > 500
+
+    fresh = make_server(s3_args(s3, fresh_bucket, continuous=None) + ["--restore-on-start", "latest"])
+    assert fresh.client is not None
+    missing = []
+    for key, n in must_have:
+        r = fresh.client.post("/set/get", json={"database": "shop", "set": "s", "key": key})
+        if r.status_code != 200 or r.json()["data"] != n:
+            missing.append(key)
+    assert missing == [], f"{len(missing)} of {len(must_have)} acknowledged writes lost"
+    newest = max(t for t, _, _ in acked)
+    print(f"\nRPO: {len(must_have)} writes acknowledged >1 s before kill -9 all restored; "
+          f"{len(acked)} acknowledged in all, the last {killed_at - newest:.3f}s before the kill")
+
+
+def test_a_second_node_on_the_same_bucket_is_refused(shipping: ServerProcess, make_server: Any,
+                                                     s3: SeaweedS3) -> None:  # noqa: F811
+    first = shipping
+    first.ok("/create", {"name": "a"})
+    t, _ = instant()
+    wait_shipped(first, t)
+    second = make_server(s3_args(s3, first.bucket, continuous=True) + ["--backup-sync-interval", "0.2"])  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        info = second.ok("/server/info").get("continuous", {"state": ""})
+        if info["state"].startswith("refused"):
+            break
+        time.sleep(0.1)
+    assert "ships to this bucket" in info["state"], info
+    assert 'fuckbase_continuous_failures_total{kind="lease"}' in second.client.get("/metrics").text  # type: ignore[union-attr]
+    second.ok("/create", {"name": "b"})  # it serves on
+    put(first, "k", 1, db="a", set_name="s")
+    t, _ = instant()
+    wait_shipped(first, t)  # the first ships on
+    keys = object_keys(s3, first.bucket, "continuous/")  # type: ignore[attr-defined]
+    assert len({k.split("/")[1] for k in keys if k != "continuous/lease.json"}) == 1  # one generation
+
+
+def test_a_damaged_or_missing_segment_is_refused_naming_the_gap(shipping: ServerProcess, s3: SeaweedS3) -> None:  # noqa: F811
+    srv = shipping
+    bucket = srv.bucket  # type: ignore[attr-defined]
+    srv.ok("/create", {"name": "shop"})
+    put(srv, "u0", 0)
+    t0, at0 = instant()
+    put(srv, "m", 0, set_name="marks")  # its segment shows that nothing changed between u0 and it
+    t0b, _ = instant()
+    wait_shipped(srv, t0b)
+    before = set(object_keys(s3, bucket, "continuous/"))
+    put(srv, "u1", 1)
+    t1, at1 = instant()
+    wait_shipped(srv, t1)
+    new = sorted(k for k in set(object_keys(s3, bucket, "continuous/")) - before if "/segments/" in k)
+    assert len(new) == 1
+    original = get_object(s3, bucket, new[0])
+    expected = state(srv)
+
+    for damage in (original[:-7], original[:20] + bytes(b ^ 0x55 for b in original[20:40]) + original[40:]):
+        put_object(s3, bucket, new[0], damage)
+        r = srv.post("/backup/restore", {"at": at1})
+        assert (r.status_code, r.json()["code"]) == (422, "BACKUP_INVALID"), r.text
+        assert new[0] in r.json()["message"] and "cannot be replayed" in r.json()["message"]
+        assert state(srv) == expected  # nothing changed
+    obj = s3.store(bucket)
+    import obstore
+
+    obstore.delete(obj, new[0])
+    r = srv.post("/backup/restore", {"at": at1})
+    assert (r.status_code, r.json()["code"]) == (422, "BACKUP_INVALID"), r.text
+    assert "missing" in r.json()["message"]
+    assert state(srv) == expected
+    srv.ok("/backup/restore", {"at": at0})  # the instants before the gap are still there
+    assert state(srv)["shop/u1"] == "KEY_NOT_FOUND" and state(srv)["shop/u0"] == 0
+    assert srv.post("/set/get", {"database": "shop", "set": "marks", "key": "m"}).status_code == 404
+
+
+@pytest.fixture
+def own_s3() -> Iterator[SeaweedS3]:
+    server = SeaweedS3().start()
+    yield server
+    server.stop()
+
+
+def test_changes_wait_while_s3_is_frozen_and_none_is_lost(make_server: Any, own_s3: SeaweedS3,
+                                                          fresh_bucket: str) -> None:  # noqa: F811
+    srv = make_server(s3_args(own_s3, fresh_bucket, timeout=2, continuous=True) + ["--backup-sync-interval", "0.2"])
+    srv.ok("/create", {"name": "shop"})
+    put(srv, "before", 0)
+    t, _ = instant()
+    wait_shipped(srv, t)
+    own_s3.freeze()
+    try:
+        started = time.monotonic()
+        for i in range(200):
+            put(srv, f"k{i}", i)  # writes go on
+        assert time.monotonic() - started < 10
+        time.sleep(3)
+        metrics = srv.client.get("/metrics").text  # type: ignore[union-attr]
+        pending = [line for line in metrics.splitlines() if line.startswith("fuckbase_continuous_pending_changes ")]
+        assert float(pending[0].split()[1]) > 0, pending
+    finally:
+        own_s3.thaw()
+    t, at = instant()
+    wait_shipped(srv, t, timeout=60)
+    srv.ok("/drop", {"name": "shop"})
+    srv.ok("/backup/restore", {"at": at})
+    for i in range(200):
+        assert srv.ok("/set/get", {"database": "shop", "set": "users", "key": f"k{i}"})["data"] == i
+
+
+def test_a_restart_compacts_the_small_segments_and_keeps_every_instant(shipping: ServerProcess,
+                                                                        s3: SeaweedS3) -> None:  # noqa: F811
+    srv = shipping
+    bucket = srv.bucket  # type: ignore[attr-defined]
+    srv.ok("/create", {"name": "shop"})
+    instants = []
+    for i in range(5):
+        put(srv, "k", i)
+        time.sleep(0.3)  # one small segment each
+        instants.append(instant())
+    wait_shipped(srv, instants[-1][0])
+    import re
+
+    small = [k for k in object_keys(s3, bucket, "continuous/") if re.search(SEGMENTS, k)]
+    assert len(small) >= 5
+    srv.restart()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        segments = [k for k in object_keys(s3, bucket, "continuous/") if re.search(SEGMENTS, k)]
+        if len(segments) < len(small):
+            break
+        time.sleep(0.1)
+    assert len(segments) <= 2, segments  # the compacted one (and perhaps one since)
+    for i, (_, at) in enumerate(instants):
+        srv.ok("/backup/restore", {"at": at})
+        assert srv.ok("/set/get", {"database": "shop", "set": "users", "key": "k"})["data"] == i
+
+
+def test_continuous_backup_to_the_local_folder(make_server: Any, tmp_path: Path) -> None:
+    srv = make_server(["--backup-continuous", "--backup-sync-interval", "0.2"])
+    srv.ok("/create", {"name": "shop"})
+    put(srv, "a", 1, set_name="s")
+    t, at = instant()
+    put(srv, "a", 2, set_name="s")
+    t2, _ = instant()
+    wait_shipped(srv, t2)
+    srv.ok("/backup/restore", {"at": at})
+    assert srv.ok("/set/get", {"database": "shop", "set": "s", "key": "a"})["data"] == 1
+    assert list((srv.data_dir / "backups" / "continuous").glob("*/segments/*.jsonl.zst"))
+    off = make_server([], data_dir=tmp_path / "off")
+    assert off.ok("/server/info")["backup_continuous"] is False
+    assert "continuous" not in off.ok("/backup/list")
+
+
+def test_the_seed_flows_work_as_before_beside_the_stream(make_server: Any, s3: SeaweedS3,  # noqa: F811
+                                                         fresh_bucket: str) -> None:  # noqa: F811
+    """With continuous backup on (the default with S3), named backups, their list, restore and
+    verify, and the original's objects behave exactly as without it."""
+    srv = make_server(s3_args(s3, fresh_bucket, continuous=None))
+    wait_shipped(srv, 0)
+    srv.ok("/create", {"name": "shop"})
+    put(srv, "u0", {"email": "a"})
+    created = srv.ok("/backup/create", {"database": "shop"})["backup_name"]
+    full = srv.ok("/backup/create", {})["backup_name"]
+    put_object(s3, fresh_bucket, "backups/legacy/20250101-000000.json",
+               json.dumps(original_database("legacy", 3), indent=2).encode())
+    listed = srv.ok("/backup/list")
+    assert sorted(b["name"] for b in listed["backups"]) == sorted(
+        [created, full, "backups/legacy/20250101-000000.json"])
+    assert "point_in_time" in listed
+    assert [b["name"] for b in srv.ok("/backup/list", {"database": "shop"})["backups"]] == [created]
+    put(srv, "u0", {"email": "b"})
+    srv.ok("/backup/restore", {"backup_name": created})
+    assert srv.ok("/set/get", {"database": "shop", "set": "users", "key": "u0"})["data"] == {"email": "a"}
+    srv.ok("/backup/restore", {"backup_name": "backups/legacy/20250101-000000.json"})
+    srv.ok("/backup/verify", {"backup_name": full})
+    r = srv.ok("/backup/restore", {"backup_name": created, "as": "shop_copy"})
+    assert r["databases"] == ["shop_copy"]
+    r = srv.post("/backup/restore", {"backup_name": full, "as": "x"})
+    assert r.status_code == 400
+    keys = object_keys(s3, fresh_bucket, "")
+    assert all(k.startswith(("backups/", "continuous/")) for k in keys), keys
