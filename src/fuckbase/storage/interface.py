@@ -161,17 +161,35 @@ class StorageFailure(StorageError):
 class Change:
     """One commit: its sequence number, its time (seconds since the epoch) and what it did.
 
-    Each op is a tuple whose first item names it:
-    ("put", database, set, key, json) · ("delete", database, set, key) ·
-    ("create_database", name, credentials) · ("drop_database", name) ·
-    ("create_set", database, set) · ("create_index", database, set, IndexDef) ·
-    ("drop_index", database, set, name) · ("restore", [database names], replace_all)
-    A "restore" change does not carry the restored data: a consumer needs a new snapshot.
+    `record` is the commit as JSON, `{"t": time, "ops": [...]}`, which consumers can store as it
+    is (continuous backup does); `ops` is the same, decoded. Each op is a list whose first item
+    names it: ["put", database, set, key, value] · ["delete", database, set, key] ·
+    ["create_database", name, credentials] · ["drop_database", name] ·
+    ["create_set", database, set] · ["create_index", database, set, {"name", "field", "kind",
+    "sort_fields"}] · ["drop_index", database, set, name] · ["restore", [database names], replace_all].
+    A "restore" does not carry the restored data: a consumer needs a new snapshot.
     """
 
     sequence: int
     time: float
-    ops: tuple[tuple[Any, ...], ...]
+    record: bytes
+
+    @property
+    def ops(self) -> tuple[tuple[Any, ...], ...]:
+        """The ops as tuples, put values as JSON bytes and index definitions as IndexDef."""
+        import orjson
+
+        out: list[tuple[Any, ...]] = []
+        for op in orjson.loads(self.record)["ops"]:
+            if op[0] == "put":
+                out.append(("put", op[1], op[2], op[3], orjson.dumps(op[4])))
+            elif op[0] == "create_index":
+                d = op[3]
+                out.append(("create_index", op[1], op[2], IndexDef(d["name"], d["field"], d["kind"],
+                                                                   tuple(d["sort_fields"]))))
+            else:
+                out.append(tuple(op))
+        return tuple(out)
 
 
 # ------------------------------------------------------------------ views, snapshots, restores
