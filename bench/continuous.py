@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 from compare import Server, descendants, wrk  # noqa: E402
-from load import preload  # noqa: E402
+from load import post, preload, value  # noqa: E402
 from scale import PeakRss  # noqa: E402
 
 
@@ -109,11 +109,14 @@ def puts(s3: Any, args: argparse.Namespace) -> None:
         segments_objects, segment_bytes = bucket_bytes(s3, "bench-on", "continuous/" + info(servers[0].url)
                                                        ["continuous"]["generation"] + "/segments/")
         per_write = segment_bytes / max(writes, 1)
+        gb_day = per_write * 1000 * 86400 / 1e9
+        puts_month = statistics.median(requests_per_s) * 86400 * 30
         print(f"bucket: {objects - started_objects[0]} objects added in {elapsed:.0f}s ({segments_objects} segments "
-              f"now, {segment_bytes / 1e6:.1f} MB for {writes:.0f} writes = {per_write:.0f} bytes/write); "
-              f"a node doing 1,000 writes/s adds {per_write * 1000 * 86400 / 1e9:.1f} GB/day of segments, "
-              f"about ${per_write * 1000 * 86400 / 1e9 * 0.023 / 30:.3f}/day at S3 Standard's $0.023/GB-month, "
-              "plus its ~1.2 PUT/s (~$0.52/day at $0.005 per 1,000)")
+              f"now, {segment_bytes / 1e6:.1f} MB for {writes:.0f} writes = {per_write:.1f} bytes/write, the values"
+              f" being wrk's near-identical ones); at 1,000 writes/s that is {gb_day:.2f} GB/day of segments "
+              f"(7 days kept: {gb_day * 7:.1f} GB, ${gb_day * 7 * 0.023:.2f}/month at S3 Standard's $0.023/GB-month) "
+              f"and {puts_month / 1e6:.1f}M requests/month (${puts_month * 0.005 / 1000:.2f}/month at $0.005 per "
+              "1,000 PUTs): the requests cost more than the bytes")
     finally:
         for s in servers:
             s.stop()
@@ -146,7 +149,9 @@ def restore(s3: Any, args: argparse.Namespace) -> None:
         wait_shipped(s.url)
         snap = call(s.url, "/backup/list")["point_in_time"]["snapshots"][0]["timestamp"]
         print(f"base snapshot of {args.restore_keys} entries at {snap}", flush=True)
-        asyncio.run(preload(s.url, args.restore_changes, index=False))  # puts again: logged changes
+        changes = [json.dumps({"database": "bench", "set": "users", "key": f"user{i}",
+                               "value": {**value(i), "age": 31}}).encode() for i in range(args.restore_changes)]
+        asyncio.run(post(s.url, "/set/put", changes, 8))  # logged changes after the snapshot
         wait_shipped(s.url)
         latest = call(s.url, "/backup/list")["point_in_time"]["latest"]
         times: dict[str, list[float]] = {"snapshot alone": [], "snapshot + changes": []}

@@ -18,6 +18,8 @@ from conftest import ServerProcess
 from s3server import SeaweedS3, fresh_bucket, s3  # noqa: F401
 from test_backup_s3 import get_object, object_keys, original_database, put_object, s3_args
 
+from fuckbase.continuous import Generation, Retention, SegmentObject, SnapshotObject, expired, ranges
+
 SEGMENTS = r"continuous/.*/segments/"
 
 
@@ -377,3 +379,69 @@ def test_the_seed_flows_work_as_before_beside_the_stream(make_server: Any, s3: S
     assert r.status_code == 400
     keys = object_keys(s3, fresh_bucket, "")
     assert all(k.startswith(("backups/", "continuous/")) for k in keys), keys
+
+
+# ------------------------------------------------------------------ retention by age
+
+DAY = 86400.0
+
+
+def _gen(name: str, snaps: list[tuple[int, float]], segs: list[tuple[int, int, float]]) -> Generation:
+    g = Generation(name)
+    g.snapshots = [SnapshotObject(f"{name}/snap{seq}", name, seq, t) for seq, t in snaps]
+    g.segments = [SegmentObject(f"{name}/seg{a}-{b}", name, a, b, t) for a, b, t in segs]
+    return g
+
+
+def test_retention_keeps_the_window_and_the_snapshots_asked_for() -> None:
+    now = 100 * DAY
+    old = _gen("20260101T000000Z-00000000", [(0, 80 * DAY), (50, 85 * DAY)], [(0, 50, 85 * DAY), (50, 60, 86 * DAY)])
+    cur = _gen("20260201T000000Z-00000000",
+               [(0, 90 * DAY + 10), (100, 91 * DAY), (200, 92 * DAY), (300, 94 * DAY), (400, 97 * DAY)],
+               [(0, 100, 91 * DAY), (100, 200, 92 * DAY), (200, 300, 94 * DAY), (300, 400, 97 * DAY),
+                (400, 450, 99 * DAY)])
+    gens = {g.name: g for g in (old, cur)}
+    doomed = set(expired(gens, now, Retention(7 * DAY)))
+    # the window starts at day 93: it rests on the snapshot of day 92 and everything after it
+    assert doomed == {f"{cur.name}/snap{s}{x}" for s in (0, 100) for x in ("", ".sha256")} | {
+        f"{old.name}/snap{s}{x}" for s in (0, 50) for x in ("", ".sha256")} | {
+        f"{cur.name}/seg0-100", f"{cur.name}/seg100-200", f"{old.name}/seg0-50", f"{old.name}/seg50-60"}
+    kept = set(expired(gens, now, Retention(7 * DAY, daily=2, monthly=3)))
+    assert f"{cur.name}/snap100" not in kept and f"{cur.name}/snap0" not in kept  # the two newest days
+    assert f"{old.name}/snap50" not in kept  # the newest of its month (day 85 is in March, 80 too)
+    assert f"{old.name}/snap0" in kept and f"{cur.name}/seg0-100" in kept  # segments go all the same
+    assert expired(gens, now, Retention(30 * DAY)) == []  # nothing is older than the window's base
+    remaining = {k: g for k, g in gens.items()}
+    for g in remaining.values():
+        g.snapshots = [s for s in g.snapshots if s.key not in doomed]
+        g.segments = [s for s in g.segments if s.key not in doomed]
+    spans = ranges(remaining)
+    assert spans[-1][0] == 92 * DAY and spans[-1][1] == 99 * DAY  # the window holds the last 7 days
+
+
+def test_retention_deletes_old_objects_and_keeps_restoring_within_the_age(make_server: Any, s3: SeaweedS3,  # noqa: F811
+                                                                            fresh_bucket: str) -> None:  # noqa: F811
+    srv = make_server(s3_args(s3, fresh_bucket, continuous=True) + [
+        "--backup-sync-interval", "0.2", "--backup-snapshot-changes", "3", "--backup-retention-age", "4s"])
+    wait_shipped(srv, 0)
+    srv.ok("/create", {"name": "shop"})
+    first_t, first_at = instant()
+    for i in range(12):
+        put(srv, "k", i)
+        time.sleep(0.5)
+    recent_t, recent_at = instant()
+    wait_shipped(srv, recent_t)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        span = srv.ok("/backup/list")["point_in_time"]
+        if ts(span["earliest"]) > first_t:
+            break
+        time.sleep(0.2)
+    assert ts(span["earliest"]) > first_t and time.time() - ts(span["earliest"]) < 12, span
+    r = srv.post("/backup/restore", {"at": first_at})
+    assert (r.status_code, r.json()["code"]) == (404, "BACKUP_NOT_FOUND"), r.text  # beyond the age now
+    srv.ok("/backup/restore", {"at": recent_at})
+    assert srv.ok("/set/get", {"database": "shop", "set": "users", "key": "k"})["data"] == 11
+    keys = object_keys(s3, fresh_bucket, "continuous/")
+    taken = [int(k.rsplit("-", 1)[1].split(".")[0]) / 1000 for k in keys if "/snapshots/" in k and k.endswith(".zst")]
+    assert min(taken) > first_t  # the first snapshots are gone

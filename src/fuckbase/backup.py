@@ -50,6 +50,7 @@ from fuckbase.backupformat import (
     set_header,
 )
 from fuckbase.contract import BACKUP_NAME_PATTERN, ErrorCode
+from fuckbase.encryption import EncryptionError, KeyMissing, Keyring, Unsealer, open_sealed
 from fuckbase.errors import ApiError, invalid, not_found
 from fuckbase.metrics import counter, gauge
 from fuckbase.names import is_database_name, is_key, is_object_name
@@ -74,6 +75,7 @@ EXTENSIONS = {"none": ".json", "gzip": ".json.gz", "zstd": ".json.zst"}
 SIDECAR = ".sha256"
 PENDING = b"pending"
 CHUNK_BYTES = 1 << 20
+INFLATE_SLICE = 16 << 10  # compressed bytes decompressed and parsed at a time
 CLEANUP_ATTEMPTS = 6  # a failed backup's leftovers are retried for about 10 minutes
 CLEANUP_PAUSE = 30.0
 _NAME = re.compile(BACKUP_NAME_PATTERN)
@@ -148,8 +150,9 @@ class BackupStats:
 
 class BackupService:
     def __init__(self, storage: Storage, store: ObjectStore, compression: str = "none",
-                 retention: int = 0, spool_dir: Path | None = None) -> None:
+                 retention: int = 0, spool_dir: Path | None = None, keyring: Keyring | None = None) -> None:
         self.storage = storage
+        self.keyring = keyring  # encrypts every object written, opens encrypted ones read
         self.spool_dir = spool_dir  # where a backup is encoded before it is uploaded
         self.store = store
         self.compression = compression
@@ -175,7 +178,7 @@ class BackupService:
                 view.database(database)  # 404 before any object-store work
         snapshot = self.storage.snapshot()
         sequence = snapshot.sequence()
-        spool = _Spool(snapshot, database, self.compression, self.spool_dir)
+        spool = _Spool(snapshot, database, self.compression, self.spool_dir, self.keyring)
         counts = spool.counts
         name = None
         try:
@@ -209,8 +212,12 @@ class BackupService:
         counts = spool.counts
         sidecar = {"sha256": counts.checksum.hexdigest(), "json_size": counts.checksum.size, "size": written.size,
                    "entries": counts.entries, **about, "format": FORMAT_VERSION}
-        await self.store.put_bytes(name + SIDECAR, orjson.dumps(sidecar))
+        await self.store.put_bytes(name + SIDECAR, self.seal(orjson.dumps(sidecar)))
         return written.size
+
+    def seal(self, data: bytes) -> bytes:
+        """A small object as it is stored: encrypted when a key is configured."""
+        return self.keyring.seal(data) if self.keyring is not None else data
 
     async def write_base(self, name_of: Callable[[int, float], str]) -> tuple[str, int, float]:
         """A zstd full backup under the name `name_of(sequence, taken)` gives: continuous
@@ -219,7 +226,7 @@ class BackupService:
         snapshot = self.storage.snapshot()
         taken = time.time()
         sequence = snapshot.sequence()
-        spool = _Spool(snapshot, None, "zstd", self.spool_dir)
+        spool = _Spool(snapshot, None, "zstd", self.spool_dir, self.keyring)
         name = name_of(sequence, taken)
         try:
             await self._upload(name, spool, {"database": "all", "automatic": True, "sequence": sequence, "taken": taken})
@@ -349,16 +356,27 @@ class BackupService:
             applier = _Applier(staging, full, only, staged)
             reader = BackupReader()
             checksum = Checksummer()
+            unsealer = Unsealer(self.keyring)
             decompress = _decompressor(extension)
 
-            def consume(chunk: bytes | None) -> None:
-                """Parses (and stages) a chunk on a worker thread; None marks the end."""
-                data = decompress(chunk)
+            def parse(data: bytes) -> None:
                 checksum.update(data)
                 if data:
                     applier.apply(reader.feed(data))
+
+            def consume(chunk: bytes | None) -> None:
+                """Decrypts, parses (and stages) a chunk on a worker thread; None marks the end.
+                The compressed bytes go in by slices: a very compressible backup (1 MB that
+                inflates to 70) never has more than a slice's worth of entries in memory."""
                 if chunk is None:
+                    tail = unsealer.finish()
+                    parse((decompress(tail) if tail else b"") + decompress(None))
                     applier.apply(reader.finish())
+                    return
+                view = memoryview(unsealer.feed(chunk))
+                step = INFLATE_SLICE if extension != ".json" else max(1, len(view))
+                for start in range(0, len(view), step):
+                    parse(decompress(view[start : start + step]))
 
             size = 0
             async for chunk in stream:
@@ -373,6 +391,12 @@ class BackupService:
         except (zlib.error, zstandard.ZstdError, EOFError, gzip.BadGzipFile) as exc:
             self.stats.failed(op, "invalid")
             raise BackupInvalid(f"cannot decompress: {exc}") from None
+        except KeyMissing as exc:
+            self.stats.failed(op, "encrypted")
+            raise encrypted(str(exc)) from None
+        except EncryptionError as exc:
+            self.stats.failed(op, "invalid")
+            raise BackupInvalid(str(exc)) from None
         except ApiError:
             self.stats.failed(op, "invalid")
             raise
@@ -406,8 +430,10 @@ class BackupService:
         if raw == PENDING:
             raise BackupInvalid("this backup never completed")
         try:
-            sidecar = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            sidecar = orjson.loads(open_sealed(self.keyring, raw))
+        except KeyMissing as exc:
+            raise encrypted(str(exc)) from None
+        except (orjson.JSONDecodeError, EncryptionError):
             raise BackupInvalid("its checksum file is damaged") from None
         if not isinstance(sidecar, dict):
             raise BackupInvalid("its checksum file is damaged")
@@ -439,8 +465,8 @@ class BackupService:
             if entry["database"] != "all":
                 continue
             try:
-                sidecar = orjson.loads(await self.store.get_bytes(entry["name"] + SIDECAR))
-            except (NotFound, orjson.JSONDecodeError):
+                sidecar = await self._sidecar(entry["name"])
+            except ApiError:  # unreadable: never deleted on a guess
                 continue
             if isinstance(sidecar, dict) and sidecar.get("automatic"):
                 automatic.append(entry["name"])
@@ -460,6 +486,11 @@ class BackupService:
         return backups[0]["name"] if backups else None
 
 
+def encrypted(message: str) -> ApiError:
+    return ApiError(422, ErrorCode.BACKUP_ENCRYPTED, message + "; give its key with --backup-encryption-key-file"
+                    " or FUCKBASE_BACKUP_ENCRYPTION_KEY (old keys after the current one)")
+
+
 def refuse_existing(db: Database) -> None:
     """The commit check of a restore into a new name: nothing in use is replaced."""
     raise ApiError(409, ErrorCode.DB_ALREADY_EXISTS,
@@ -475,7 +506,8 @@ class _Spool:
     store is, the snapshot (which keeps the storage from reusing the pages it sees) lasts only
     as long as the encoding; the upload reads the file as it grows. Memory stays flat."""
 
-    def __init__(self, snapshot: Snapshot, database: str | None, compression: str, directory: Path | None) -> None:
+    def __init__(self, snapshot: Snapshot, database: str | None, compression: str, directory: Path | None,
+                 keyring: Keyring | None) -> None:
         self.counts = _Counts()
         self.stored = hashlib.sha256()  # of the bytes as uploaded (compressed)
         self._file = tempfile.TemporaryFile(dir=directory)
@@ -486,6 +518,7 @@ class _Spool:
         self._error: BaseException | None = None
         self._loop = asyncio.get_running_loop()
         self._progress = asyncio.Event()
+        self._encryptor = keyring.encryptor() if keyring is not None else None
         threading.Thread(target=self._produce, args=(snapshot, database, compression),
                          name="fuckbase-backup-encode", daemon=True).start()
 
@@ -499,17 +532,22 @@ class _Spool:
                 parts.append(line)
                 size += len(line)
                 if size >= CHUNK_BYTES:
-                    self._append(compress(b"".join(parts)))
+                    self._append(self._sealed(compress(b"".join(parts))))
                     parts, size = [], 0
                     if self._abandoned:
                         return
-            self._append(compress(b"".join(parts)) + compress(None))
+            self._append(self._sealed(compress(b"".join(parts)) + compress(None), end=True))
         except BaseException as exc:  # handed to the upload, which fails with it
             self._error = exc
         finally:
             snapshot.close()
             self._done = True
             self._loop.call_soon_threadsafe(self._progress.set)
+
+    def _sealed(self, data: bytes, end: bool = False) -> bytes:
+        if self._encryptor is None:
+            return data
+        return self._encryptor.update(data) + (self._encryptor.finish() if end else b"")
 
     def _append(self, data: bytes) -> None:
         self.stored.update(data)
@@ -613,11 +651,11 @@ def _compressor(kind: str) -> Callable[[bytes | None], bytes]:
     return lambda data: data if data is not None else b""
 
 
-def _decompressor(extension: str) -> Callable[[bytes | None], bytes]:
+def _decompressor(extension: str) -> Callable[[bytes | memoryview | None], bytes]:
     if extension == ".json.gz":
         z = zlib.decompressobj(47)
 
-        def gunzip(data: bytes | None) -> bytes:
+        def gunzip(data: bytes | memoryview | None) -> bytes:
             if data is not None:
                 return z.decompress(data)
             if not z.eof:
@@ -628,7 +666,7 @@ def _decompressor(extension: str) -> Callable[[bytes | None], bytes]:
     if extension == ".json.zst":
         d = zstandard.ZstdDecompressor().decompressobj()
 
-        def unzstd(data: bytes | None) -> bytes:
+        def unzstd(data: bytes | memoryview | None) -> bytes:
             if data is not None:
                 return d.decompress(data)
             if not d.eof:
@@ -636,7 +674,7 @@ def _decompressor(extension: str) -> Callable[[bytes | None], bytes]:
             return b""
 
         return unzstd
-    return lambda data: data if data is not None else b""
+    return lambda data: bytes(data) if data is not None else b""
 
 
 # ---------------------------------------------------------------------- applying records

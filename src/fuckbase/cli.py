@@ -23,6 +23,7 @@ from fuckbase.config import (
     S3Settings,
     Settings,
     default_workers,
+    parse_age,
 )
 
 
@@ -174,6 +175,34 @@ def _opt(*decls: str, env: str, **kw: Any) -> Any:
     show_default=True,
     help="Changes after which continuous backup takes a new base snapshot, bounding what a restore replays.",
 )
+@_opt(
+    "--backup-retention-age",
+    env="FUCKBASE_BACKUP_RETENTION_AGE",
+    default="",
+    help="How far back point-in-time restores reach (e.g. 7d, 12h); older continuous-backup objects no "
+    "longer needed are deleted. Default: keep everything. Named backups are never touched.",
+)
+@_opt("--backup-keep-daily", env="FUCKBASE_BACKUP_KEEP_DAILY", type=int, default=0,
+      help="Beyond the retention age, keep the newest base snapshot of each of this many days.")
+@_opt("--backup-keep-weekly", env="FUCKBASE_BACKUP_KEEP_WEEKLY", type=int, default=0,
+      help="… and of this many ISO weeks.")
+@_opt("--backup-keep-monthly", env="FUCKBASE_BACKUP_KEEP_MONTHLY", type=int, default=0,
+      help="… and of this many months.")
+@_opt(
+    "--backup-encryption-key-file",
+    env="FUCKBASE_BACKUP_ENCRYPTION_KEY_FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Encrypt every backup object (AES-256-GCM) with the first key in this file; the other keys "
+    "(one per line) still open older backups. A key: 32 bytes as base64 or hex (openssl rand -base64 32).",
+)
+@_opt(
+    "--backup-encryption-key",
+    env="FUCKBASE_BACKUP_ENCRYPTION_KEY",
+    default="",
+    help="The same keys given directly, comma-separated, the current one first (prefer the environment "
+    "variable: flags are visible to other users).",
+)
 @click.version_option(__version__, prog_name="fuckbase")
 @click.pass_context
 def cli(ctx: click.Context, /, **opts: Any) -> None:
@@ -182,9 +211,8 @@ def cli(ctx: click.Context, /, **opts: Any) -> None:
         return
     from fuckbase.server import StartupError, run
 
-    settings = settings_from(opts)
     try:
-        run(settings)
+        run(settings_from(opts))
     except (ConfigError, StartupError) as exc:
         fail(str(exc))
 
@@ -335,6 +363,12 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         backup_sync_interval=opts["backup_sync_interval"],
         backup_snapshot_interval_minutes=opts["backup_snapshot_interval"],
         backup_snapshot_changes=opts["backup_snapshot_changes"],
+        backup_retention_age=parse_age(opts["backup_retention_age"]) if opts["backup_retention_age"] else None,
+        backup_keep_daily=opts["backup_keep_daily"],
+        backup_keep_weekly=opts["backup_keep_weekly"],
+        backup_keep_monthly=opts["backup_keep_monthly"],
+        backup_encryption_key_file=opts["backup_encryption_key_file"],
+        backup_encryption_key=opts["backup_encryption_key"],
     )
 
 

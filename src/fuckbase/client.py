@@ -40,6 +40,7 @@ __all__ = [
     "AuthFailed",
     "BackupFailed",
     "BackupInfo",
+    "BackupEncrypted",
     "BackupInvalid",
     "BackupNotFound",
     "Backups",
@@ -216,6 +217,11 @@ class ListFailed(FuckBaseError):
 class BackupInvalid(FuckBaseError):
     """BACKUP_INVALID: the object is not a valid backup; nothing was changed."""
     codes = (ErrorCode.BACKUP_INVALID,)
+
+
+class BackupEncrypted(FuckBaseError):
+    """BACKUP_ENCRYPTED: the backup is encrypted under a key the server was not given; nothing was changed."""
+    codes = (ErrorCode.BACKUP_ENCRYPTED,)
 
 
 class InternalError(FuckBaseError):

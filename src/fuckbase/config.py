@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fuckbase.encryption import Keyring
 
 DURABILITY_MODES = ("os", "fsync")
 LOG_LEVELS = ("debug", "info", "warn", "error")
@@ -18,6 +23,17 @@ def default_workers() -> int:
 
 class ConfigError(ValueError):
     """Configuration that cannot work; reported as one line before anything binds."""
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> float:
+    """A duration such as 90s, 30m, 12h, 7d or 2w (a plain number is days)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if m is None:
+        raise ConfigError(f"backup retention age {text!r} must look like 90s, 30m, 12h, 7d or 2w")
+    return float(m.group(1)) * _UNITS[m.group(2) or "d"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,12 @@ class Settings:
     backup_sync_interval: float = 1.0
     backup_snapshot_interval_minutes: float = 60.0
     backup_snapshot_changes: int = 200_000
+    backup_retention_age: float | None = None  # seconds of point-in-time window kept; None: all
+    backup_keep_daily: int = 0
+    backup_keep_weekly: int = 0
+    backup_keep_monthly: int = 0
+    backup_encryption_key_file: Path | None = None
+    backup_encryption_key: str = field(default="", repr=False)  # comma-separated, the current one first
 
     @property
     def effective_backup_dir(self) -> Path:
@@ -75,6 +97,12 @@ class Settings:
     def effective_backup_continuous(self) -> bool:
         """Continuous backup: on by default with S3, off for the local folder."""
         return self.backup_continuous if self.backup_continuous is not None else self.s3.enabled
+
+    def keyring(self) -> Keyring | None:
+        """The backup encryption keys, or None: backups are then written unencrypted."""
+        from fuckbase.encryption import Keyring
+
+        return Keyring.load(self.backup_encryption_key_file, self.backup_encryption_key)
 
     def validate(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -103,8 +131,16 @@ class Settings:
             raise ConfigError("backup sync interval must be 0.05-3600 seconds")
         if self.backup_snapshot_interval_minutes <= 0:
             raise ConfigError("backup snapshot interval must be > 0 minutes")
+        if self.backup_retention_age is not None and self.backup_retention_age <= 0:
+            raise ConfigError("backup retention age must be > 0")
+        if min(self.backup_keep_daily, self.backup_keep_weekly, self.backup_keep_monthly) < 0:
+            raise ConfigError("the numbers of daily, weekly and monthly snapshots kept must be >= 0")
         if self.backup_snapshot_changes < 1:
             raise ConfigError("backup snapshot changes must be >= 1")
+        try:
+            self.keyring()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if bool(self.admin_username) != bool(self.admin_password):
             raise ConfigError("admin username and admin password must be given together")
         if self.s3.enabled and bool(self.s3.access_key) != bool(self.s3.secret_key):

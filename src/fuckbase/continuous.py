@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -42,9 +43,10 @@ from typing import Any
 import orjson
 import zstandard
 
-from fuckbase.backup import BackupService, refuse_existing
+from fuckbase.backup import INFLATE_SLICE, SIDECAR, BackupService, encrypted, refuse_existing
 from fuckbase.backupformat import BackupInvalid
 from fuckbase.contract import INSTANT_PATTERN, ErrorCode
+from fuckbase.encryption import EncryptionError, KeyMissing, Keyring, Unsealer
 from fuckbase.errors import ApiError, invalid, not_found
 from fuckbase.objectstore import AlreadyExists, NotFound, ObjectStore, ObjectStoreError
 from fuckbase.storage import BASIC, SORTABLE, Change, Database, IndexDef, RestoreWriter, StagedDatabase, Storage
@@ -63,6 +65,7 @@ COMPACT_SEGMENTS = 600  # small segments that trigger a compaction before COMPAC
 SEGMENT_CHANGES = 50_000  # commits per small segment at most; more are shipped in several
 READ_CHUNK = 10_000  # commits read from the local log at once
 RETRY_PAUSE_MAX = 30.0
+RETENTION_CHECK = 3600.0  # seconds between retention rounds (and after every snapshot)
 
 _SNAPSHOT = re.compile(r"continuous/([0-9TZ]{16}-[0-9a-f]{8})/snapshots/(\d{20})-(\d{13})\.json\.zst")
 _SEGMENT = re.compile(r"continuous/([0-9TZ]{16}-[0-9a-f]{8})/segments/(\d{20})-(\d{20})-(\d{13})\.jsonl\.zst")
@@ -87,6 +90,12 @@ def parse_instant(text: Any) -> float:
 
 
 # ---------------------------------------------------------------------- segments
+
+
+def _op_count(change: Change) -> int:
+    """About how many writes a commit holds (a group commit holds many): each op after the
+    first begins with `],["` in the record. A value holding that text counts a little more."""
+    return change.record.count(b'],["') + 1
 
 
 def _restores(change: Change) -> bool:
@@ -137,51 +146,78 @@ class SegmentEncoder:
         return bytes(data)
 
 
-async def read_segment(store: ObjectStore, key: str, after: int, upto: int) -> AsyncIterator[dict[str, Any]]:
-    """The commits of one segment, each checked against the header; the trailer's checksum is
-    checked at the end, and a segment cut short or damaged raises BackupInvalid naming it."""
+async def read_segment(store: ObjectStore, key: str, after: int, upto: int,
+                       keyring: Keyring | None) -> AsyncIterator[dict[str, Any]]:
+    """The commits of one segment (decrypted when it is encrypted), each checked against the
+    header; the trailer's checksum is checked at the end, and a segment cut short or damaged
+    raises BackupInvalid naming it."""
+    check = _SegmentCheck(key, after, upto)
     d = zstandard.ZstdDecompressor().decompressobj()
-    sha = hashlib.sha256()
+    unsealer = Unsealer(keyring)
     pending = b""
-    header: dict[str, Any] | None = None
-    trailer: dict[str, Any] | None = None
-    count = 0
-
-    def bad(why: str) -> BackupInvalid:
-        return BackupInvalid(f"segment {key} (changes {after + 1}-{upto}) {why}: the changes after sequence {after}"
-                             " cannot be replayed")
-
     try:
         async for chunk in await store.get_stream(key):
-            pending += d.decompress(chunk)
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                if trailer is not None:
-                    raise bad("has data after its end")
-                rec = orjson.loads(line)
-                if header is None:
-                    if not isinstance(rec, dict) or rec.get("fuckbase_changes") != SEGMENT_FORMAT or rec.get("after") != after:
-                        raise bad("has a wrong header")
-                    header = rec
-                    sha.update(line + b"\n")
-                    continue
-                if isinstance(rec, dict) and rec.get("end") is True:
-                    trailer = rec
-                    continue
-                sha.update(line + b"\n")
-                count += 1
-                if not isinstance(rec, dict) or not isinstance(rec.get("s"), int) or not after < rec["s"] <= upto:
-                    raise bad("holds a change outside its range")
-                yield rec
+            view = memoryview(unsealer.feed(chunk))
+            for start in range(0, len(view), INFLATE_SLICE):  # bounded memory, however well it compressed
+                pending += d.decompress(view[start : start + INFLATE_SLICE])
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    rec = check.line(line)
+                    if rec is not None:
+                        yield rec
+        tail = unsealer.finish()
+        if tail:
+            pending += d.decompress(tail)
     except NotFound:
-        raise bad("is missing") from None
-    except (zstandard.ZstdError, orjson.JSONDecodeError) as exc:
-        raise bad(f"is damaged ({exc})") from None
+        raise check.bad("is missing") from None
+    except KeyMissing as exc:
+        raise encrypted(f"segment {key}: {exc}") from None
+    except (zstandard.ZstdError, orjson.JSONDecodeError, EncryptionError) as exc:
+        raise check.bad(f"is damaged ({exc})") from None
     if not d.eof or pending:
-        raise bad("is cut short")
-    if trailer is None or trailer.get("sha256") != sha.hexdigest() or trailer.get("changes") != count \
-            or trailer.get("upto") != upto:
-        raise bad("fails its checksum")
+        raise check.bad("is cut short")
+    check.end()
+
+
+class _SegmentCheck:
+    """Checks a segment's lines as they come: header, commits in range, trailer."""
+
+    def __init__(self, key: str, after: int, upto: int) -> None:
+        self.key, self.after, self.upto = key, after, upto
+        self._sha = hashlib.sha256()
+        self._header = False
+        self._trailer: dict[str, Any] | None = None
+        self._count = 0
+
+    def bad(self, why: str) -> BackupInvalid:
+        return BackupInvalid(f"segment {self.key} (changes {self.after + 1}-{self.upto}) {why}: the changes after"
+                             f" sequence {self.after} cannot be replayed")
+
+    def line(self, line: bytes) -> dict[str, Any] | None:
+        """The commit on this line, or None for the header and the trailer."""
+        if self._trailer is not None:
+            raise self.bad("has data after its end")
+        rec = orjson.loads(line)
+        if not self._header:
+            if not isinstance(rec, dict) or rec.get("fuckbase_changes") != SEGMENT_FORMAT or rec.get("after") != self.after:
+                raise self.bad("has a wrong header")
+            self._header = True
+            self._sha.update(line + b"\n")
+            return None
+        if isinstance(rec, dict) and rec.get("end") is True:
+            self._trailer = rec
+            return None
+        self._sha.update(line + b"\n")
+        self._count += 1
+        if not isinstance(rec, dict) or not isinstance(rec.get("s"), int) or not self.after < rec["s"] <= self.upto:
+            raise self.bad("holds a change outside its range")
+        return rec
+
+    def end(self) -> None:
+        t = self._trailer
+        if t is None or t.get("sha256") != self._sha.hexdigest() or t.get("changes") != self._count \
+                or t.get("upto") != self.upto:
+            raise self.bad("fails its checksum")
 
 
 # ---------------------------------------------------------------------- what the store holds
@@ -231,16 +267,27 @@ class Generation:
             yield nxt
             pos = nxt.upto
 
+    def reach(self, snap: SnapshotObject) -> tuple[int, float]:
+        """How far a snapshot and the unbroken chain of segments after it go: (sequence, time)."""
+        end, pos = snap.taken, snap.sequence
+        for seg in self.chain(snap.sequence):
+            end, pos = max(end, seg.until), seg.upto
+        return pos, max(end, self.vouched_until(pos) or end)
+
+    def lost_after(self, snap: SnapshotObject, pos: int) -> int | None:
+        """A sequence the stream is known to have reached after `pos`, before this generation's
+        next snapshot: evidence that a segment is missing (rather than never written, or let go
+        by retention along with everything up to the next snapshot)."""
+        nxt = next((s.sequence for s in self.snapshots if s.sequence > snap.sequence), None)
+        known = [seg.upto for seg in self.segments if seg.after >= pos and (nxt is None or seg.upto <= nxt)]
+        if self.vouched is not None and nxt is None:
+            known.append(self.vouched[0])
+        reached = max(known, default=pos)
+        return reached if reached > pos else None
+
     def latest(self) -> float | None:
         """The newest instant some snapshot plus an unbroken chain of segments reaches."""
-        best = None
-        for snap in self.snapshots:
-            end, pos = snap.taken, snap.sequence
-            for seg in self.chain(snap.sequence):
-                end, pos = max(end, seg.until), seg.upto
-            end = max(end, self.vouched_until(pos) or end)
-            best = end if best is None else max(best, end)
-        return best
+        return max((self.reach(snap)[1] for snap in self.snapshots), default=None)
 
 
 async def timeline(store: ObjectStore, shipped: tuple[str, int, float] | None = None) -> dict[str, Generation]:
@@ -272,16 +319,30 @@ async def timeline(store: ObjectStore, shipped: tuple[str, int, float] | None = 
     return dict(sorted(gens.items()))
 
 
+def ranges(gens: dict[str, Generation]) -> list[tuple[float, float]]:
+    """The spans of time a restore can reach, oldest first: each snapshot to where its chain
+    goes, overlapping ones merged (a kept old snapshot alone is a span of one instant)."""
+    spans = sorted((s.taken, g.reach(s)[1]) for g in gens.values() for s in g.snapshots)
+    merged: list[tuple[float, float]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
 def window(gens: dict[str, Generation]) -> dict[str, Any] | None:
-    """The restorable range, for /backup/list and /server/info."""
-    starts = [g.snapshots[0].taken for g in gens.values() if g.snapshots]
-    ends = [t for g in gens.values() if (t := g.latest()) is not None]
-    if not starts or not ends:
+    """The restorable range for /backup/list and /server/info: the newest unbroken span, every
+    span, and the snapshots."""
+    spans = ranges(gens)
+    if not spans:
         return None
-    snapshots: list[dict[str, Any]] = [{"name": s.key, "timestamp": rfc3339(s.taken), "sequence": s.sequence, "generation": g.name}
-                 for g in gens.values() for s in g.snapshots]
+    snapshots: list[dict[str, Any]] = [{"name": s.key, "timestamp": rfc3339(s.taken), "sequence": s.sequence,
+                                        "generation": g.name} for g in gens.values() for s in g.snapshots]
     snapshots.sort(key=lambda s: s["timestamp"], reverse=True)
-    return {"earliest": rfc3339(min(starts)), "latest": rfc3339(max(ends)), "snapshots": snapshots}
+    return {"earliest": rfc3339(spans[-1][0]), "latest": rfc3339(spans[-1][1]),
+            "ranges": [{"from": rfc3339(a), "to": rfc3339(b)} for a, b in spans], "snapshots": snapshots}
 
 
 async def latest_instant(store: ObjectStore) -> float | None:
@@ -289,6 +350,55 @@ async def latest_instant(store: ObjectStore) -> float | None:
     gens = await timeline(store)
     ends = [t for g in gens.values() if (t := g.latest()) is not None]
     return max(ends) if ends else None
+
+
+# ---------------------------------------------------------------------- retention by age
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Keep every instant of the last `age` seconds restorable; beyond it, only the newest
+    snapshot of each of the last `daily` days, `weekly` ISO weeks and `monthly` months."""
+
+    age: float
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+
+
+def expired(gens: dict[str, Generation], now: float, rule: Retention) -> list[str]:
+    """The objects no instant of the window needs and no kept snapshot is: the window rests on
+    the newest snapshot taken at or before its start and everything after it."""
+    cutoff = now - rule.age
+    snapshots = [s for g in gens.values() for s in g.snapshots]
+    base = max((s for s in snapshots if s.taken <= cutoff), key=lambda s: s.taken, default=None)
+    if base is None:
+        return []
+    old_snapshots = [s for s in snapshots if s.taken < base.taken]
+    kept = _kept(old_snapshots, rule)
+    doomed = [k for s in old_snapshots if s.key not in kept for k in (s.key, s.key + SIDECAR)]
+    for g in gens.values():
+        for seg in g.segments:
+            if (g.name == base.generation and seg.upto <= base.sequence) or (
+                    g.name < base.generation and seg.until < base.taken):
+                doomed.append(seg.key)
+    return doomed
+
+
+def _kept(snapshots: list[SnapshotObject], rule: Retention) -> set[str]:
+    """The newest snapshot of each of the most recent days, weeks and months asked for."""
+    kept: set[str] = set()
+    for count, period in ((rule.daily, "%Y-%m-%d"), (rule.weekly, "%G-W%V"), (rule.monthly, "%Y-%m")):
+        if count <= 0:
+            continue
+        newest: dict[str, SnapshotObject] = {}
+        for s in snapshots:
+            bucket = datetime.fromtimestamp(s.taken, UTC).strftime(period)
+            if bucket not in newest or s.taken > newest[bucket].taken:
+                newest[bucket] = s
+        for bucket in sorted(newest, reverse=True)[:count]:
+            kept.add(newest[bucket].key)
+    return kept
 
 
 # ---------------------------------------------------------------------- point-in-time restore
@@ -378,25 +488,22 @@ async def restore_to(backups: BackupService, at: float, database: str | None, in
     except ObjectStoreError as exc:
         raise ApiError(504 if exc.kind == "timeout" else 502, ErrorCode.RESTORE_FAILED, str(exc)) from None
     span = window(gens)
-    base, gen = None, None
-    for g in reversed(gens.values()):
-        base = next((s for s in reversed(g.snapshots) if s.taken <= at), None)
-        if base is not None:
-            gen = g
-            break
-    if base is None or gen is None or span is None:
-        where = f"the restorable range is {span['earliest']} to {span['latest']}" if span else "no continuous backup exists"
+    found = max(((s, g) for g in gens.values() for s in g.snapshots if s.taken <= at),
+                key=lambda sg: sg[0].taken, default=None)
+    where = (f"the restorable range is {span['earliest']} to {span['latest']}"
+             + (f" ({len(span['ranges'])} ranges in all: see /backup/list)" if len(span["ranges"]) > 1 else "")
+             if span else "no continuous backup exists")
+    if found is None:
         raise not_found(ErrorCode.BACKUP_NOT_FOUND, f"no point-in-time state at {rfc3339(at)}: {where}")
-    latest = gen.latest() or base.taken
-    if at > latest:
-        end = max([base.sequence, *(seg.upto for seg in gen.chain(base.sequence))])
-        known = max([gen.vouched[0] if gen.vouched else 0, *(seg.upto for seg in gen.segments)])
-        if known > end:  # changes the stream had are gone: a gap, not just the end of the window
+    base, gen = found
+    end, reach = gen.reach(base)
+    if at > reach:
+        lost = gen.lost_after(base, end)
+        if lost is not None:  # changes the stream had are gone: a gap, not the end of a range
             raise BackupInvalid(f"the changes of generation {gen.name} after sequence {end} are missing (the stream"
-                                f" reached sequence {known}): no segment continues from there, so {rfc3339(at)}"
+                                f" reached sequence {lost}): no segment continues from there, so {rfc3339(at)}"
                                 " cannot be reached")
-        raise not_found(ErrorCode.BACKUP_NOT_FOUND,
-                        f"no point-in-time state at {rfc3339(at)}: generation {gen.name} reaches {rfc3339(latest)}")
+        raise not_found(ErrorCode.BACKUP_NOT_FOUND, f"no point-in-time state at {rfc3339(at)}: {where}")
     started = time.monotonic()
     async with backups.restore_lock:
         staging = backups.storage.restore_writer()
@@ -404,7 +511,7 @@ async def restore_to(backups: BackupService, at: float, database: str | None, in
         try:
             result = await backups.read(base.key, True, ".json.zst", staging, only=database, staged=staged)
             replay = _Replay(staging, staged, database)
-            await _replay(store, gen, base, at, replay)
+            await _replay(store, backups.keyring, gen, base, at, replay)
             await asyncio.to_thread(replay.flush)
             names = sorted(staged)
             if database is not None:
@@ -427,11 +534,12 @@ async def restore_to(backups: BackupService, at: float, database: str | None, in
             "entries": result["entries"], "full": database is None}
 
 
-async def _replay(store: ObjectStore, gen: Generation, base: SnapshotObject, at: float, replay: _Replay) -> None:
+async def _replay(store: ObjectStore, keyring: Keyring | None, gen: Generation, base: SnapshotObject, at: float,
+                  replay: _Replay) -> None:
     pos, reached = base.sequence, base.taken
     for seg in gen.chain(base.sequence):
         batch: list[dict[str, Any]] = []
-        async for change in read_segment(store, seg.key, seg.after, seg.upto):
+        async for change in read_segment(store, seg.key, seg.after, seg.upto, keyring):
             if change["s"] <= pos:
                 continue
             if change["t"] > at:
@@ -495,7 +603,8 @@ class Shipper:
     in the process that runs the schedule."""
 
     def __init__(self, storage: Storage, backups: BackupService, data_dir: Path, spool_dir: Path | None, *,
-                 sync_interval: float = 1.0, snapshot_minutes: float = 60.0, snapshot_changes: int = 200_000) -> None:
+                 sync_interval: float = 1.0, snapshot_minutes: float = 60.0, snapshot_changes: int = 200_000,
+                 retention: Retention | None = None) -> None:
         self.storage = storage
         self.backups = backups
         self.store: ObjectStore = backups.store
@@ -504,6 +613,8 @@ class Shipper:
         self.sync_interval = sync_interval
         self.snapshot_seconds = snapshot_minutes * 60
         self.snapshot_changes = snapshot_changes
+        self.retention = retention
+        self._last_retention = -math.inf
         self.status = ShipStatus()
         self.node = ""
         self.generation = ""
@@ -615,6 +726,8 @@ class Shipper:
             if self._snapshot_due or self._since_snapshot >= self.snapshot_changes or (
                     self._since_snapshot and now - self._last_snapshot >= self.snapshot_seconds):
                 await self._snapshot()
+            if self.retention is not None and now - self._last_retention >= RETENTION_CHECK:
+                await self._apply_retention()
             # start to start one interval apart, so a change waits at most about one interval
             await asyncio.sleep(max(0.05, self.sync_interval - (time.monotonic() - started)))
 
@@ -640,7 +753,7 @@ class Shipper:
             self.status.stored_sequence = seg.upto
             self._small.append(seg)
             self._shipped = seg.upto
-            self._since_snapshot += len(changes)
+            self._since_snapshot += sum(_op_count(c) for c in changes)
             if any(_restores(c) for c in changes):
                 self._snapshot_due = True
             self._shipped_to(seg.upto, seg.until)
@@ -669,7 +782,7 @@ class Shipper:
             await asyncio.to_thread(enc.add, changes)
         if source is not None:
             await asyncio.to_thread(source, enc)
-        data = await asyncio.to_thread(enc.finish, upto, until)
+        data = self.backups.seal(await asyncio.to_thread(enc.finish, upto, until))
         key = f"{ROOT}{self.generation}/segments/{after:020d}-{upto:020d}-{_ms(until)}.jsonl.zst"
         self.status.count("put")
         etag = await self.store.put_bytes(key, data)
@@ -705,6 +818,26 @@ class Shipper:
         self._small = [s for s in self._small if s.upto > upto]
         self._last_compact = time.monotonic()
 
+    async def _apply_retention(self) -> None:
+        """Deletes what the window no longer needs; a failure is logged and counted, and the
+        next round tries again (what was not deleted is still listed)."""
+        assert self.retention is not None
+        self._last_retention = time.monotonic()
+        try:
+            gens = await self._list()
+            doomed = expired(gens, time.time(), self.retention)
+            if doomed:
+                self.status.count("delete", (len(doomed) + 999) // 1000)
+                await self.store.delete_many(doomed)
+                log.info("continuous backup: retention deleted %d objects older than the window", len(doomed))
+                gens = await self._list()
+            span = window(gens)
+            if span is not None:
+                self.status.window["earliest"] = span["earliest"]
+        except ObjectStoreError as exc:
+            self.status.failed("retention")
+            log.error("continuous backup: retention could not delete old objects: %s (retrying later)", exc)
+
     async def _snapshot(self) -> None:
         def name_of(sequence: int, taken: float) -> str:
             return f"{ROOT}{self.generation}/snapshots/{sequence:020d}-{_ms(taken)}.json.zst"
@@ -717,6 +850,7 @@ class Shipper:
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
         log.info("continuous backup: base snapshot %s (sequence %d)", name, sequence)
+        self._last_retention = -math.inf  # a new snapshot may let older objects go
 
     # -- the lease
 

@@ -34,6 +34,7 @@ class ErrorCode(StrEnum):
     LIST_FAILED = "LIST_FAILED"
     BACKUP_NOT_FOUND = "BACKUP_NOT_FOUND"  # [ext]
     BACKUP_INVALID = "BACKUP_INVALID"  # [ext]
+    BACKUP_ENCRYPTED = "BACKUP_ENCRYPTED"  # [ext] encrypted under a key this server was not given
     INTERNAL_ERROR = "INTERNAL_ERROR"
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     NOT_FOUND = "NOT_FOUND"  # [ext] no such path

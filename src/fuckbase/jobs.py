@@ -180,7 +180,7 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
 
     from fuckbase.auth import AdminGuard, DatabaseGuard
     from fuckbase.backup import BackupService
-    from fuckbase.continuous import Shipper, stop_logging_changes
+    from fuckbase.continuous import Retention, Shipper, stop_logging_changes
     from fuckbase.metrics import Published
     from fuckbase.objectstore import open_store
     from fuckbase.storage.lmdb import LmdbStorage
@@ -211,12 +211,16 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
     except ValueError as exc:
         report({"error": f"bad S3 configuration: {exc}"})
         raise SystemExit(2) from None
-    backups = BackupService(storage, store, settings.backup_compression, settings.backup_retention, rt.run_dir)
+    backups = BackupService(storage, store, settings.backup_compression, settings.backup_retention, rt.run_dir,
+                            settings.keyring())
     shipper = None
     if settings.effective_backup_continuous:
+        retention = None if settings.backup_retention_age is None else Retention(
+            settings.backup_retention_age, settings.backup_keep_daily, settings.backup_keep_weekly,
+            settings.backup_keep_monthly)
         shipper = Shipper(storage, backups, settings.data_dir, rt.run_dir, sync_interval=settings.backup_sync_interval,
                           snapshot_minutes=settings.backup_snapshot_interval_minutes,
-                          snapshot_changes=settings.backup_snapshot_changes)
+                          snapshot_changes=settings.backup_snapshot_changes, retention=retention)
         backups.shipped = shipper.shipped
     else:
         stop_logging_changes(storage, settings.data_dir)

@@ -108,6 +108,7 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
         "backup_target": backup_target,
         "backup_interval_minutes": settings.effective_backup_interval,
         "backup_continuous": settings.effective_backup_continuous,
+        "backup_encryption": bool(settings.backup_encryption_key_file or settings.backup_encryption_key),
         "workers": settings.workers,
     }
 
