@@ -4,6 +4,7 @@ restores to any instant, a lost node rebuilt from the bucket, and every way the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -280,7 +281,7 @@ def own_s3() -> Iterator[SeaweedS3]:
     server.stop()
 
 
-def test_changes_wait_while_s3_is_frozen_and_none_is_lost(make_server: Any, own_s3: SeaweedS3,
+def test_changes_wait_while_s3_is_frozen_or_down_and_none_is_lost(make_server: Any, own_s3: SeaweedS3,
                                                           fresh_bucket: str) -> None:  # noqa: F811
     srv = make_server(s3_args(own_s3, fresh_bucket, timeout=2, continuous=True) + ["--backup-sync-interval", "0.2"])
     srv.ok("/create", {"name": "shop"})
@@ -299,12 +300,21 @@ def test_changes_wait_while_s3_is_frozen_and_none_is_lost(make_server: Any, own_
         assert float(pending[0].split()[1]) > 0, pending
     finally:
         own_s3.thaw()
-    t, at = instant()
+    t, _ = instant()
     wait_shipped(srv, t, timeout=60)
+    own_s3.kill()  # and now gone altogether for a while
+    for i in range(200, 300):
+        put(srv, f"k{i}", i)
+    time.sleep(2)
+    own_s3.start()
+    t, at = instant()
+    wait_shipped(srv, t, timeout=90)
     srv.ok("/drop", {"name": "shop"})
     srv.ok("/backup/restore", {"at": at})
-    for i in range(200):
+    for i in range(300):
         assert srv.ok("/set/get", {"database": "shop", "set": "users", "key": f"k{i}"})["data"] == i
+    failures = srv.client.get("/metrics").text  # type: ignore[union-attr]
+    assert "fuckbase_continuous_failures_total{kind=" in failures
 
 
 def test_a_restart_compacts_the_small_segments_and_keeps_every_instant(shipping: ServerProcess,
@@ -445,3 +455,37 @@ def test_retention_deletes_old_objects_and_keeps_restoring_within_the_age(make_s
     keys = object_keys(s3, fresh_bucket, "continuous/")
     taken = [int(k.rsplit("-", 1)[1].split(".")[0]) / 1000 for k in keys if "/snapshots/" in k and k.endswith(".zst")]
     assert min(taken) > first_t  # the first snapshots are gone
+
+
+def test_what_a_crash_left_behind_is_cleaned_up_at_the_next_start(make_server: Any, tmp_path: Path) -> None:
+    srv = make_server(["--backup-continuous", "--backup-sync-interval", "0.2"])
+    wait_shipped(srv, 0)
+    srv.ok("/create", {"name": "shop"})
+    put(srv, "k", 1)
+    t, at = instant()
+    wait_shipped(srv, t)
+    srv.kill9()
+    root = srv.data_dir / "backups"
+    generation = next((root / "continuous").glob("*/snapshots")).parent
+    # a snapshot cut short before its checksum file, a backup claimed but never written, temp files
+    half = generation / "snapshots" / f"{99:020d}-{int(time.time() * 1000):013d}.json.zst"
+    half.write_bytes(b"\x28\xb5\x2f\xfd partial")
+    (root / "backups" / "shop").mkdir(parents=True)
+    claim = root / "backups" / "shop" / "20260101-000000.json"
+    claim.write_bytes(b'{"name":"sho')
+    claim.with_name(claim.name + ".sha256").write_bytes(b"pending")
+    fresh_claim = root / "backups" / "shop" / "20260101-000001.json.sha256"
+    fresh_claim.write_bytes(b"pending")  # under way elsewhere, perhaps: left alone
+    stale_tmp = root / "backups" / ".x.json.0123456789ab.fbtmp"
+    stale_tmp.write_bytes(b"x")
+    an_hour_ago = time.time() - 3700
+    for p in (claim, claim.with_name(claim.name + ".sha256"), stale_tmp):
+        os.utime(p, (an_hour_ago, an_hour_ago))
+    srv.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (half.exists() or claim.exists() or stale_tmp.exists()):
+        time.sleep(0.1)
+    assert not half.exists() and not claim.exists() and not stale_tmp.exists()
+    assert not claim.with_name(claim.name + ".sha256").exists() and fresh_claim.exists()
+    srv.ok("/backup/restore", {"at": at})  # and the stream is whole
+    assert srv.ok("/set/get", {"database": "shop", "set": "users", "key": "k"})["data"] == 1

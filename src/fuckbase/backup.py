@@ -54,7 +54,7 @@ from fuckbase.encryption import EncryptionError, KeyMissing, Keyring, Unsealer, 
 from fuckbase.errors import ApiError, invalid, not_found
 from fuckbase.metrics import counter, gauge
 from fuckbase.names import is_database_name, is_key, is_object_name
-from fuckbase.objectstore import AlreadyExists, NotFound, ObjectStore, ObjectStoreError, Written
+from fuckbase.objectstore import STALE_SECONDS, AlreadyExists, NotFound, ObjectStore, ObjectStoreError, Written
 from fuckbase.storage import (
     BASIC,
     SORTABLE,
@@ -279,6 +279,21 @@ class BackupService:
             except AlreadyExists:
                 continue
         raise ApiError(503, ErrorCode.BACKUP_FAILED, "too many backups in one second")
+
+    async def remove_abandoned(self) -> None:
+        """Deletes what backups cut short by a crash left: claims (sidecars still "pending")
+        at least an hour old, with whatever part of their object exists."""
+        cutoff = datetime.now(UTC).timestamp() - STALE_SECONDS
+        try:
+            objects = await self.store.list(PREFIX)
+            names = [o.key[: -len(SIDECAR)] for o in objects if o.key.endswith(SIDECAR) and o.size == len(PENDING)
+                     and o.last_modified.timestamp() < cutoff]
+            abandoned = [n for n in names if await self.store.get_bytes(n + SIDECAR) == PENDING]
+            if abandoned:
+                await self.store.delete_many([k for n in abandoned for k in (n, n + SIDECAR)])
+                log.warning("removed %d backups a crash left unfinished: %s", len(abandoned), ", ".join(abandoned))
+        except ObjectStoreError as exc:
+            log.warning("could not look for backups a crash left unfinished: %s", exc)
 
     # ------------------------------------------------------------------ list
 

@@ -34,7 +34,7 @@ import re
 import secrets
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,37 +146,56 @@ class SegmentEncoder:
         return bytes(data)
 
 
-async def read_segment(store: ObjectStore, key: str, after: int, upto: int,
-                       keyring: Keyring | None) -> AsyncIterator[dict[str, Any]]:
-    """The commits of one segment (decrypted when it is encrypted), each checked against the
-    header; the trailer's checksum is checked at the end, and a segment cut short or damaged
+class SegmentReader:
+    """Reads one segment from its chunks (decrypting it when it is encrypted) and hands each
+    commit in (`start`, `at`] to `apply`, on whatever thread feeds it. Every line is checked
+    against the header and the trailer's checksum at the end; a segment cut short or damaged
     raises BackupInvalid naming it."""
-    check = _SegmentCheck(key, after, upto)
-    d = zstandard.ZstdDecompressor().decompressobj()
-    unsealer = Unsealer(keyring)
-    pending = b""
-    try:
-        async for chunk in await store.get_stream(key):
-            view = memoryview(unsealer.feed(chunk))
+
+    def __init__(self, key: str, after: int, upto: int, keyring: Keyring | None, start: int, at: float,
+                 apply: Callable[[dict[str, Any]], None]) -> None:
+        self.check = _SegmentCheck(key, after, upto)
+        self._key = key
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._unsealer = Unsealer(keyring)
+        self._pending = b""
+        self._start, self._at, self._apply = start, at, apply
+        self.reached_at = False  # a commit after `at` came: the replay is done
+
+    def feed(self, chunk: bytes) -> bool:
+        """True once a commit after `at` has been seen (the rest need not be read)."""
+        with self._errors():
+            view = memoryview(self._unsealer.feed(chunk))
             for start in range(0, len(view), INFLATE_SLICE):  # bounded memory, however well it compressed
-                pending += d.decompress(view[start : start + INFLATE_SLICE])
-                *lines, pending = pending.split(b"\n")
+                self._pending += self._d.decompress(view[start : start + INFLATE_SLICE])
+                *lines, self._pending = self._pending.split(b"\n")
                 for line in lines:
-                    rec = check.line(line)
-                    if rec is not None:
-                        yield rec
-        tail = unsealer.finish()
-        if tail:
-            pending += d.decompress(tail)
-    except NotFound:
-        raise check.bad("is missing") from None
-    except KeyMissing as exc:
-        raise encrypted(f"segment {key}: {exc}") from None
-    except (zstandard.ZstdError, orjson.JSONDecodeError, EncryptionError) as exc:
-        raise check.bad(f"is damaged ({exc})") from None
-    if not d.eof or pending:
-        raise check.bad("is cut short")
-    check.end()
+                    rec = self.check.line(line)
+                    if rec is None or rec["s"] <= self._start:
+                        continue
+                    if rec["t"] > self._at:
+                        self.reached_at = True
+                        return True
+                    self._apply(rec)
+        return False
+
+    def finish(self) -> None:
+        with self._errors():
+            tail = self._unsealer.finish()
+            if tail:
+                self._pending += self._d.decompress(tail)
+        if not self._d.eof or self._pending:
+            raise self.check.bad("is cut short")
+        self.check.end()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except KeyMissing as exc:
+            raise encrypted(f"segment {self._key}: {exc}") from None
+        except (zstandard.ZstdError, orjson.JSONDecodeError, EncryptionError) as exc:
+            raise self.check.bad(f"is damaged ({exc})") from None
 
 
 class _SegmentCheck:
@@ -249,6 +268,7 @@ class Generation:
     # change committed before T has a sequence of at most S, so a chain that reaches S holds
     # the state at T, and a quiet node's window grows without a segment a second
     vouched: tuple[int, float] | None = None
+    unfinished: list[str] = field(default_factory=list)  # snapshot objects without their sidecar
 
     def vouched_until(self, end: int) -> float | None:
         """How far the vouch extends a chain that ends at sequence `end`, if it does."""
@@ -294,11 +314,15 @@ async def timeline(store: ObjectStore, shipped: tuple[str, int, float] | None = 
     """Every generation in the store, by name (which sorts by when it began); `shipped` is
     what this node's own shipper vouches for beyond what the store shows."""
     gens: dict[str, Generation] = {}
-    leased = False
-    for obj in await store.list(ROOT):
-        leased = leased or obj.key == LEASE
+    objects = await store.list(ROOT)
+    keys = {obj.key for obj in objects}
+    leased = LEASE in keys
+    for obj in objects:
         if m := _SNAPSHOT.fullmatch(obj.key):
             gen = gens.setdefault(m.group(1), Generation(m.group(1)))
+            if obj.key + SIDECAR not in keys:  # being written, or left by a crash: not a base
+                gen.unfinished.append(obj.key)
+                continue
             gen.snapshots.append(SnapshotObject(obj.key, m.group(1), int(m.group(2)), int(m.group(3)) / 1000))
         elif m := _SEGMENT.fullmatch(obj.key):
             gen = gens.setdefault(m.group(1), Generation(m.group(1)))
@@ -431,13 +455,23 @@ class _Replay:
             self._run = run
         self._items.append(item)
 
+    def apply_logged(self, change: dict[str, Any]) -> None:
+        """`apply`, with the ways a logged change can fail as BackupInvalid."""
+        try:
+            self.apply(change)
+        except _Unreplayable:
+            raise BackupInvalid(f"a restore replaced databases at {rfc3339(change['t'])} (sequence {change['s']});"
+                                " states between it and the next snapshot cannot be rebuilt") from None
+        except (KeyError, IndexError, TypeError) as exc:
+            raise BackupInvalid(f"a logged change cannot be applied ({type(exc).__name__}: {exc})") from None
+
     def apply(self, change: dict[str, Any]) -> None:
         for op in change["ops"]:
             kind = op[0]
             if kind == "restore":
                 names, replace_all = op[1], op[2]
                 if replace_all or self.only is None or self.only in names:
-                    raise _Unreplayable(change)
+                    raise _Unreplayable()
                 continue
             if self.only is not None and op[1] != self.only:
                 continue
@@ -473,9 +507,7 @@ class _Replay:
 
 
 class _Unreplayable(Exception):
-    def __init__(self, change: dict[str, Any]) -> None:
-        super().__init__()
-        self.change = change
+    """A logged restore: what it swapped in is not in the log."""
 
 
 async def restore_to(backups: BackupService, at: float, database: str | None, into: str | None,
@@ -510,9 +542,11 @@ async def restore_to(backups: BackupService, at: float, database: str | None, in
         staged: dict[str, StagedDatabase] = {}
         try:
             result = await backups.read(base.key, True, ".json.zst", staging, only=database, staged=staged)
+            read = time.monotonic()
             replay = _Replay(staging, staged, database)
             await _replay(store, backups.keyring, gen, base, at, replay)
             await asyncio.to_thread(replay.flush)
+            replayed = time.monotonic()
             names = sorted(staged)
             if database is not None:
                 if database not in staged:
@@ -528,45 +562,34 @@ async def restore_to(backups: BackupService, at: float, database: str | None, in
         except BaseException:
             staging.abort()
             raise
-    log.info("restored to %s: %d databases from %s plus %d changes in %.2fs", rfc3339(at), len(names), base.key,
-             replay.applied, time.monotonic() - started)
+    seconds = {"snapshot": round(read - started, 3), "changes": round(replayed - read, 3),
+               "swap": round(time.monotonic() - replayed, 3)}
+    log.info("restored to %s: %d databases from %s (%.2fs) plus %d changes (%.2fs), swapped in %.2fs", rfc3339(at),
+             len(names), base.key, seconds["snapshot"], replay.applied, seconds["changes"], seconds["swap"])
     return {"at": rfc3339(at), "databases": names, "snapshot": base.key, "changes_replayed": replay.applied,
-            "entries": result["entries"], "full": database is None}
+            "entries": result["entries"], "full": database is None, "seconds": seconds}
 
 
 async def _replay(store: ObjectStore, keyring: Keyring | None, gen: Generation, base: SnapshotObject, at: float,
                   replay: _Replay) -> None:
+    """Feeds the segments after the snapshot to the replay, on a worker thread chunk by chunk
+    (the next chunk downloads meanwhile), until the first commit after `at`."""
     pos, reached = base.sequence, base.taken
     for seg in gen.chain(base.sequence):
-        batch: list[dict[str, Any]] = []
-        async for change in read_segment(store, seg.key, seg.after, seg.upto, keyring):
-            if change["s"] <= pos:
-                continue
-            if change["t"] > at:
-                await asyncio.to_thread(_apply_all, replay, batch)
-                return
-            batch.append(change)
-            if len(batch) >= READ_CHUNK:
-                await asyncio.to_thread(_apply_all, replay, batch)
-                batch = []
-        await asyncio.to_thread(_apply_all, replay, batch)
+        reader = SegmentReader(seg.key, seg.after, seg.upto, keyring, pos, at, replay.apply_logged)
+        try:
+            async for chunk in await store.get_stream(seg.key):
+                if await asyncio.to_thread(reader.feed, chunk):
+                    return
+        except NotFound:
+            raise reader.check.bad("is missing") from None
+        await asyncio.to_thread(reader.finish)
         pos, reached = seg.upto, seg.until
         if reached >= at:
             return
     if (gen.vouched_until(pos) or reached) < at:
         raise BackupInvalid(f"the changes of generation {gen.name} after sequence {pos} ({rfc3339(reached)}) are"
                             f" missing: no segment continues from there, so {rfc3339(at)} cannot be reached")
-
-
-def _apply_all(replay: _Replay, changes: list[dict[str, Any]]) -> None:
-    try:
-        for change in changes:
-            replay.apply(change)
-    except _Unreplayable as exc:
-        raise BackupInvalid(f"a restore replaced databases at {rfc3339(exc.change['t'])} (sequence"
-                            f" {exc.change['s']}); states between it and the next snapshot cannot be rebuilt") from None
-    except (KeyError, IndexError, TypeError) as exc:
-        raise BackupInvalid(f"a logged change cannot be applied ({type(exc).__name__}: {exc})") from None
 
 
 # ---------------------------------------------------------------------- shipping
@@ -675,6 +698,9 @@ class Shipper:
             self.generation = ""
             await self._start()
             return
+        if mine.unfinished:  # a snapshot this node was writing when it crashed
+            self.status.count("delete")
+            await self.store.delete_many(mine.unfinished)
         self.status.stored_sequence = max([0, *(s.upto for s in mine.segments)])
         self._small = [s for s in mine.segments if s.after >= self._compacted]
         self.status.shipped_sequence = max([self._compacted, *(s.upto for s in self._small)])

@@ -245,6 +245,7 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
                  asyncio.create_task(_publishing(published, backups.stats, shipper))]
         if shipper is not None:
             tasks.append(asyncio.create_task(shipper.run()))
+        tasks.append(asyncio.create_task(backups.remove_abandoned()))
         if settings.durability == "os":
             tasks.append(asyncio.create_task(_syncing(storage)))
         interval = settings.effective_backup_interval

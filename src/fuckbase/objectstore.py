@@ -48,6 +48,7 @@ BULK_DELETE = 1000
 _LOCAL_WRITE_BATCH = 1024 * 1024
 # Temp files of unfinished local writes; `list` never reports them.
 _TMP_SUFFIX = ".fbtmp"
+STALE_SECONDS = 3600.0  # a temp file or backup claim this old was left by a crash
 # A download may legitimately outlast op_timeout (slow consumer, big backup); stalls are
 # caught by the read timeout instead, so the whole-request limit is only a last resort.
 _DOWNLOAD_REQUEST_LIMIT = timedelta(hours=6)
@@ -496,6 +497,7 @@ class LocalObjectStore:
     def __init__(self, root: Path) -> None:
         self._root = Path(root).absolute()
         self.description = f"local folder {self._root}"
+        self._swept = False
 
     def __repr__(self) -> str:
         return f"LocalObjectStore({self._root})"
@@ -521,7 +523,12 @@ class LocalObjectStore:
             raise ObjectStoreError(f"cannot {action}: {exc.strerror or exc}") from exc
 
     async def ensure_ready(self) -> None:
+        """Creates the folder; the first time, also removes the temp files of writes that a
+        crash cut short (an hour old at least: never a write under way)."""
         await self._io(f"create {self._root}", lambda: self._root.mkdir(parents=True, exist_ok=True))
+        if not self._swept:
+            self._swept = True
+            await self._io(f"clean {self._root}", _remove_stale_temp_files, self._root, STALE_SECONDS)
 
     def _temp_path(self, path: Path) -> Path:
         return path.with_name(f".{path.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
@@ -634,6 +641,16 @@ def _write_file(tmp: Path, path: Path, data: bytes, create_only: bool) -> None:
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temp_files(root: Path, older_than: float) -> None:
+    cutoff = datetime.now(UTC).timestamp() - older_than
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with suppress(FileNotFoundError):
+                if name.endswith(_TMP_SUFFIX) and os.stat(path).st_mtime < cutoff:
+                    os.unlink(path)
 
 
 def _list_files(root: Path, prefix: str) -> builtins.list[ObjectInfo]:
