@@ -80,7 +80,8 @@ def put(srv: ServerProcess, key: str, value: Any, db: str = "shop", set_name: st
 @pytest.fixture
 def shipping(make_server: Any, s3: SeaweedS3, fresh_bucket: str) -> ServerProcess:  # noqa: F811
     srv: ServerProcess = make_server(s3_args(s3, fresh_bucket, continuous=True) + ["--backup-sync-interval", "0.2",
-                                                                   "--backup-snapshot-changes", "15"])
+                                                                   "--backup-snapshot-changes", "15",
+                                                                   "--backup-snapshot-interval", "0.01"])
     srv.bucket = fresh_bucket  # type: ignore[attr-defined]
     wait_shipped(srv, 0)  # the window opens with the first base snapshot
     return srv
@@ -432,7 +433,8 @@ def test_retention_keeps_the_window_and_the_snapshots_asked_for() -> None:
 def test_retention_deletes_old_objects_and_keeps_restoring_within_the_age(make_server: Any, s3: SeaweedS3,  # noqa: F811
                                                                             fresh_bucket: str) -> None:  # noqa: F811
     srv = make_server(s3_args(s3, fresh_bucket, continuous=True) + [
-        "--backup-sync-interval", "0.2", "--backup-snapshot-changes", "3", "--backup-retention-age", "4s"])
+        "--backup-sync-interval", "0.2", "--backup-snapshot-changes", "3", "--backup-snapshot-interval", "0.01",
+        "--backup-retention-age", "4s"])
     wait_shipped(srv, 0)
     srv.ok("/create", {"name": "shop"})
     first_t, first_at = instant()

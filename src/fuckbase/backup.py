@@ -219,10 +219,10 @@ class BackupService:
         """A small object as it is stored: encrypted when a key is configured."""
         return self.keyring.seal(data) if self.keyring is not None else data
 
-    async def write_base(self, name_of: Callable[[int, float], str]) -> tuple[str, int, float]:
+    async def write_base(self, name_of: Callable[[int, float], str]) -> tuple[str, int, float, int]:
         """A zstd full backup under the name `name_of(sequence, taken)` gives: continuous
         backup's base snapshot. `taken` is read once the snapshot has begun, so every commit it
-        holds is older. Returns (name, sequence, taken); raises ObjectStoreError."""
+        holds is older. Returns (name, sequence, taken, entries); raises ObjectStoreError."""
         snapshot = self.storage.snapshot()
         taken = time.time()
         sequence = snapshot.sequence()
@@ -232,7 +232,7 @@ class BackupService:
             await self._upload(name, spool, {"database": "all", "automatic": True, "sequence": sequence, "taken": taken})
         finally:
             spool.close()
-        return name, sequence, taken
+        return name, sequence, taken, spool.counts.entries
 
     async def _check_stored(self, name: str, digest: str, written: Written) -> None:
         """Checks that the store holds what was sent, so that a store or proxy that damaged it

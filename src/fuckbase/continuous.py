@@ -65,6 +65,7 @@ COMPACT_SEGMENTS = 600  # small segments that trigger a compaction before COMPAC
 SEGMENT_CHANGES = 50_000  # commits per small segment at most; more are shipped in several
 READ_CHUNK = 10_000  # commits read from the local log at once
 RETRY_PAUSE_MAX = 30.0
+SNAPSHOT_SPACING = 60.0  # seconds at least between snapshots the volume of changes calls for (or the interval)
 RETENTION_CHECK = 3600.0  # seconds between retention rounds (and after every snapshot)
 
 _SNAPSHOT = re.compile(r"continuous/([0-9TZ]{16}-[0-9a-f]{8})/snapshots/(\d{20})-(\d{13})\.json\.zst")
@@ -92,12 +93,6 @@ def parse_instant(text: Any) -> float:
 # ---------------------------------------------------------------------- segments
 
 
-def _op_count(change: Change) -> int:
-    """About how many writes a commit holds (a group commit holds many): each op after the
-    first begins with `],["` in the record. A value holding that text counts a little more."""
-    return change.record.count(b'],["') + 1
-
-
 def _restores(change: Change) -> bool:
     """Whether a commit is a restore (the text test is cheap; the parse makes it exact)."""
     return b'["restore",' in change.record and any(op[0] == "restore" for op in orjson.loads(change.record)["ops"])
@@ -106,9 +101,9 @@ def _restores(change: Change) -> bool:
 class SegmentEncoder:
     """Encodes commits into one segment, compressed as they come, into a spooled temp file."""
 
-    def __init__(self, generation: str, after: int, directory: Path | None) -> None:
+    def __init__(self, generation: str, after: int, directory: Path | None, level: int) -> None:
         self._file = tempfile.SpooledTemporaryFile(max_size=8 << 20, dir=str(directory) if directory else None)  # noqa: SIM115
-        self._z = zstandard.ZstdCompressor(level=3, write_checksum=True).compressobj()
+        self._z = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
         self._sha = hashlib.sha256()
         self._generation = generation
         self.after = after
@@ -648,6 +643,7 @@ class Shipper:
         self._last_renew = 0.0
         self._last_snapshot = time.monotonic()
         self._since_snapshot = 0
+        self._snapshot_entries = 0  # entries in the last snapshot: a new one costs about as much
         self._snapshot_due = False
 
     # -- running
@@ -749,7 +745,9 @@ class Shipper:
                 await self._renew_lease()
             if self._small and (len(self._small) >= COMPACT_SEGMENTS or now - self._last_compact >= COMPACT_SECONDS):
                 await self._compact()
-            if self._snapshot_due or self._since_snapshot >= self.snapshot_changes or (
+            volume = self._since_snapshot >= max(self.snapshot_changes, self._snapshot_entries) and (
+                now - self._last_snapshot >= min(SNAPSHOT_SPACING, self.snapshot_seconds))
+            if self._snapshot_due or volume or (
                     self._since_snapshot and now - self._last_snapshot >= self.snapshot_seconds):
                 await self._snapshot()
             if self.retention is not None and now - self._last_retention >= RETENTION_CHECK:
@@ -779,7 +777,7 @@ class Shipper:
             self.status.stored_sequence = seg.upto
             self._small.append(seg)
             self._shipped = seg.upto
-            self._since_snapshot += sum(_op_count(c) for c in changes)
+            self._since_snapshot += sum(c.writes for c in changes)
             if any(_restores(c) for c in changes):
                 self._snapshot_due = True
             self._shipped_to(seg.upto, seg.until)
@@ -802,7 +800,8 @@ class Shipper:
 
     async def _put_segment(self, after: int, changes: Iterable[Change] | None, upto: int, until: float,
                            source: Callable[[SegmentEncoder], None] | None = None) -> SegmentObject:
-        enc = SegmentEncoder(self.generation, after, self.spool_dir)
+        """Small segments are compressed fast (they cost the writes' CPU), compacted ones tighter."""
+        enc = SegmentEncoder(self.generation, after, self.spool_dir, level=1 if source is None else 3)
         enc.start()
         if changes is not None:
             await asyncio.to_thread(enc.add, changes)
@@ -869,7 +868,7 @@ class Shipper:
             return f"{ROOT}{self.generation}/snapshots/{sequence:020d}-{_ms(taken)}.json.zst"
 
         self.status.count("put", 3)  # the upload (one or more parts), its check and its sidecar
-        name, sequence, taken = await self.backups.write_base(name_of)
+        name, sequence, taken, self._snapshot_entries = await self.backups.write_base(name_of)
         self.status.window.setdefault("earliest", rfc3339(taken))
         self.status.window["latest"] = max(self.status.window.get("latest", ""), rfc3339(taken))
         self._snapshot_due = False

@@ -161,8 +161,9 @@ class StorageFailure(StorageError):
 class Change:
     """One commit: its sequence number, its time (seconds since the epoch) and what it did.
 
-    `record` is the commit as JSON, `{"t": time, "ops": [...]}`, which consumers can store as it
-    is (continuous backup does); `ops` is the same, decoded. Each op is a list whose first item
+    `record` is the commit as JSON, `{"t": time, "n": number of ops, "ops": [...]}`, which
+    consumers can store as it is (continuous backup does); `ops` is the same, decoded, and
+    `writes` its length (a group commit holds many). Each op is a list whose first item
     names it: ["put", database, set, key, value] · ["delete", database, set, key] ·
     ["create_database", name, credentials] · ["drop_database", name] ·
     ["create_set", database, set] · ["create_index", database, set, {"name", "field", "kind",
@@ -172,6 +173,7 @@ class Change:
 
     sequence: int
     time: float
+    writes: int
     record: bytes
 
     @property

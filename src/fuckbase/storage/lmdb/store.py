@@ -576,8 +576,10 @@ def _set_logging(txn: lmdb.Transaction, meta: Any, on: bool) -> None:
 
 
 def _decode_change(seq: int, raw: bytes) -> Change:
-    """Reads the time from the record's head ({"t":<number>,…}: the writer puts it first)."""
-    return Change(seq, float(raw[5 : raw.index(b",", 5)]), bytes(raw))
+    """Reads the time and the op count from the record's head, {"t":<number>,"n":<count>,…},
+    which the writer puts first, without parsing the rest."""
+    comma = raw.index(b",", 5)
+    return Change(seq, float(raw[5:comma]), int(raw[comma + 5 : raw.index(b",", comma + 5)]), bytes(raw))
 
 
 def _index_op_json(definition: IndexDef) -> dict[str, Any]:
@@ -618,7 +620,7 @@ class Writer:
         seq = (int.from_bytes(raw[:8], "big") if raw else 0) + 1
         txn.put(_SEQUENCE, K.id_bytes(seq) + (raw[8:] if raw else b""), db=self.storage.meta)
         if self.logging and self._ops:
-            txn.put(K.id_bytes(seq), orjson.dumps({"t": time.time(), "ops": self._ops}), db=self.storage.changelog)
+            txn.put(K.id_bytes(seq), orjson.dumps({"t": time.time(), "n": len(self._ops), "ops": self._ops}), db=self.storage.changelog)
 
     def adopt(self, nested: Writer) -> None:
         """Takes over what a nested transaction, now committed into ours, did."""
