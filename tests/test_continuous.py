@@ -491,3 +491,20 @@ def test_what_a_crash_left_behind_is_cleaned_up_at_the_next_start(make_server: A
     assert not claim.with_name(claim.name + ".sha256").exists() and fresh_claim.exists()
     srv.ok("/backup/restore", {"at": at})  # and the stream is whole
     assert srv.ok("/set/get", {"database": "shop", "set": "users", "key": "k"})["data"] == 1
+
+
+def test_credentials_from_the_environment_chain(make_server: Any, s3: SeaweedS3, fresh_bucket: str) -> None:  # noqa: F811
+    """No access key configured: the object-store library's standard chain (here its environment
+    variables; web identity and instance roles come the same way) signs backups and shipping."""
+    args = [a for a in s3_args(s3, fresh_bucket, continuous=True) if a not in (s3.access_key, s3.secret_key)]
+    args = [a for a in args if a not in ("--s3-access-key", "--s3-secret-key")]
+    srv = make_server(args + ["--backup-sync-interval", "0.2"],
+                      env={"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key})
+    wait_shipped(srv, 0)
+    srv.ok("/create", {"name": "shop"})
+    put(srv, "k", 1)
+    t, at = instant()
+    wait_shipped(srv, t)
+    assert srv.ok("/backup/create", {})["backup_name"]
+    srv.ok("/backup/restore", {"at": at})
+    assert any("/segments/" in k for k in object_keys(s3, fresh_bucket, "continuous/"))
