@@ -162,8 +162,9 @@ def restore(s3: Any, args: argparse.Namespace) -> None:
         times: dict[str, list[float]] = {"snapshot alone": [], "snapshot + changes": []}
         replays: list[float] = []
         job = max(descendants(s.proc.pid), key=_rss)
-        for _ in range(args.rounds):
-            for label, at in (("snapshot alone", snap), ("snapshot + changes", latest)):
+        pairs = [("snapshot alone", snap), ("snapshot + changes", latest)]
+        for r in range(args.rounds):
+            for label, at in pairs if r % 2 == 0 else pairs[::-1]:  # A B B A: neither always follows the other
                 settle(job)  # the data a restore replaces is reclaimed in the background: not during the next
                 with PeakRss(job) as peak:
                     t0 = time.monotonic()
