@@ -513,3 +513,13 @@ def test_credentials_from_the_environment_chain(make_server: Any, s3: SeaweedS3,
     assert srv.ok("/backup/create", {})["backup_name"]
     srv.ok("/backup/restore", {"at": at})
     assert any("/segments/" in k for k in object_keys(s3, fresh_bucket, "continuous/"))
+
+
+def test_a_gap_is_told_from_what_retention_let_go() -> None:
+    g = _gen("20260201T000000Z-00000000", [(0, 1.0), (50, 5.0)], [(50, 60, 6.0), (70, 80, 8.0)])
+    assert g.lost_after(60) == 80  # (60, 70] is missing between two segments left
+    assert g.lost_after(0) is None  # below the lowest segment left: let go by retention
+    g.vouched = (90, 9.0)
+    assert g.lost_after(80) == 90  # the shipper had stored more than the segments show
+    g.vouched = (80, 9.5)
+    assert g.lost_after(80) is None and g.reach(g.snapshots[1]) == (60, 6.0)

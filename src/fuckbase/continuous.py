@@ -289,15 +289,13 @@ class Generation:
             end, pos = max(end, seg.until), seg.upto
         return pos, max(end, self.vouched_until(pos) or end)
 
-    def lost_after(self, snap: SnapshotObject, pos: int) -> int | None:
-        """A sequence the stream is known to have reached after `pos`, before this generation's
-        next snapshot: evidence that a segment is missing (rather than never written, or let go
-        by retention along with everything up to the next snapshot)."""
-        nxt = next((s.sequence for s in self.snapshots if s.sequence > snap.sequence), None)
-        known = [seg.upto for seg in self.segments if seg.after >= pos and (nxt is None or seg.upto <= nxt)]
-        if self.vouched is not None and nxt is None:
-            known.append(self.vouched[0])
-        reached = max(known, default=pos)
+    def lost_after(self, pos: int) -> int | None:
+        """A sequence the stream is known to have reached beyond `pos`, where its segments
+        stop: evidence that a segment is missing. Retention removes segments only from the
+        start of a generation, so below the lowest one left nothing counts as lost."""
+        if not self.segments or pos < min(seg.after for seg in self.segments):
+            return None
+        reached = max([seg.upto for seg in self.segments] + ([self.vouched[0]] if self.vouched else []))
         return reached if reached > pos else None
 
     def latest(self) -> float | None:
@@ -525,7 +523,7 @@ async def restore_to(backups: BackupService, at: float, database: str | None, in
     base, gen = found
     end, reach = gen.reach(base)
     if at > reach:
-        lost = gen.lost_after(base, end)
+        lost = gen.lost_after(end)
         if lost is not None:  # changes the stream had are gone: a gap, not the end of a range
             raise BackupInvalid(f"the changes of generation {gen.name} after sequence {end} are missing (the stream"
                                 f" reached sequence {lost}): no segment continues from there, so {rfc3339(at)}"
