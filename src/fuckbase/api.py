@@ -442,6 +442,7 @@ class Api:
     async def backup_list(self, body: dict[str, Any], headers: Headers) -> bytes:
         """Lists the named backups and, when a continuous backup exists, its restorable range."""
         from fuckbase import continuous
+        from fuckbase.backup import storage_error
         from fuckbase.objectstore import ObjectStoreError
 
         self.admin.check(headers.get("x-admin-authorization"), body)
@@ -450,7 +451,7 @@ class Api:
         try:
             span = continuous.window(await continuous.timeline(backups.store, backups.shipped()))
         except ObjectStoreError as exc:
-            raise ApiError(504 if exc.kind == "timeout" else 502, ErrorCode.LIST_FAILED, str(exc)) from None
+            raise storage_error(ErrorCode.LIST_FAILED, exc) from None
         extra: dict[str, Any] = {"point_in_time": span} if span is not None else {}
         return success(None, backups=listed, target=backups.target, **extra)
 

@@ -81,7 +81,8 @@ CLEANUP_PAUSE = 30.0
 _NAME = re.compile(BACKUP_NAME_PATTERN)
 
 
-def _storage_error(code: ErrorCode, exc: ObjectStoreError) -> ApiError:
+def storage_error(code: ErrorCode, exc: ObjectStoreError) -> ApiError:
+    """The object store failing, as the client sees it: 504 on a timeout, else 502."""
     return ApiError(504 if exc.kind == "timeout" else 502, code, str(exc))
 
 
@@ -189,7 +190,7 @@ class BackupService:
             except ObjectStoreError as exc:
                 self.stats.failed("create", exc.kind)
                 await self._release(name)
-                raise _storage_error(ErrorCode.BACKUP_FAILED, exc) from None
+                raise storage_error(ErrorCode.BACKUP_FAILED, exc) from None
             except BaseException:
                 self.stats.failed("create", "error")
                 await self._release(name)
@@ -303,7 +304,7 @@ class BackupService:
             objects = await self.store.list(prefix)
         except ObjectStoreError as exc:
             self.stats.failed("list", exc.kind)
-            raise _storage_error(ErrorCode.LIST_FAILED, exc) from None
+            raise storage_error(ErrorCode.LIST_FAILED, exc) from None
         out = []
         for obj in objects:
             m = _NAME.fullmatch(obj.key)
@@ -402,7 +403,7 @@ class BackupService:
             raise not_found(ErrorCode.BACKUP_NOT_FOUND, f"no backup named {name!r}") from None
         except ObjectStoreError as exc:
             self.stats.failed(op, exc.kind)
-            raise _storage_error(ErrorCode.RESTORE_FAILED, exc) from None
+            raise storage_error(ErrorCode.RESTORE_FAILED, exc) from None
         except (zlib.error, zstandard.ZstdError, EOFError, gzip.BadGzipFile) as exc:
             self.stats.failed(op, "invalid")
             raise BackupInvalid(f"cannot decompress: {exc}") from None
@@ -725,8 +726,8 @@ class _Applier:
                 self._databases_seen += 1
                 if not self.full and self._databases_seen > 1:
                     raise BackupInvalid("a database backup holds more than one database")
-                staging = self.staging is not None and self.only is None
-                db: StagedDatabase = self.staging.add_database() if staging and self.staging else _Unstaged()
+                db: StagedDatabase = (self.staging.add_database() if self.staging is not None and self.only is None
+                                      else _Unstaged())
                 self._undecided = self.staging is not None and self.only is not None
                 self._db = db
                 self._db_fields = {}

@@ -43,7 +43,7 @@ from typing import Any
 import orjson
 import zstandard
 
-from fuckbase.backup import INFLATE_SLICE, SIDECAR, BackupService, encrypted, refuse_existing
+from fuckbase.backup import INFLATE_SLICE, SIDECAR, BackupService, encrypted, refuse_existing, storage_error
 from fuckbase.backupformat import BackupInvalid
 from fuckbase.contract import INSTANT_PATTERN, ErrorCode
 from fuckbase.encryption import EncryptionError, KeyMissing, Keyring, Unsealer
@@ -298,10 +298,6 @@ class Generation:
         reached = max([seg.upto for seg in self.segments] + ([self.vouched[0]] if self.vouched else []))
         return reached if reached > pos else None
 
-    def latest(self) -> float | None:
-        """The newest instant some snapshot plus an unbroken chain of segments reaches."""
-        return max((self.reach(snap)[1] for snap in self.snapshots), default=None)
-
 
 async def timeline(store: ObjectStore, shipped: tuple[str, int, float] | None = None) -> dict[str, Generation]:
     """Every generation in the store, by name (which sorts by when it began); `shipped` is
@@ -324,11 +320,12 @@ async def timeline(store: ObjectStore, shipped: tuple[str, int, float] | None = 
     for gen in gens.values():
         gen.snapshots.sort(key=lambda s: s.sequence)
     if leased:
-        with contextlib.suppress(NotFound, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        with contextlib.suppress(NotFound, orjson.JSONDecodeError, KeyError, TypeError, ValueError):  # a damaged lease vouches nothing
             lease = orjson.loads(await store.get_bytes(LEASE))
             holder = gens.get(lease["generation"])
             if holder is not None:
-                holder.vouched = (int(lease["shipped"]["sequence"]), parse_instant(lease["shipped"]["until"]))
+                until = datetime.fromisoformat(lease["shipped"]["until"]).timestamp()
+                holder.vouched = (int(lease["shipped"]["sequence"]), until)
     if shipped is not None and shipped[0] in gens:
         gen = gens[shipped[0]]
         if gen.vouched is None or gen.vouched < shipped[1:]:
@@ -364,9 +361,8 @@ def window(gens: dict[str, Generation]) -> dict[str, Any] | None:
 
 async def latest_instant(store: ObjectStore) -> float | None:
     """The newest instant the continuous backup can restore, or None without one."""
-    gens = await timeline(store)
-    ends = [t for g in gens.values() if (t := g.latest()) is not None]
-    return max(ends) if ends else None
+    spans = ranges(await timeline(store))
+    return spans[-1][1] if spans else None
 
 
 # ---------------------------------------------------------------------- retention by age
@@ -511,7 +507,7 @@ async def restore_to(backups: BackupService, at: float, database: str | None, in
     try:
         gens = await timeline(store, backups.shipped())
     except ObjectStoreError as exc:
-        raise ApiError(504 if exc.kind == "timeout" else 502, ErrorCode.RESTORE_FAILED, str(exc)) from None
+        raise storage_error(ErrorCode.RESTORE_FAILED, exc) from None
     span = window(gens)
     found = max(((s, g) for g in gens.values() for s in g.snapshots if s.taken <= at),
                 key=lambda sg: sg[0].taken, default=None)
@@ -551,7 +547,7 @@ async def restore_to(backups: BackupService, at: float, database: str | None, in
         except ObjectStoreError as exc:
             staging.abort()
             backups.stats.failed("restore", exc.kind)
-            raise ApiError(504 if exc.kind == "timeout" else 502, ErrorCode.RESTORE_FAILED, str(exc)) from None
+            raise storage_error(ErrorCode.RESTORE_FAILED, exc) from None
         except BaseException:
             staging.abort()
             raise
@@ -566,8 +562,9 @@ async def restore_to(backups: BackupService, at: float, database: str | None, in
 async def _replay(store: ObjectStore, keyring: Keyring | None, gen: Generation, base: SnapshotObject, at: float,
                   replay: _Replay) -> None:
     """Feeds the segments after the snapshot to the replay, on a worker thread chunk by chunk
-    (the next chunk downloads meanwhile), until the first commit after `at`."""
-    pos, reached = base.sequence, base.taken
+    (the next chunk downloads meanwhile), until the first commit after `at`; the caller has
+    checked that the chain reaches it."""
+    pos = base.sequence
     for seg in gen.chain(base.sequence):
         reader = SegmentReader(seg.key, seg.after, seg.upto, keyring, pos, at, replay.apply_logged)
         try:
@@ -577,12 +574,9 @@ async def _replay(store: ObjectStore, keyring: Keyring | None, gen: Generation, 
         except NotFound:
             raise reader.check.bad("is missing") from None
         await asyncio.to_thread(reader.finish)
-        pos, reached = seg.upto, seg.until
-        if reached >= at:
+        pos = seg.upto
+        if seg.until >= at:
             return
-    if (gen.vouched_until(pos) or reached) < at:
-        raise BackupInvalid(f"the changes of generation {gen.name} after sequence {pos} ({rfc3339(reached)}) are"
-                            f" missing: no segment continues from there, so {rfc3339(at)} cannot be reached")
 
 
 # ---------------------------------------------------------------------- shipping
