@@ -77,19 +77,23 @@ def put(srv: ServerProcess, key: str, value: Any, db: str = "shop", set_name: st
     srv.ok("/set/put", {"database": db, "set": set_name, "key": key, "value": value})
 
 
-@pytest.fixture
-def shipping(make_server: Any, s3: SeaweedS3, fresh_bucket: str) -> ServerProcess:  # noqa: F811
-    srv: ServerProcess = make_server(s3_args(s3, fresh_bucket, continuous=True) + ["--backup-sync-interval", "0.2",
-                                                                   "--backup-snapshot-changes", "15",
-                                                                   "--backup-snapshot-interval", "0.01"])
-    srv.bucket = fresh_bucket  # type: ignore[attr-defined]
+def start_shipping(make_server: Any, s3: SeaweedS3, bucket: str, *extra: str) -> ServerProcess:  # noqa: F811
+    srv: ServerProcess = make_server(s3_args(s3, bucket, continuous=True) + ["--backup-sync-interval", "0.2", *extra])
+    srv.bucket = bucket  # type: ignore[attr-defined]
     wait_shipped(srv, 0)  # the window opens with the first base snapshot
     return srv
 
 
-def test_a_restore_to_an_instant_gives_exactly_the_state_at_that_instant(shipping: ServerProcess,
-                                                                           s3: SeaweedS3) -> None:  # noqa: F811
-    srv = shipping
+@pytest.fixture
+def shipping(make_server: Any, s3: SeaweedS3, fresh_bucket: str) -> ServerProcess:  # noqa: F811
+    """A shipping server whose only snapshot is the first: every later instant needs the segments."""
+    return start_shipping(make_server, s3, fresh_bucket)
+
+
+def test_a_restore_to_an_instant_gives_exactly_the_state_at_that_instant(make_server: Any, s3: SeaweedS3,  # noqa: F811
+                                                                           fresh_bucket: str) -> None:  # noqa: F811
+    srv = start_shipping(make_server, s3, fresh_bucket, "--backup-snapshot-changes", "15",
+                         "--backup-snapshot-interval", "0.01")
     srv.ok("/create", {"name": "shop", "auth": {"username": "u", "password": "p"}})
     auth = {"auth": {"username": "u", "password": "p"}}
     srv.client.headers["Authorization"] = "Basic dTpw"  # type: ignore[union-attr]
