@@ -142,6 +142,7 @@ async def test_async_backups(server: ServerProcess) -> None:
         listed = await c.backups.list("shop")
         assert listed[0] == BackupInfo(name, listed[0].timestamp, listed[0].size, "shop")
         assert (await c.backups.verify(name))["status"] == "success"
+        assert await c.backups.window() is None  # no continuous backup to the local folder by default
         await users.put("u1", {"v": 2})
         assert (await c.backups.restore(name))["status"] == "success"
         assert await users.get("u1") == {"v": 1}
@@ -170,6 +171,9 @@ def test_point_in_time_restores_from_the_client(make_server: Any) -> None:
         time.sleep(0.05)
         users.put("u1", {"v": 2})
         _shipped_past(c, time.time())
+        window = c.backups.window("shop")
+        assert window is not None and set(window["databases"]) == {"shop"}
+        assert datetime.fromisoformat(window["databases"]["shop"]["earliest"]) < then
         assert c.backups.restore_to(then, "shop", into="shop_then")["databases"] == ["shop_then"]
         assert c.database("shop_then").set("users").get("u1") == {"v": 1}
         assert users.get("u1") == {"v": 2}

@@ -19,7 +19,17 @@ from conftest import ServerProcess
 from s3server import SeaweedS3, fresh_bucket, s3  # noqa: F401
 from test_backup_s3 import get_object, object_keys, original_database, put_object, s3_args
 
-from fuckbase.continuous import Generation, Retention, SegmentObject, SnapshotObject, expired, ranges
+from fuckbase.continuous import (
+    DatabaseHistory,
+    Generation,
+    Retention,
+    SegmentObject,
+    SnapshotObject,
+    database_ranges,
+    expired,
+    ranges,
+)
+from fuckbase.storage import Change
 
 SEGMENTS = r"continuous/.*/segments/"
 
@@ -136,6 +146,18 @@ def test_a_restore_to_an_instant_gives_exactly_the_state_at_that_instant(make_se
         time.sleep(0.1)
     assert ts(listed["earliest"]) < t1 and ts(listed["latest"]) > t3, listed
     assert len(listed["snapshots"]) >= 2  # a new base after 15 changes
+    # each database's own range: from its creation (or the first snapshot) to its drop (or now)
+    per_db = listed["databases"]
+    assert set(per_db) == {"shop", "other", "third"}
+    assert ts(per_db["shop"]["earliest"]) < t1 and ts(per_db["shop"]["latest"]) > t3
+    assert t1 < ts(per_db["third"]["earliest"]) < t2 and ts(per_db["third"]["latest"]) > t3
+    assert ts(per_db["other"]["earliest"]) < t1 and t2 < ts(per_db["other"]["latest"]) < t3
+    assert srv.ok("/backup/list", {"database": "other"})["point_in_time"]["databases"].keys() == {"other"}
+    r = srv.ok("/backup/restore", {"at": per_db["other"]["latest"], "database": "other", "as": "other_last"})
+    assert srv.ok("/set/get", {"database": "other_last", "set": "s", "key": "k"})["data"] == "other-1"
+    srv.ok("/drop", {"name": "other_last"})
+    r = srv.post("/backup/restore", {"at": at3, "database": "other", "as": "other_gone"})
+    assert (r.status_code, r.json()["code"]) == (404, "BACKUP_NOT_FOUND")
 
     # one database into a new name: the original stays as it is
     r = srv.ok("/backup/restore", {"at": at1, "database": "shop", "as": "shop_t1"})
@@ -420,8 +442,11 @@ def test_retention_keeps_the_window_and_the_snapshots_asked_for() -> None:
                [(0, 90 * DAY + 10), (100, 91 * DAY), (200, 92 * DAY), (300, 94 * DAY), (400, 97 * DAY)],
                [(0, 100, 91 * DAY), (100, 200, 92 * DAY), (200, 300, 94 * DAY), (300, 400, 97 * DAY),
                 (400, 450, 99 * DAY)])
+    old.history_key, cur.history_key = f"{old.name}/databases.json", f"{cur.name}/databases.json"
     gens = {g.name: g for g in (old, cur)}
     doomed = set(expired(gens, now, Retention(7 * DAY)))
+    assert old.history_key in doomed and cur.history_key not in doomed  # nothing of the old generation is left
+    doomed.discard(old.history_key)
     # the window starts at day 93: it rests on the snapshot of day 92 and everything after it
     assert doomed == {f"{cur.name}/snap{s}{x}" for s in (0, 100) for x in ("", ".sha256")} | {
         f"{old.name}/snap{s}{x}" for s in (0, 50) for x in ("", ".sha256")} | {
@@ -430,6 +455,7 @@ def test_retention_keeps_the_window_and_the_snapshots_asked_for() -> None:
     assert f"{cur.name}/snap100" not in kept and f"{cur.name}/snap0" not in kept  # the two newest days
     assert f"{old.name}/snap50" not in kept  # the newest of its month (day 85 is in March, 80 too)
     assert f"{old.name}/snap0" in kept and f"{cur.name}/seg0-100" in kept  # segments go all the same
+    assert old.history_key not in kept  # a kept snapshot of its generation still needs it
     assert expired(gens, now, Retention(30 * DAY)) == []  # nothing is older than the window's base
     remaining = {k: g for k, g in gens.items()}
     for g in remaining.values():
@@ -527,3 +553,35 @@ def test_a_gap_is_told_from_what_retention_let_go() -> None:
     assert g.lost_after(80) == 90  # the shipper had stored more than the segments show
     g.vouched = (80, 9.5)
     assert g.lost_after(80) is None and g.reach(g.snapshots[1]) == (60, 6.0)
+
+
+def _change(sequence: int, t: float, *ops: list[Any]) -> Change:
+    return Change(sequence, t, len(ops), json.dumps({"t": t, "n": len(ops), "ops": ops}).encode())
+
+
+def test_each_database_has_its_own_range_from_the_history() -> None:
+    history = DatabaseHistory()
+    assert not history.note([_change(1, 5.0, ["create_database", "early", None])])  # before any snapshot: unknown
+    assert history.note_snapshot(10, 10.0, ["a", "b"])
+    assert not history.note_snapshot(10, 10.0, ["a", "b"])  # nothing new: not written again
+    assert history.note([_change(9, 9.0, ["create_database", "late", None]),  # already in the snapshot
+                         _change(11, 20.0, ["put", "a", "s", "k", 1]), _change(12, 30.0, ["create_database", "c", None]),
+                         _change(13, 40.0, ["drop_database", "b"]), _change(14, 50.0, ["restore", ["a"], False])])
+    assert history.names == {"a", "c"}
+    assert history.note_snapshot(20, 60.0, ["a", "c"])  # a restored database can be rebuilt again from here
+    history.note([_change(21, 70.0, ["restore", ["x"], True])])
+    assert history.names == {"x"}
+    history.note_snapshot(22, 80.0, ["x"])
+    again = DatabaseHistory.from_bytes(history.to_bytes("g"))
+    assert again.names == {"x"} and again.events == history.events
+    lifetimes = again.lifetimes()
+    assert lifetimes == {"a": [(10.0, 50.0), (60.0, 70.0)], "b": [(10.0, 40.0)], "c": [(30.0, 70.0)],
+                         "x": [(80.0, float("inf"))]}
+
+    gen = _gen("20260201T000000Z-00000000", [(10, 10.0), (22, 80.0)], [(10, 30, 100.0)])
+    gen.history = again
+    spans = database_ranges({gen.name: gen})
+    assert spans["b"] == [(10.0, 39.999)]  # a drop at 40 s: 39.999 is the last restorable millisecond
+    assert spans["c"] == [(30.0, 69.999)] and spans["x"] == [(80.0, 100.0)]
+    gen.history.events[1]["t"] = 30.0004  # created within a millisecond: restorable from the next one
+    assert database_ranges({gen.name: gen})["c"][0][0] == 30.001

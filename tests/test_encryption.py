@@ -194,8 +194,12 @@ def test_continuous_backup_is_encrypted_too(make_server: Any, tmp_path: Path) ->
             break
         time.sleep(0.1)
     stream = srv.data_dir / "backups" / "continuous"
-    files = [p for p in stream.rglob("*.zst")] + [p for p in stream.rglob("*.sha256")]
+    files = [p for p in stream.rglob("*.zst")] + [p for p in stream.rglob("*.sha256")] + [
+        p for p in stream.rglob("databases.json")]
     assert any("/segments/" in str(p) for p in files) and any("/snapshots/" in str(p) for p in files)
+    assert any(p.name == "databases.json" for p in files)
+    assert b'"shop"' not in next(p for p in files if p.name == "databases.json").read_bytes()
+    assert "shop" in srv.ok("/backup/list")["point_in_time"]["databases"]  # opened with the key
     for p in files:
         assert p.read_bytes().startswith(MAGIC), p
         assert b"secret-value" not in p.read_bytes()

@@ -447,9 +447,11 @@ class Api:
 
         self.admin.check(headers.get("x-admin-authorization"), body)
         backups = self._backup_service()
-        listed = await backups.list(self._optional_database(body))
+        database = self._optional_database(body)
+        listed = await backups.list(database)
         try:
-            span = continuous.window(await continuous.timeline(backups.store, backups.shipped()))
+            gens = await continuous.timeline(backups.store, backups.shipped(), histories=True, keyring=backups.keyring)
+            span = continuous.window(gens, database)
         except ObjectStoreError as exc:
             raise storage_error(ErrorCode.LIST_FAILED, exc) from None
         extra: dict[str, Any] = {"point_in_time": span} if span is not None else {}

@@ -98,6 +98,17 @@ def parse_name(name: Any) -> re.Match[str]:
     return m
 
 
+@dataclass(frozen=True)
+class BaseSnapshot:
+    """A base snapshot continuous backup took: where, up to which commit, when, and of what."""
+
+    name: str
+    sequence: int
+    taken: float
+    entries: int
+    databases: list[str]
+
+
 @dataclass
 class BackupStats:
     """What /metrics reports about backups."""
@@ -220,20 +231,21 @@ class BackupService:
         """A small object as it is stored: encrypted when a key is configured."""
         return self.keyring.seal(data) if self.keyring is not None else data
 
-    async def write_base(self, name_of: Callable[[int, float], str]) -> tuple[str, int, float, int]:
+    async def write_base(self, name_of: Callable[[int, float], str]) -> BaseSnapshot:
         """A zstd full backup under the name `name_of(sequence, taken)` gives: continuous
         backup's base snapshot. `taken` is read once the snapshot has begun, so every commit it
-        holds is older. Returns (name, sequence, taken, entries); raises ObjectStoreError."""
+        holds is older. Raises ObjectStoreError."""
         snapshot = self.storage.snapshot()
         taken = time.time()
         sequence = snapshot.sequence()
+        databases = [db.name for db in snapshot.databases()]
         spool = _Spool(snapshot, None, "zstd", self.spool_dir, self.keyring)
         name = name_of(sequence, taken)
         try:
             await self._upload(name, spool, {"database": "all", "automatic": True, "sequence": sequence, "taken": taken})
         finally:
             spool.close()
-        return name, sequence, taken, spool.counts.entries
+        return BaseSnapshot(name, sequence, taken, spool.counts.entries, databases)
 
     async def _check_stored(self, name: str, digest: str, written: Written) -> None:
         """Checks that the store holds what was sent, so that a store or proxy that damaged it

@@ -608,6 +608,16 @@ def _backup_list(database: str | None) -> _Call[list[BackupInfo]]:
     return _Call("/backup/list", body, _backup_infos, admin=True)
 
 
+def _backup_window(database: str | None) -> _Call[dict[str, Any] | None]:
+    body = {} if database is None else {"database": database}
+    return _Call("/backup/list", body, _point_in_time, admin=True)
+
+
+def _point_in_time(data: dict[str, Any]) -> dict[str, Any] | None:
+    window = data.get("point_in_time")
+    return window if isinstance(window, dict) else None
+
+
 def _backup_restore(name: str, auth: Auth | None, into: str | None) -> _Call[dict[str, Any]]:
     body = {"backup_name": name, **({"as": into} if into else {})}
     return _Call("/backup/restore", body, _whole, auth=_basic(auth), admin=True)
@@ -858,6 +868,12 @@ class Backups:
         at the instant `at`, from the server's continuous backup."""
         return self._client._run(_backup_restore_to(at, database, into, auth))
 
+    def window(self, database: str | None = None) -> dict[str, Any] | None:
+        """[ext] What the continuous backup can restore: `earliest`, `latest`, `ranges`,
+        `snapshots`, and per database (or only `database`) its own range under `databases`;
+        None without a continuous backup."""
+        return self._client._run(_backup_window(database))
+
     def verify(self, name: str) -> dict[str, Any]:
         """Check that backup `name` exists and is valid, without restoring it."""
         return self._client._run(_backup_verify(name))
@@ -1075,6 +1091,12 @@ class AsyncBackups:
         """[ext] Restore every database (or `database`, optionally `into` a new name) as it was
         at the instant `at`, from the server's continuous backup."""
         return await self._client._run(_backup_restore_to(at, database, into, auth))
+
+    async def window(self, database: str | None = None) -> dict[str, Any] | None:
+        """[ext] What the continuous backup can restore: `earliest`, `latest`, `ranges`,
+        `snapshots`, and per database (or only `database`) its own range under `databases`;
+        None without a continuous backup."""
+        return await self._client._run(_backup_window(database))
 
     async def verify(self, name: str) -> dict[str, Any]:
         """Check that backup `name` exists and is valid, without restoring it."""

@@ -6,6 +6,7 @@ Layout, beside the seed's `backups/<database>/…` and `backups/full/…` (which
     continuous/lease.json                                   which node ships (one at a time)
     continuous/<generation>/snapshots/<sequence>-<taken ms>.json.zst (+ .sha256)
     continuous/<generation>/segments/<after>-<upto>-<until ms>.jsonl.zst
+    continuous/<generation>/databases.json                  when each database existed
 
 A generation is one data dir's stream: sequence numbers mean something only within it, so a
 node restored from the bucket starts a new one. A snapshot is a full backup in the usual format
@@ -46,7 +47,7 @@ import zstandard
 from fuckbase.backup import INFLATE_SLICE, SIDECAR, BackupService, encrypted, refuse_existing, storage_error
 from fuckbase.backupformat import BackupInvalid
 from fuckbase.contract import INSTANT_PATTERN, ErrorCode
-from fuckbase.encryption import EncryptionError, KeyMissing, Keyring, Unsealer
+from fuckbase.encryption import EncryptionError, KeyMissing, Keyring, Unsealer, open_sealed
 from fuckbase.errors import ApiError, invalid, not_found
 from fuckbase.objectstore import AlreadyExists, NotFound, ObjectStore, ObjectStoreError
 from fuckbase.storage import BASIC, SORTABLE, Change, Database, IndexDef, RestoreWriter, StagedDatabase, Storage
@@ -69,6 +70,7 @@ SNAPSHOT_SPACING = 60.0  # seconds at least between snapshots the volume of chan
 RETENTION_CHECK = 3600.0  # seconds between retention rounds (and after every snapshot)
 
 _SNAPSHOT = re.compile(r"continuous/([0-9TZ]{16}-[0-9a-f]{8})/snapshots/(\d{20})-(\d{13})\.json\.zst")
+_HISTORY = re.compile(r"continuous/([0-9TZ]{16}-[0-9a-f]{8})/databases\.json")
 _SEGMENT = re.compile(r"continuous/([0-9TZ]{16}-[0-9a-f]{8})/segments/(\d{20})-(\d{20})-(\d{13})\.jsonl\.zst")
 
 
@@ -254,6 +256,114 @@ class SegmentObject:
     until: float
 
 
+class DatabaseHistory:
+    """When each database of one generation existed, and when a restore replaced it (the log
+    cannot rebuild it from then until the next snapshot): what the per-database ranges of
+    /backup/list come from, without reading a segment. The shipper keeps it in
+    `continuous/<generation>/databases.json`, rewritten with the segment that holds a
+    creation, drop or restore, and at each snapshot whose databases differ from it.
+
+    Events, oldest first: {"s", "t"} and any of "snapshot" (a base: what was replaced can be
+    rebuilt again), "set" (every database, at a snapshot), "add", "drop", "replaced" (names a
+    restore swapped in), "all" (the restore replaced every database)."""
+
+    def __init__(self, events: list[dict[str, Any]] | None = None) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.names: set[str] | None = None  # the databases now; None before a snapshot says
+        self._replaced = False  # a restore since the last snapshot
+        for event in events or []:
+            self._apply(event)
+            self.events.append(event)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DatabaseHistory:
+        events = orjson.loads(data)["events"]
+        if not isinstance(events, list) or not all(isinstance(e, dict) and {"s", "t"} <= e.keys() for e in events):
+            raise ValueError("not a database history")
+        return cls(events)
+
+    def to_bytes(self, generation: str) -> bytes:
+        return orjson.dumps({"generation": generation, "events": self.events})
+
+    @property
+    def sequence(self) -> int:
+        return int(self.events[-1]["s"]) if self.events else 0
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        self._replaced = "replaced" in event or (self._replaced and not event.get("snapshot"))
+        if "set" in event:
+            self.names = set(event["set"])
+        if self.names is None:
+            return
+        if event.get("all"):
+            self.names = set(event.get("replaced", []))
+        self.names |= set(event.get("add", [])) | set(event.get("replaced", []))
+        self.names -= set(event.get("drop", []))
+
+    def note_snapshot(self, sequence: int, taken: float, databases: Iterable[str]) -> bool:
+        """Takes in a base snapshot and what it holds; True when that says something new (the
+        databases differ, or a restore since the last snapshot can now be rebuilt)."""
+        event: dict[str, Any] = {"s": sequence, "t": taken, "snapshot": True}
+        names = set(databases)
+        if self.names != names:
+            event["set"] = sorted(names)
+        elif not self._replaced:
+            return False
+        self._apply(event)
+        self.events.append(event)
+        return True
+
+    def note(self, changes: Iterable[Change]) -> bool:
+        """Takes in the creations, drops and restores among shipped changes newer than what it
+        holds; True when it changed. Changes before its first snapshot say nothing."""
+        changed = False
+        for change in changes:
+            if self.names is None or change.sequence <= self.sequence or not (
+                    b'_database",' in change.record or b'["restore",' in change.record):
+                continue
+            event: dict[str, Any] = {}
+            for op in change.ops:
+                if op[0] == "create_database":
+                    event.setdefault("add", []).append(op[1])
+                elif op[0] == "drop_database":
+                    event.setdefault("drop", []).append(op[1])
+                elif op[0] == "restore":
+                    event.setdefault("replaced", []).extend(op[1])
+                    event["all"] = event.get("all", False) or bool(op[2])
+            if event:
+                event.update(s=change.sequence, t=change.time)
+                self._apply(event)
+                self.events.append(event)
+                changed = True
+        return changed
+
+    def lifetimes(self) -> dict[str, list[tuple[float, float]]]:
+        """Per database, the spans [from, to) it existed and could be rebuilt from the log."""
+        lived: dict[str, list[tuple[float, float]]] = {}
+        since: dict[str, float] = {}  # databases restorable now, and since when
+        names: set[str] = set()
+        replaced: set[str] = set()
+        every = False  # a restore replaced every database: none can be rebuilt until a snapshot
+        for event in self.events:
+            if "set" in event:
+                names = set(event["set"])
+            if event.get("snapshot"):
+                replaced, every = set(), False
+            if event.get("all"):
+                names, every = set(), True
+            swapped = set(event.get("replaced", []))
+            names = (names | set(event.get("add", [])) | swapped) - set(event.get("drop", []))
+            replaced |= swapped
+            now = set() if every else names - replaced
+            for name in set(since) - now:
+                lived.setdefault(name, []).append((since.pop(name), event["t"]))
+            for name in now - set(since):
+                since[name] = event["t"]
+        for name, start in since.items():
+            lived.setdefault(name, []).append((start, math.inf))
+        return lived
+
+
 @dataclass
 class Generation:
     name: str
@@ -264,6 +374,8 @@ class Generation:
     # the state at T, and a quiet node's window grows without a segment a second
     vouched: tuple[int, float] | None = None
     unfinished: list[str] = field(default_factory=list)  # snapshot objects without their sidecar
+    history_key: str | None = None
+    history: DatabaseHistory | None = None  # read only for the listing
 
     def vouched_until(self, end: int) -> float | None:
         """How far the vouch extends a chain that ends at sequence `end`, if it does."""
@@ -299,9 +411,11 @@ class Generation:
         return reached if reached > pos else None
 
 
-async def timeline(store: ObjectStore, shipped: tuple[str, int, float] | None = None) -> dict[str, Generation]:
+async def timeline(store: ObjectStore, shipped: tuple[str, int, float] | None = None, *,
+                   histories: bool = False, keyring: Keyring | None = None) -> dict[str, Generation]:
     """Every generation in the store, by name (which sorts by when it began); `shipped` is
-    what this node's own shipper vouches for beyond what the store shows."""
+    what this node's own shipper vouches for beyond what the store shows. With `histories`,
+    each generation's database history is read too (opened with `keyring`)."""
     gens: dict[str, Generation] = {}
     objects = await store.list(ROOT)
     keys = {obj.key for obj in objects}
@@ -317,6 +431,8 @@ async def timeline(store: ObjectStore, shipped: tuple[str, int, float] | None = 
             gen = gens.setdefault(m.group(1), Generation(m.group(1)))
             gen.segments.append(SegmentObject(obj.key, m.group(1), int(m.group(2)), int(m.group(3)),
                                               int(m.group(4)) / 1000))
+        elif m := _HISTORY.fullmatch(obj.key):
+            gens.setdefault(m.group(1), Generation(m.group(1))).history_key = obj.key
     for gen in gens.values():
         gen.snapshots.sort(key=lambda s: s.sequence)
     if leased:
@@ -330,15 +446,22 @@ async def timeline(store: ObjectStore, shipped: tuple[str, int, float] | None = 
         gen = gens[shipped[0]]
         if gen.vouched is None or gen.vouched < shipped[1:]:
             gen.vouched = shipped[1:]
+    if histories:
+        await asyncio.gather(*(_read_history(store, keyring, g) for g in gens.values() if g.history_key))
     return dict(sorted(gens.items()))
 
 
-def ranges(gens: dict[str, Generation]) -> list[tuple[float, float]]:
-    """The spans of time a restore can reach, oldest first: each snapshot to where its chain
-    goes, overlapping ones merged (a kept old snapshot alone is a span of one instant)."""
-    spans = sorted((s.taken, g.reach(s)[1]) for g in gens.values() for s in g.snapshots)
+async def _read_history(store: ObjectStore, keyring: Keyring | None, gen: Generation) -> None:
+    """A history that is gone or cannot be read leaves its generation without per-database
+    ranges; the listing says nothing rather than something wrong."""
+    assert gen.history_key is not None
+    with contextlib.suppress(NotFound, EncryptionError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        gen.history = DatabaseHistory.from_bytes(open_sealed(keyring, await store.get_bytes(gen.history_key)))
+
+
+def _merge(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
     merged: list[tuple[float, float]] = []
-    for start, end in spans:
+    for start, end in sorted(spans):
         if merged and start <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], end))
         else:
@@ -346,17 +469,51 @@ def ranges(gens: dict[str, Generation]) -> list[tuple[float, float]]:
     return merged
 
 
-def window(gens: dict[str, Generation]) -> dict[str, Any] | None:
+def ranges(gens: dict[str, Generation]) -> list[tuple[float, float]]:
+    """The spans of time a restore can reach, oldest first: each snapshot to where its chain
+    goes, overlapping ones merged (a kept old snapshot alone is a span of one instant)."""
+    return _merge((s.taken, g.reach(s)[1]) for g in gens.values() for s in g.snapshots)
+
+
+def database_ranges(gens: dict[str, Generation]) -> dict[str, list[tuple[float, float]]]:
+    """Per database, the spans of time a restore of it alone can reach: where its generation
+    reaches, while the database existed and no restore had replaced it since a snapshot."""
+    found: dict[str, list[tuple[float, float]]] = {}
+    for gen in gens.values():
+        if gen.history is None:
+            continue
+        reach = _merge((s.taken, gen.reach(s)[1]) for s in gen.snapshots)
+        for name, lived in gen.history.lifetimes().items():
+            for a, b in lived:
+                for start, end in reach:
+                    # a creation counts from the next whole millisecond, a drop ends the one before
+                    lo, hi = max(a, start), min(b, end)
+                    lo_ms = math.ceil(lo * 1000) / 1000 if lo == a else lo
+                    hi_ms = (math.ceil(hi * 1000) - 1) / 1000 if hi == b else hi
+                    if lo_ms <= hi_ms:
+                        found.setdefault(name, []).append((lo_ms, hi_ms))
+    return {name: _merge(spans) for name, spans in sorted(found.items())}
+
+
+def _span_view(spans: list[tuple[float, float]]) -> dict[str, Any]:
+    return {"earliest": rfc3339(spans[-1][0]), "latest": rfc3339(spans[-1][1]),
+            "ranges": [{"from": rfc3339(a), "to": rfc3339(b)} for a, b in spans]}
+
+
+def window(gens: dict[str, Generation], database: str | None = None) -> dict[str, Any] | None:
     """The restorable range for /backup/list and /server/info: the newest unbroken span, every
-    span, and the snapshots."""
+    span, the snapshots, and (from the histories read) each database's (or one's) own."""
     spans = ranges(gens)
     if not spans:
         return None
     snapshots: list[dict[str, Any]] = [{"name": s.key, "timestamp": rfc3339(s.taken), "sequence": s.sequence,
                                         "generation": g.name} for g in gens.values() for s in g.snapshots]
     snapshots.sort(key=lambda s: s["timestamp"], reverse=True)
-    return {"earliest": rfc3339(spans[-1][0]), "latest": rfc3339(spans[-1][1]),
-            "ranges": [{"from": rfc3339(a), "to": rfc3339(b)} for a, b in spans], "snapshots": snapshots}
+    view = {**_span_view(spans), "snapshots": snapshots}
+    if any(g.history is not None for g in gens.values()):
+        view["databases"] = {name: _span_view(db_spans) for name, db_spans in database_ranges(gens).items()
+                             if database is None or name == database}
+    return view
 
 
 async def latest_instant(store: ObjectStore) -> float | None:
@@ -391,10 +548,12 @@ def expired(gens: dict[str, Generation], now: float, rule: Retention) -> list[st
     kept = _kept(old_snapshots, rule)
     doomed = [k for s in old_snapshots if s.key not in kept for k in (s.key, s.key + SIDECAR)]
     for g in gens.values():
-        for seg in g.segments:
-            if (g.name == base.generation and seg.upto <= base.sequence) or (
-                    g.name < base.generation and seg.until < base.taken):
-                doomed.append(seg.key)
+        segments = [seg.key for seg in g.segments if (g.name == base.generation and seg.upto <= base.sequence) or (
+            g.name < base.generation and seg.until < base.taken)]
+        doomed.extend(segments)
+        if g.history_key and g.name < base.generation and len(segments) == len(g.segments) and not any(
+                s.key in kept for s in g.snapshots):
+            doomed.append(g.history_key)  # nothing of its generation is left to restore
     return doomed
 
 
@@ -637,6 +796,8 @@ class Shipper:
         self._since_snapshot = 0
         self._snapshot_entries = 0  # entries in the last snapshot: a new one costs about as much
         self._snapshot_due = False
+        self._history = DatabaseHistory()
+        self._history_of = ""  # the generation it belongs to
 
     # -- running
 
@@ -695,11 +856,18 @@ class Shipper:
         span = window(gens)
         if span is not None:
             self.status.window = {"earliest": span["earliest"], "latest": span["latest"]}
+        if self._history_of != self.generation:
+            await self._load_history(mine)
         if not mine.snapshots:
             await self._snapshot()
+        shipped = self.status.shipped_sequence
+        if self._history.sequence < shipped:  # stored segments whose catalog changes it may lack
+            logged = self._logged(max(self._history.sequence, self._compacted), shipped)
+            if any(await asyncio.to_thread(lambda: [self._history.note(chunk) for chunk in logged])):
+                await self._put_history()
         if self._small:
             await self._compact()
-        self._shipped = self._compacted if not self._small else self._small[-1].upto
+        self._shipped = shipped
         self.status.state = "shipping"
 
     def _open_stream(self) -> int:
@@ -723,6 +891,32 @@ class Shipper:
             os.fsync(f.fileno())
         os.replace(tmp, self.state_path)
         return acked
+
+    async def _load_history(self, mine: Generation) -> None:
+        self._history, self._history_of = DatabaseHistory(), self.generation
+        if mine.history_key is None:
+            return
+        self.status.count("get")
+        await _read_history(self.store, self.backups.keyring, mine)
+        if mine.history is None:
+            log.warning("continuous backup: %s cannot be read; it starts again from the next snapshot", mine.history_key)
+        else:
+            self._history = mine.history
+
+    def _logged(self, after: int, upto: int) -> Iterator[list[Change]]:
+        """The changes in (after, upto] from the local log, chunk by chunk (blocking reads)."""
+        pos = after
+        while pos < upto:
+            chunk = [c for c in self.storage.changes(pos, READ_CHUNK) if c.sequence <= upto]
+            if not chunk:
+                return
+            yield chunk
+            pos = chunk[-1].sequence
+
+    async def _put_history(self) -> None:
+        self.status.count("put")
+        await self.store.put_bytes(f"{ROOT}{self.generation}/databases.json",
+                                   self.backups.seal(self._history.to_bytes(self.generation)))
 
     async def _list(self) -> dict[str, Generation]:
         self.status.count("list")
@@ -770,6 +964,8 @@ class Shipper:
             self._small.append(seg)
             self._shipped = seg.upto
             self._since_snapshot += sum(c.writes for c in changes)
+            if self._history.note(changes):
+                await self._put_history()
             if any(_restores(c) for c in changes):
                 self._snapshot_due = True
             self._shipped_to(seg.upto, seg.until)
@@ -817,13 +1013,8 @@ class Shipper:
         start = self._compacted
 
         def fill(enc: SegmentEncoder) -> None:
-            pos = start
-            while pos < upto:
-                chunk = [c for c in self.storage.changes(pos, READ_CHUNK) if c.sequence <= upto]
-                if not chunk:
-                    break
+            for chunk in self._logged(start, upto):
                 enc.add(chunk)
-                pos = chunk[-1].sequence
 
         seg = await self._put_segment(start, None, upto, until, fill)
         replaced = [s.key for s in self._small if s.key != seg.key and s.upto <= upto]
@@ -860,13 +1051,16 @@ class Shipper:
             return f"{ROOT}{self.generation}/snapshots/{sequence:020d}-{_ms(taken)}.json.zst"
 
         self.status.count("put", 3)  # the upload (one or more parts), its check and its sidecar
-        name, sequence, taken, self._snapshot_entries = await self.backups.write_base(name_of)
-        self.status.window.setdefault("earliest", rfc3339(taken))
-        self.status.window["latest"] = max(self.status.window.get("latest", ""), rfc3339(taken))
+        base = await self.backups.write_base(name_of)
+        self._snapshot_entries = base.entries
+        if self._history.note_snapshot(base.sequence, base.taken, base.databases):
+            await self._put_history()
+        self.status.window.setdefault("earliest", rfc3339(base.taken))
+        self.status.window["latest"] = max(self.status.window.get("latest", ""), rfc3339(base.taken))
         self._snapshot_due = False
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
-        log.info("continuous backup: base snapshot %s (sequence %d)", name, sequence)
+        log.info("continuous backup: base snapshot %s (sequence %d)", base.name, base.sequence)
         self._last_retention = -math.inf  # a new snapshot may let older objects go
 
     # -- the lease
