@@ -8,6 +8,8 @@ original implementation, which stores every number as one; entries lacking the f
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from typing import Any
 
 import orjson
@@ -57,3 +59,54 @@ def sort_rank(v: Any) -> tuple[int, Any]:
     if v is None:
         return (NULL_RANK, 0)
     return (COMPOSITE_RANK, orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode())
+
+
+SORT_TEXT_MAX = 100  # sort values longer than this (as UTF-8) are compared by their first bytes
+_MISSING_TOKEN = b"\xff"
+_TRUNCATED_END = b"\x00\x01"
+_END = b"\x00\x00"
+
+
+def sort_token(v: Any) -> bytes:
+    """An order-preserving, self-delimiting byte form of a sort field's value.
+
+    Texts (strings, and arrays or objects as JSON) longer than SORT_TEXT_MAX bytes keep only
+    their first bytes and end in a mark that says so; entries whose tokens are equal are put in
+    exact order by comparing their full values (see `is_truncated`).
+    """
+    rank, c = sort_rank(v)
+    if rank == STRING_RANK or rank == COMPOSITE_RANK:
+        tb: bytes = c.encode()
+        end = _END if len(tb) <= SORT_TEXT_MAX else _TRUNCATED_END
+        head = b"\x04" if rank == STRING_RANK else b"\x05"
+        return head + tb[:SORT_TEXT_MAX].replace(b"\x00", b"\x00\xff") + end
+    if rank == NUMBER_RANK:
+        bits: int = struct.unpack(">Q", struct.pack(">d", c))[0]
+        bits = bits ^ 0xFFFFFFFFFFFFFFFF if bits >> 63 else bits | (1 << 63)
+        return b"\x03" + bits.to_bytes(8, "big")
+    if rank == BOOL_RANK:
+        return b"\x02\x01" if c else b"\x02\x00"
+    if rank == MISSING_RANK:
+        return _MISSING_TOKEN
+    return b"\x01"  # null
+
+
+MISSING_SORT_TOKEN = _MISSING_TOKEN
+
+
+def is_truncated(token: bytes) -> bool:
+    return token[:1] in (b"\x04", b"\x05") and token.endswith(_TRUNCATED_END)
+
+
+
+
+GROUP_INLINE_MAX = 160
+_LONG_GROUP = b"\xff\xff"
+
+
+def group_token(text: str) -> bytes:
+    """The indexed text, length-prefixed so that one group never prefixes another."""
+    tb = text.encode()
+    if len(tb) <= GROUP_INLINE_MAX:
+        return len(tb).to_bytes(2, "big") + tb
+    return _LONG_GROUP + hashlib.sha256(tb).digest()

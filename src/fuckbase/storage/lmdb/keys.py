@@ -14,24 +14,14 @@ The data layout is the one release 0.1.0 wrote, so upgrading does not rewrite th
 from __future__ import annotations
 
 import hashlib
-import struct
-from typing import Any
 
-from fuckbase.storage.values import (
-    BOOL_RANK,
-    COMPOSITE_RANK,
-    MISSING_RANK,
-    NUMBER_RANK,
-    STRING_RANK,
-    sort_rank,
-)
+from fuckbase.storage.values import GROUP_INLINE_MAX, group_token
+
+__all__ = ["GROUP_INLINE_MAX", "group_token"]  # part of this layout; its form is shared with the other backends
 
 INLINE_KEY_MAX = 480
-GROUP_INLINE_MAX = 160
 TOKEN_KEY_MAX = 240  # key tokens longer than this end in a digest instead
-SORT_TEXT_MAX = 100  # sort values longer than this (as UTF-8) are compared by prefix in keys
 
-_LONG_GROUP = b"\xff\xff"
 _SET_COUNT = b"s"
 _GROUP_COUNT = b"g"
 
@@ -82,14 +72,6 @@ def value_of_stored(key: str, stored: bytes | None) -> bytes | None:
 # ------------------------------------------------------------------ indexes
 
 
-def group_token(text: str) -> bytes:
-    """The indexed text, length-prefixed so that one group never prefixes another."""
-    tb = text.encode()
-    if len(tb) <= GROUP_INLINE_MAX:
-        return len(tb).to_bytes(2, "big") + tb
-    return _LONG_GROUP + hashlib.sha256(tb).digest()
-
-
 def key_token(kb: bytes) -> bytes:
     """Orders like the key itself; a long key keeps its first bytes and then a digest."""
     if len(kb) <= TOKEN_KEY_MAX:
@@ -99,42 +81,6 @@ def key_token(kb: bytes) -> bytes:
 
 def is_exact_key_token(token_length: int) -> bool:
     return token_length <= TOKEN_KEY_MAX
-
-
-_MISSING_TOKEN = b"\xff"
-_TRUNCATED_END = b"\x00\x01"
-_END = b"\x00\x00"
-
-
-def sort_token(v: Any) -> bytes:
-    """An order-preserving, self-delimiting byte form of a sort field's value.
-
-    Texts (strings, and arrays or objects as JSON) longer than SORT_TEXT_MAX bytes keep only
-    their first bytes and end in a mark that says so; entries whose tokens are equal are put in
-    exact order by comparing their full values (see `is_truncated`).
-    """
-    rank, c = sort_rank(v)
-    if rank == STRING_RANK or rank == COMPOSITE_RANK:
-        tb: bytes = c.encode()
-        end = _END if len(tb) <= SORT_TEXT_MAX else _TRUNCATED_END
-        head = b"\x04" if rank == STRING_RANK else b"\x05"
-        return head + tb[:SORT_TEXT_MAX].replace(b"\x00", b"\x00\xff") + end
-    if rank == NUMBER_RANK:
-        bits: int = struct.unpack(">Q", struct.pack(">d", c))[0]
-        bits = bits ^ 0xFFFFFFFFFFFFFFFF if bits >> 63 else bits | (1 << 63)
-        return b"\x03" + bits.to_bytes(8, "big")
-    if rank == BOOL_RANK:
-        return b"\x02\x01" if c else b"\x02\x00"
-    if rank == MISSING_RANK:
-        return _MISSING_TOKEN
-    return b"\x01"  # null
-
-
-MISSING_SORT_TOKEN = _MISSING_TOKEN
-
-
-def is_truncated(token: bytes) -> bool:
-    return token[:1] in (b"\x04", b"\x05") and token.endswith(_TRUNCATED_END)
 
 
 def set_count_key(set_prefix: bytes) -> bytes:

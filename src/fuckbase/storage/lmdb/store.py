@@ -58,7 +58,16 @@ from fuckbase.storage.lmdb.catalog import (
     index_record,
     new_record,
 )
-from fuckbase.storage.values import MISSING, field_of, indexed_text, match_text, sort_rank
+from fuckbase.storage.values import (
+    MISSING,
+    MISSING_SORT_TOKEN,
+    field_of,
+    indexed_text,
+    is_truncated,
+    match_text,
+    sort_rank,
+    sort_token,
+)
 
 if TYPE_CHECKING:
     from fuckbase.storage.lmdb.restore import LmdbRestoreWriter, LmdbSnapshot
@@ -731,8 +740,8 @@ class Writer:
         new_g = K.group_token(new_t) if new_t is not None else None
         for i, f in enumerate(d.sort_fields):
             head = ix.prefix + bytes((i,))
-            old_k = head + old_g + K.sort_token(field_of(old, f)) + token if old_g is not None else None
-            new_k = head + new_g + K.sort_token(field_of(new, f)) + token if new_g is not None else None
+            old_k = head + old_g + sort_token(field_of(old, f)) + token if old_g is not None else None
+            new_k = head + new_g + sort_token(field_of(new, f)) + token if new_g is not None else None
             if old_k == new_k:
                 continue
             removed = old_k is not None and txn.delete(old_k, db=index)
@@ -930,8 +939,8 @@ class View:
             if seen + len(run) <= offset:
                 seen += len(run)
                 continue
-            if len(run) > 1 and (rest or K.is_truncated(token) or not all(e for _, e in run)):
-                run = self._order_run(st, run, first if K.is_truncated(token) else None, desc, rest)
+            if len(run) > 1 and (rest or is_truncated(token) or not all(e for _, e in run)):
+                run = self._order_run(st, run, first if is_truncated(token) else None, desc, rest)
             picked.extend(kb for kb, _ in run[max(0, offset - seen) :])
             seen += len(run)
             if len(picked) >= limit:
@@ -975,7 +984,7 @@ def _index_records(ix: IndexState, kb: bytes, value: Any, out: list[tuple[bytes,
         return
     count_key = K.group_count_key(ix.prefix, group)
     for i, f in enumerate(d.sort_fields):
-        out.append((ix.prefix + bytes((i,)) + group + K.sort_token(field_of(value, f)) + token, key_value,
+        out.append((ix.prefix + bytes((i,)) + group + sort_token(field_of(value, f)) + token, key_value,
                     count_key if i == 0 else None))
 
 
@@ -1031,7 +1040,7 @@ def _runs(cur: lmdb.Cursor, head: bytes, desc: bool, offset: int) -> tuple[int, 
     start with the one holding entry number `offset`; also returns how many entries come
     before it. Skipping moves the cursor only, without reading the entries it passes."""
     n = len(head)
-    missing_start = head + K.MISSING_SORT_TOKEN
+    missing_start = head + MISSING_SORT_TOKEN
 
     def token() -> bytes:
         k = cur.key()
