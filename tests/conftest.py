@@ -16,9 +16,11 @@ from typing import Any
 import httpx
 import pytest
 from inprocess import in_process
+from pgserver import pg_url, postgres  # noqa: F401
 
 from fuckbase.storage import Storage
 from fuckbase.storage.lmdb import LmdbStorage
+from fuckbase.storage.postgresql import PostgresStorage
 
 
 def free_port() -> int:
@@ -122,13 +124,45 @@ class ServerProcess:
         return self.start()
 
 
+# the HTTP suites that run against both backends: every server a test starts there shares
+# one PostgreSQL database, as the nodes of one deployment do
+BOTH_BACKENDS = {"test_api", "test_http", "test_batch", "test_hostile", "test_contract", "test_client"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "server_backend" in metafunc.fixturenames:
+        both = metafunc.module.__name__.rsplit(".", 1)[-1] in BOTH_BACKENDS
+        metafunc.parametrize("server_backend", BACKENDS if both else ["lmdb"], indirect=True)
+
+
 @pytest.fixture
-def make_server(tmp_path: Path) -> Iterator[Any]:
+def server_backend(request: pytest.FixtureRequest) -> str | None:
+    """The --storage of the test's servers: None for the embedded engine, else a new database."""
+    if getattr(request, "param", "lmdb") == "postgresql":
+        return str(request.getfixturevalue("pg_url"))
+    return None
+
+
+def stored_bytes(srv: ServerProcess) -> bytes:
+    """Everything a server's backend stores, as bytes: the LMDB file, or PostgreSQL's rows."""
+    if "--storage" not in srv.args:
+        return (srv.data_dir / "store" / "data.mdb").read_bytes()
+    import psycopg
+
+    with psycopg.connect(srv.args[srv.args.index("--storage") + 1]) as conn:
+        tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'fb_%'")]
+        return b"".join(str(conn.execute(f"SELECT * FROM {t}").fetchall()).encode() for t in tables)  # noqa: S608
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, server_backend: str | None) -> Iterator[Any]:
     """Factory: make_server(args=[...], env={...}) -> a started ServerProcess, stopped at teardown."""
     servers: list[ServerProcess] = []
 
     def make(args: list[str] | None = None, env: dict[str, str] | None = None, data_dir: Path | None = None) -> ServerProcess:
         d = data_dir or tmp_path / f"data{len(servers)}"
+        if server_backend is not None:
+            args = ["--storage", server_backend, *(args or [])]
         srv = ServerProcess(d, args, env)
         servers.append(srv)
         return srv.start()
@@ -160,14 +194,7 @@ def shop(server: ServerProcess) -> ServerProcess:
 
 # ---------------------------------------------------------------------- storage backends (tests/storage)
 
-BACKENDS = ["lmdb"]
-
-
-def _open_lmdb(path: Path) -> Storage:
-    return LmdbStorage(path / "store", primary=True)
-
-
-OPENERS: dict[str, Callable[[Path], Storage]] = {"lmdb": _open_lmdb}
+BACKENDS = ["lmdb", "postgresql"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -176,9 +203,12 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def reopen(backend: str, tmp_path: Path) -> Callable[[], Storage]:
+def reopen(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[], Storage]:
     """Opens (again) the same backend's data: what a restart of the server does."""
-    return lambda: OPENERS[backend](tmp_path)
+    if backend == "postgresql":
+        url = request.getfixturevalue("pg_url")  # a fresh database of the suite's PostgreSQL
+        return lambda: PostgresStorage(url)
+    return lambda: LmdbStorage(tmp_path / "store", primary=True)
 
 
 @pytest.fixture

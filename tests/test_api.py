@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ServerProcess, basic
+from conftest import ServerProcess, basic, stored_bytes
 
 
 def err(srv: ServerProcess, path: str, body: Any, status: int, code: str, **kw: Any) -> dict[str, Any]:
@@ -215,8 +215,7 @@ def test_database_auth_header_and_body(server: ServerProcess) -> None:
     err(server, "/set/get", get, 401, "AUTH_FAILED", headers={"Authorization": basic("alice", "s3cr3t!")})
     err(server, "/set/get", get, 401, "AUTH_FAILED", headers={"Authorization": basic("bob", "s3cr3t")})
     # the password is stored hashed, never in plaintext
-    store = server.data_dir / "store" / "data.mdb"
-    assert b"s3cr3t" not in store.read_bytes()
+    assert b"s3cr3t" not in stored_bytes(server)
     assert "s3cr3t" not in server.log()
     # without an admin configured, dropping a protected database needs its credentials
     err(server, "/drop", {"name": "sec"}, 401, "AUTH_FAILED")

@@ -42,6 +42,13 @@ def _opt(*decls: str, env: str, **kw: Any) -> Any:
     show_default=True,
     help="Where the data lives (created if missing).",
 )
+@_opt(
+    "--storage",
+    env="FUCKBASE_STORAGE",
+    default="",
+    help="A postgresql://user[:password]@host:port/db URL: the data lives in that PostgreSQL database,"
+    " shared by every node given it. Default: the embedded engine in --data-dir.",
+)
 @_opt("--admin-username", env="FUCKBASE_ADMIN_USERNAME", default="", help="Admin user; enables admin auth.")
 @_opt("--admin-password", env="FUCKBASE_ADMIN_PASSWORD", default="", help="Admin password.")
 @_opt(
@@ -336,6 +343,7 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         host=opts["host"],
         port=opts["port"],
         data_dir=opts["data_dir"],
+        storage=opts["storage"],
         admin_username=opts["admin_username"],
         admin_password=opts["admin_password"],
         log_level=opts["log_level"],

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from fuckbase.encryption import Keyring
@@ -55,6 +56,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8080
     data_dir: Path = Path("./data")
+    storage: str = field(default="", repr=False)  # a postgresql:// URL (may hold a password); "": the embedded engine
     admin_username: str = ""
     admin_password: str = field(default="", repr=False)
     log_level: str = "info"
@@ -97,6 +99,18 @@ class Settings:
     def effective_backup_continuous(self) -> bool:
         """Continuous backup: on by default with S3, off for the local folder."""
         return self.backup_continuous if self.backup_continuous is not None else self.s3.enabled
+
+    @property
+    def storage_label(self) -> str:
+        """Where the data lives, fit for logs and errors: a URL without its password."""
+        if not self.storage:
+            return str(self.data_dir)
+        parts = urlsplit(self.storage)
+        if parts.password is None:
+            return self.storage
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}{port}"))
 
     def keyring(self) -> Keyring | None:
         """The backup encryption keys, or None: backups are then written unencrypted."""
@@ -141,6 +155,8 @@ class Settings:
             self.keyring()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.storage and not self.storage.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("storage must be a postgresql:// URL (or empty for the embedded engine in the data dir)")
         if bool(self.admin_username) != bool(self.admin_password):
             raise ConfigError("admin username and admin password must be given together")
         if self.s3.enabled and bool(self.s3.access_key) != bool(self.s3.secret_key):

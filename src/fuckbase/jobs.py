@@ -183,7 +183,6 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
     from fuckbase.continuous import Retention, Shipper, stop_logging_changes
     from fuckbase.metrics import Published
     from fuckbase.objectstore import open_store
-    from fuckbase.storage.lmdb import LmdbStorage
 
     settings = rt.settings
     loop = uvloop.new_event_loop()
@@ -194,9 +193,9 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
         os.close(ready_fd)
 
     try:
-        storage = LmdbStorage(rt.store_path, primary=True)
+        storage = rt.open_storage(primary=True)
     except Exception as exc:  # e.g. a damaged data file: one line, not a traceback
-        report({"error": f"cannot open the data in {settings.data_dir}: {type(exc).__name__}: {exc}"})
+        report({"error": f"cannot open the data in {settings.storage_label}: {type(exc).__name__}: {exc}"})
         raise SystemExit(2) from None
     try:
         store = open_store(

@@ -30,6 +30,7 @@ from typing import TextIO
 import orjson
 
 from fuckbase.config import Settings
+from fuckbase.storage import Storage
 
 log = logging.getLogger("fuckbase")
 
@@ -59,6 +60,19 @@ class Runtime:
     @property
     def store_path(self) -> Path:
         return self.settings.data_dir / "store"
+
+    def open_storage(self, *, primary: bool = False) -> Storage:
+        """The configured backend: PostgreSQL for a `postgresql://` URL, else the embedded
+        engine in the data dir (the job process opens it as the primary: it does the
+        housekeeping)."""
+        if self.settings.storage:
+            from fuckbase.storage.postgresql import PostgresStorage
+
+            threads = 4 if primary else self.settings.request_threads + 2
+            return PostgresStorage(self.settings.storage, pool_size=threads)
+        from fuckbase.storage.lmdb import LmdbStorage
+
+        return LmdbStorage(self.store_path, primary=primary)
 
 
 def log_stream(settings: Settings) -> TextIO:
@@ -178,7 +192,7 @@ class Supervisor:
                 self._start_worker(slot)
             log.info(
                 "fuckbase listening on %s:%d, data in %s, durability %s, %d workers",
-                settings.host, settings.port, settings.data_dir, settings.durability, settings.workers,
+                settings.host, settings.port, settings.storage_label, settings.durability, settings.workers,
             )
             self._watch()
         finally:

@@ -24,7 +24,6 @@ from fuckbase.http import JSON_TYPE, PROMETHEUS_TYPE, HttpServer, Response, run_
 from fuckbase.jobs import JobClient
 from fuckbase.metrics import Metrics, Published, Tallies, counter, gauge
 from fuckbase.storage import Storage, StorageError
-from fuckbase.storage.lmdb import LmdbStorage
 
 if TYPE_CHECKING:
     from fuckbase.server import Runtime
@@ -98,7 +97,7 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
     settings = rt.settings
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    storage = LmdbStorage(rt.store_path)
+    storage = rt.open_storage()
     metrics = Metrics(Tallies(rt.run_dir / f"tallies-worker-{slot}.bin", ENDPOINTS), rt.run_dir)
     metrics.add_source(lambda: storage_metrics(storage))
     backup_figures = Published(rt.run_dir, "backups")

@@ -1,0 +1,267 @@
+"""Snapshots from one REPEATABLE READ transaction, and restores staged in one transaction.
+
+A restore writes everything it stages inside a single transaction of its own connection and
+swaps the databases in with that transaction's commit: readers on every node see the old
+data or the new, never a mix; an abort, or the death of the process, rolls it all back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import psycopg
+
+from fuckbase.storage.interface import Credentials, Database, IndexDef, StorageError
+from fuckbase.storage.postgresql.store import (
+    CATALOG_SQL,
+    Conn,
+    IndexRow,
+    PgDatabase,
+    Tx,
+    _database_of,
+    _discard_database,
+    translated,
+)
+from fuckbase.storage.values import MISSING
+
+if TYPE_CHECKING:
+    from fuckbase.storage.postgresql.store import PostgresStorage
+
+ENTRY_CHUNK = 2000  # rows a snapshot fetches at a time
+
+
+class PgSnapshot:
+    """Every database at one instant while writes go on: a REPEATABLE READ READ ONLY
+    transaction held on a connection of its own until `close`."""
+
+    def __init__(self, storage: PostgresStorage) -> None:
+        self._pool = storage.pool
+        with translated():
+            self._conn: Conn = self._pool.getconn()
+            try:
+                self._conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                row = self._conn.execute("SELECT seq FROM fb_state WHERE id = 1").fetchone()
+            except BaseException:
+                self._pool.putconn(self._conn)
+                raise
+        self._sequence = int(row[0]) if row else 0
+        self._closed = False
+
+    def databases(self) -> list[Database]:
+        with translated():
+            rows = self._conn.execute(CATALOG_SQL + " ORDER BY d.name").fetchall()
+        return [_database_of(r) for r in rows]
+
+    def entries(self, db: Database, set_name: str) -> Iterator[tuple[str, bytes]]:
+        assert isinstance(db, PgDatabase)
+        with translated(), self._conn.cursor(name=f"fb_snapshot_{secrets.token_hex(4)}") as cur:
+            cur.itersize = ENTRY_CHUNK
+            cur.execute("SELECT key, value FROM fb_entries WHERE set_id = %s ORDER BY key", (db.set_ids[set_name],))
+            for key, value in cur:
+                yield key, bytes(value)
+
+    def sequence(self) -> int:
+        return self._sequence
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(psycopg.Error):
+                self._conn.execute("ROLLBACK")
+            self._pool.putconn(self._conn)
+
+
+@dataclass
+class PgStagedDatabase:
+    id: int
+    name: str | None = None
+    auth: Credentials | None = None
+    sets: dict[str, int] = field(default_factory=dict)
+    indexes: dict[str, dict[str, IndexRow]] = field(default_factory=dict)  # by set, by name
+
+
+class PgRestoreWriter:
+    """Stages in one open transaction; `commit` swaps and commits, `abort` rolls back."""
+
+    def __init__(self, storage: PostgresStorage) -> None:
+        self._pool = storage.pool
+        with translated():
+            self._conn: Conn = self._pool.getconn()
+            self._conn.execute("BEGIN")
+        self._tx = Tx(self._conn)
+        self._dbs: list[PgStagedDatabase] = []
+        self._done = False
+
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[Tx]:
+        """A failure rolls the whole restore back: nothing it staged survives it."""
+        try:
+            with translated():
+                yield self._tx
+        except BaseException:
+            self.abort()
+            raise
+
+    def add_database(self) -> PgStagedDatabase:
+        with self._step() as tx:
+            row = tx.q("INSERT INTO fb_databases (name) VALUES (NULL) RETURNING id").fetchone()
+        assert row is not None
+        db = PgStagedDatabase(int(row[0]))
+        self._dbs.append(db)
+        return db
+
+    def _set(self, db: PgStagedDatabase, name: str) -> int:
+        sid = db.sets.get(name)
+        if sid is None:
+            row = self._tx.q("INSERT INTO fb_sets (database_id, name) VALUES (%s, %s) RETURNING id",
+                             (db.id, name)).fetchone()
+            assert row is not None
+            sid = db.sets[name] = int(row[0])
+            db.indexes[name] = {}
+        return sid
+
+    def add_set(self, db: Any, name: str) -> None:
+        with self._step():
+            self._set(db, name)
+
+    def add_index(self, db: Any, set_name: str, definition: IndexDef) -> None:
+        if definition.name in db.indexes.get(set_name, {}):
+            raise ValueError(f"index {definition.name!r} is defined twice")
+        with self._step() as tx:
+            sid = self._set(db, set_name)
+            row = tx.q("INSERT INTO fb_indexes (set_id, name, field, kind, sort_fields, ready)"
+                       " VALUES (%s, %s, %s, %s, %s, true) RETURNING id",
+                       (sid, definition.name, definition.field, definition.kind, list(definition.sort_fields))).fetchone()
+            assert row is not None
+            ix = IndexRow(int(row[0]), definition.field, definition.kind, tuple(definition.sort_fields))
+            db.indexes[set_name][definition.name] = ix
+            after = None
+            while True:  # entries staged before the index was defined
+                rows = tx.q("SELECT key, value FROM fb_entries WHERE set_id = %s AND (%s::text IS NULL OR key > %s)"
+                            " ORDER BY key LIMIT %s", (sid, after, after, ENTRY_CHUNK)).fetchall()
+                if not rows:
+                    break
+                for key, value in rows:
+                    tx.touch(sid, key, (ix,), MISSING, orjson.loads(value))
+                tx.set_deltas.pop(sid, None)
+                tx.write_index_records()
+                after = rows[-1][0]
+
+    def write(self, db: Any, set_name: str, entries: Sequence[tuple[str, Any, bytes]]) -> None:
+        if not entries:
+            return
+        with self._step() as tx:
+            sid = self._set(db, set_name)
+            indexes = tuple(db.indexes[set_name].values())
+            last = {key: (value, raw) for key, value, raw in entries}  # a repeated key keeps its last value
+            keys = list(last)
+            old = self._upsert(tx, sid, keys, [last[k][1] for k in keys], bool(indexes))
+            for key in keys:
+                before = MISSING if key not in old else orjson.loads(old[key]) if indexes else None
+                tx.touch(sid, key, indexes, before, last[key][0])
+            tx.write_index_records()
+
+    @staticmethod
+    def _upsert(tx: Tx, sid: int, keys: list[str], raws: list[bytes], want_old: bool) -> dict[str, bytes]:
+        """Stores the entries; returns the values they replace (read first when indexes need them)."""
+        old: dict[str, bytes] = {}
+        if want_old:
+            old = {k: bytes(v) for k, v in tx.q("SELECT key, value FROM fb_entries WHERE set_id = %s AND key = ANY(%s)",
+                                               (sid, keys)).fetchall()}
+            replaced = old
+        else:
+            replaced = {k: b"" for (k,) in tx.q("SELECT key FROM fb_entries WHERE set_id = %s AND key = ANY(%s)",
+                                                (sid, keys)).fetchall()}
+        tx.q("INSERT INTO fb_entries SELECT %s, k, v::json FROM unnest(%s::text[], %s::text[]) u(k, v)"
+             " ON CONFLICT (set_id, key) DO UPDATE SET value = excluded.value",
+             (sid, keys, [r.decode() for r in raws]))
+        return replaced
+
+    def delete(self, db: Any, set_name: str, keys: Sequence[str]) -> None:
+        sid = db.sets.get(set_name)
+        if sid is None or not keys:
+            return
+        with self._step() as tx:
+            indexes = tuple(db.indexes[set_name].values())
+            rows = tx.q("DELETE FROM fb_entries WHERE set_id = %s AND key = ANY(%s) RETURNING key, value",
+                        (sid, list(keys))).fetchall()
+            for key, value in rows:
+                tx.touch(sid, key, indexes, orjson.loads(value), MISSING)
+            tx.write_index_records()
+
+    def drop_index(self, db: Any, set_name: str, name: str) -> None:
+        ix = db.indexes.get(set_name, {}).pop(name, None)
+        if ix is None:
+            return
+        with self._step() as tx:
+            for table in ("fb_basic", "fb_sorted", "fb_group_counts"):
+                tx.q(f"DELETE FROM {table} WHERE index_id = %s", (ix.id,))  # noqa: S608
+            tx.group_deltas = {k: v for k, v in tx.group_deltas.items() if k[0] != ix.id}
+            tx.q("DELETE FROM fb_indexes WHERE id = %s", (ix.id,))
+
+    def remove_database(self, db: Any) -> None:
+        with self._step() as tx:
+            sets = list(db.sets.values())
+            ixs = [ix.id for by_name in db.indexes.values() for ix in by_name.values()]
+            tx.q("DELETE FROM fb_basic WHERE index_id = ANY(%s)", (ixs,))
+            tx.q("DELETE FROM fb_sorted WHERE index_id = ANY(%s)", (ixs,))
+            tx.q("DELETE FROM fb_entries WHERE set_id = ANY(%s)", (sets,))
+            tx.q("DELETE FROM fb_databases WHERE id = %s", (db.id,))
+            tx.set_deltas = {k: v for k, v in tx.set_deltas.items() if k not in sets}
+            tx.group_deltas = {k: v for k, v in tx.group_deltas.items() if k[0] not in ixs}
+        self._dbs.remove(db)
+
+    def commit(self, replace_all: bool, check: Callable[[Database], None] | None = None) -> None:
+        """Locks what the swap replaces, checks it, renames, numbers, commits."""
+        names = [db.name for db in self._dbs]
+        if any(n is None for n in names):
+            self.abort()
+            raise ValueError("every staged database needs its name before the swap")
+        staged_ids = [db.id for db in self._dbs]
+        with self._step() as tx:
+            tx.q("SAVEPOINT swap")
+        try:
+            with translated():
+                self._swap(replace_all, check, staged_ids, names)
+        except BaseException:
+            with self._step() as tx:  # a refused swap leaves the staged data as it was
+                tx.q("ROLLBACK TO SAVEPOINT swap")
+            raise
+        with self._step() as tx:
+            tx.log(("restore", sorted(str(n) for n in names), replace_all))
+            tx.finish(True)
+            self._conn.execute("COMMIT")
+        self._release()
+
+    def _swap(self, replace_all: bool, check: Callable[[Database], None] | None, staged_ids: list[int],
+              names: list[str | None]) -> None:
+        tx = self._tx
+        if replace_all:
+            rows = tx.q("SELECT id, name, auth FROM fb_databases WHERE name IS NOT NULL AND NOT id = ANY(%s)"
+                        " ORDER BY id FOR UPDATE", (staged_ids,)).fetchall()
+        else:
+            rows = tx.q("SELECT id, name, auth FROM fb_databases WHERE name = ANY(%s) ORDER BY id FOR UPDATE",
+                        (names,)).fetchall()
+        for db_id, name, auth in rows:
+            if check is not None:
+                check(PgDatabase(name, auth, {}, db_id))
+            _discard_database(tx, db_id)
+        for db in self._dbs:
+            tx.q("UPDATE fb_databases SET name = %s, auth = %s WHERE id = %s",
+                 (db.name, orjson.dumps(dict(db.auth)).decode() if db.auth else None, db.id))
+
+    def abort(self) -> None:
+        if not self._done:
+            with contextlib.suppress(psycopg.Error, StorageError):
+                self._conn.execute("ROLLBACK")
+            self._release()
+
+    def _release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._pool.putconn(self._conn)

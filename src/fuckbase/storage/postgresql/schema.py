@@ -1,0 +1,167 @@
+"""The PostgreSQL backend's schema, created and migrated by the server itself.
+
+Each step of MIGRATIONS brings the schema from one version to the next; `fb_meta` records the
+version reached. Every node runs `migrate` at start under an advisory lock, so nodes started
+together migrate once, and a node older than the schema refuses to start.
+
+Values are stored as `json`, which keeps the exact text the API was given (the embedded
+backend returns the same bytes) and which PostgreSQL's JSON operators and a cast to `jsonb`
+can still query. Index contents live in side tables whose keys order like the embedded
+backend's (the shared encodings of `fuckbase.storage.values`), so a lookup and a sorted page
+are index scans and the two backends sort alike; counts per set and per indexed value keep
+`total` and /server/info from counting rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+MIGRATION_LOCK = 0x66756B62  # the advisory lock nodes migrate under ("fukb")
+
+MIGRATIONS: list[str] = [
+    # version 1
+    """
+    CREATE TABLE fb_meta (key text PRIMARY KEY, value bigint NOT NULL);
+    CREATE TABLE fb_state (id int PRIMARY KEY CHECK (id = 1), seq bigint NOT NULL);
+    INSERT INTO fb_state VALUES (1, 0);
+    -- a database's name is NULL while it is staged by a restore or dropped (`dropped` then set)
+    CREATE TABLE fb_databases (
+        id bigserial PRIMARY KEY,
+        name text COLLATE "C" UNIQUE,
+        auth jsonb,
+        dropped boolean NOT NULL DEFAULT false
+    );
+    CREATE TABLE fb_sets (
+        id bigserial PRIMARY KEY,
+        database_id bigint NOT NULL REFERENCES fb_databases ON DELETE CASCADE,
+        name text COLLATE "C" NOT NULL,
+        UNIQUE (database_id, name)
+    );
+    CREATE TABLE fb_indexes (
+        id bigserial PRIMARY KEY,
+        set_id bigint NOT NULL REFERENCES fb_sets ON DELETE CASCADE,
+        name text COLLATE "C" NOT NULL,
+        field text NOT NULL,
+        kind text NOT NULL CHECK (kind IN ('basic', 'sortable')),
+        sort_fields text[] NOT NULL DEFAULT '{}',
+        ready boolean NOT NULL DEFAULT false,
+        UNIQUE (set_id, name)
+    );
+    CREATE TABLE fb_entries (
+        set_id bigint NOT NULL,
+        key text COLLATE "C" NOT NULL,
+        value json NOT NULL,
+        PRIMARY KEY (set_id, key)
+    );
+    -- grp: the indexed text (long ones as a digest); sort: the order-preserving sort token
+    CREATE TABLE fb_basic (
+        index_id bigint NOT NULL,
+        grp bytea NOT NULL,
+        key text COLLATE "C" NOT NULL,
+        PRIMARY KEY (index_id, grp, key)
+    );
+    CREATE TABLE fb_sorted (
+        index_id bigint NOT NULL,
+        field smallint NOT NULL,
+        grp bytea NOT NULL,
+        sort bytea NOT NULL,
+        key text COLLATE "C" NOT NULL,
+        PRIMARY KEY (index_id, field, grp, sort, key)
+    );
+    CREATE TABLE fb_set_counts (set_id bigint PRIMARY KEY, n bigint NOT NULL);
+    CREATE TABLE fb_group_counts (
+        index_id bigint NOT NULL,
+        grp bytea NOT NULL,
+        n bigint NOT NULL,
+        PRIMARY KEY (index_id, grp)
+    );
+    CREATE TABLE fb_changes (seq bigint PRIMARY KEY, t double precision NOT NULL, n int NOT NULL,
+                             record bytea NOT NULL);
+    CREATE TABLE fb_consumers (name text PRIMARY KEY, acked bigint NOT NULL);
+    -- what a drop or a restore left for housekeeping to reclaim: ('database' | 'index', id)
+    CREATE TABLE fb_garbage (kind text NOT NULL, id bigint NOT NULL, PRIMARY KEY (kind, id));
+    -- what a write needs of its database and set: the database row is locked (shared) first,
+    -- then the indexes are read, so that a write sees every index whose definition committed
+    -- before it got its lock (an index build takes the lock exclusively to define one)
+    CREATE FUNCTION fb_target(db text, set_name text, OUT database_id bigint, OUT auth jsonb,
+                              OUT set_id bigint, OUT indexes json)
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        SELECT d.id, d.auth INTO database_id, auth FROM fb_databases d WHERE d.name = db FOR KEY SHARE;
+        IF database_id IS NULL THEN
+            RETURN;
+        END IF;
+        SELECT s.id INTO set_id FROM fb_sets s WHERE s.database_id = fb_target.database_id AND s.name = set_name;
+        SELECT json_agg(json_build_array(i.id, i.field, i.kind, i.sort_fields) ORDER BY i.id) INTO indexes
+            FROM fb_indexes i WHERE i.set_id = fb_target.set_id;
+    END $$;
+    -- the end of every numbered write: counts (in a fixed order, so writers never deadlock),
+    -- the next sequence number (its row lock orders commits), and the change when retained
+    CREATE FUNCTION fb_commit(set_ids bigint[], set_deltas bigint[], ix_ids bigint[], grps bytea[],
+                              grp_deltas bigint[], at double precision, ops int, rec bytea, numbered boolean)
+    RETURNS bigint LANGUAGE plpgsql AS $$
+    DECLARE
+        s bigint;
+    BEGIN
+        INSERT INTO fb_set_counts AS c (set_id, n)
+            SELECT u.i, u.d FROM unnest(set_ids, set_deltas) AS u(i, d) ORDER BY u.i
+            ON CONFLICT (set_id) DO UPDATE SET n = c.n + excluded.n;
+        INSERT INTO fb_group_counts AS c (index_id, grp, n)
+            SELECT u.i, u.g, u.d FROM unnest(ix_ids, grps, grp_deltas) AS u(i, g, d) ORDER BY u.i, u.g
+            ON CONFLICT (index_id, grp) DO UPDATE SET n = c.n + excluded.n;
+        IF NOT numbered THEN
+            RETURN NULL;
+        END IF;
+        UPDATE fb_state SET seq = seq + 1 WHERE id = 1 RETURNING seq INTO s;
+        IF EXISTS (SELECT 1 FROM fb_consumers) THEN
+            INSERT INTO fb_changes VALUES (s, at, ops, rec);
+        END IF;
+        RETURN s;
+    END $$;
+    -- one entry stored or replaced under a lock of its key, so that concurrent writers of one
+    -- key (on any node) each see the value they replace; returns that value
+    CREATE FUNCTION fb_put(sid bigint, k text, v json) RETURNS text LANGUAGE plpgsql AS $$
+    DECLARE
+        old text;
+    BEGIN
+        PERFORM pg_advisory_xact_lock(hashtextextended(k, sid));
+        SELECT value::text INTO old FROM fb_entries WHERE set_id = sid AND key = k;
+        INSERT INTO fb_entries VALUES (sid, k, v) ON CONFLICT (set_id, key) DO UPDATE SET value = excluded.value;
+        RETURN old;
+    END $$;
+    CREATE FUNCTION fb_delete(sid bigint, k text) RETURNS text LANGUAGE plpgsql AS $$
+    DECLARE
+        old text;
+    BEGIN
+        PERFORM pg_advisory_xact_lock(hashtextextended(k, sid));
+        DELETE FROM fb_entries WHERE set_id = sid AND key = k RETURNING value::text INTO old;
+        RETURN old;
+    END $$;
+    """,
+]
+
+VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer release than this one."""
+
+
+def migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
+    """Brings the schema to VERSION in one transaction; returns the version found."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        exists = conn.execute("SELECT to_regclass('fb_meta') IS NOT NULL").fetchone()
+        found = 0
+        if exists and exists[0]:
+            row = conn.execute("SELECT value FROM fb_meta WHERE key = 'schema_version'").fetchone()
+            found = int(row[0]) if row else 0
+        if found > VERSION:
+            raise SchemaTooNew(f"the database has schema version {found}; this release knows up to {VERSION}")
+        for version in range(found, VERSION):
+            conn.execute(MIGRATIONS[version].encode())
+            conn.execute("INSERT INTO fb_meta VALUES ('schema_version', %s) ON CONFLICT (key) DO UPDATE"
+                         " SET value = excluded.value", (version + 1,))
+    return found

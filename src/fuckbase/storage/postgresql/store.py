@@ -1,0 +1,858 @@
+"""The PostgreSQL backend: any number of stateless nodes serving one shared database.
+
+Every write is one PostgreSQL transaction. Its last statement (`fb_commit`) applies the counts
+and takes the next sequence number from one row, so commits are numbered in the order they
+become visible, without gaps, across every node; retained changes are stored in the same
+transaction. A read view is one REPEATABLE READ transaction: catalog and data from one instant.
+Index contents are computed here, with the same rules as the embedded backend
+(`fuckbase.storage.values`), and kept in side tables; a row's old value comes back from
+`fb_put`/`fb_delete` under a lock of its key, so concurrent writers on any node keep the
+indexes exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import psycopg
+import psycopg.errors
+from psycopg.adapt import Loader
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from fuckbase.storage.interface import (
+    BASIC,
+    SORTABLE,
+    AccessCheck,
+    BatchKeyNotFound,
+    BatchOp,
+    Change,
+    Credentials,
+    Database,
+    DatabaseExists,
+    DatabaseNotFound,
+    Delete,
+    Entry,
+    IndexDef,
+    IndexExists,
+    IndexNotFound,
+    KeyNotFound,
+    Page,
+    RestoreWriter,
+    SetExists,
+    SetInfo,
+    SetNotFound,
+    Snapshot,
+    SortOrder,
+    StorageError,
+    StorageFailure,
+    StorageFull,
+    StorageUnavailable,
+)
+from fuckbase.storage.postgresql.schema import migrate
+from fuckbase.storage.values import (
+    MISSING,
+    MISSING_SORT_TOKEN,
+    field_of,
+    group_token,
+    indexed_text,
+    is_truncated,
+    sort_rank,
+    sort_token,
+)
+
+log = logging.getLogger("fuckbase.storage.postgresql")
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+BUILD_CHUNK = 5000  # entries an index build reads per transaction
+RECLAIM_CHUNK = 10_000  # rows housekeeping deletes per statement
+STATEMENT_TIMEOUT_MS = 60_000
+
+
+class _RawJson(Loader):
+    """`json` columns come back as the stored bytes: the exact text the API was given."""
+
+    def load(self, data: Any) -> bytes:
+        return bytes(data)
+
+
+def _configure(conn: Conn) -> None:
+    conn.adapters.register_loader("json", _RawJson)
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """PostgreSQL's failures as the storage errors the API maps to statuses."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except PoolTimeout as exc:
+        raise StorageUnavailable(f"PostgreSQL is unavailable: no connection ({exc})") from None
+    except psycopg.errors.DiskFull as exc:
+        raise StorageFull(f"PostgreSQL's disk is full: {exc}") from None
+    except psycopg.errors.QueryCanceled as exc:
+        raise StorageUnavailable(f"PostgreSQL did not answer in time: {exc}") from None
+    except (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.errors.CannotConnectNow) as exc:
+        raise StorageUnavailable(f"PostgreSQL is unavailable: {str(exc).strip()}") from None
+    except psycopg.Error as exc:
+        raise StorageFailure(f"PostgreSQL failed: {type(exc).__name__}: {str(exc).strip()}") from None
+
+
+# ------------------------------------------------------------------ catalog objects
+
+
+@dataclass(frozen=True)
+class PgDatabase(Database):
+    """A database as a view saw it, with the ids its rows are found by."""
+
+    id: int = 0
+    set_ids: dict[str, int] = field(default_factory=dict)
+    index_ids: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    id: int
+    field: str
+    kind: str
+    sort_fields: tuple[str, ...]
+
+    @property
+    def definition(self) -> IndexDef:
+        return IndexDef("", self.field, SORTABLE if self.kind == SORTABLE else BASIC, self.sort_fields)
+
+
+def _database_of(row: tuple[Any, ...]) -> PgDatabase:
+    """A database from (id, name, auth, sets as JSON [[set id, name, [[index id, name, field,
+    kind, sort fields], ...]], ...])."""
+    db_id, name, auth, sets_json = row
+    sets: dict[str, SetInfo] = {}
+    set_ids: dict[str, int] = {}
+    index_ids: dict[tuple[str, str], int] = {}
+    for set_id, set_name, indexes in orjson.loads(sets_json) if sets_json else []:
+        defs = {}
+        for ix_id, ix_name, fld, kind, sort_fields in indexes or []:
+            defs[ix_name] = IndexDef(ix_name, fld, SORTABLE if kind == SORTABLE else BASIC, tuple(sort_fields or ()))
+            index_ids[(set_name, ix_name)] = ix_id
+        sets[set_name] = SetInfo(set_name, defs)
+        set_ids[set_name] = set_id
+    return PgDatabase(name, auth, sets, db_id, set_ids, index_ids)
+
+
+# every named database with its sets and ready indexes, as one row each
+CATALOG_SQL = """
+SELECT d.id, d.name, d.auth,
+       (SELECT json_agg(json_build_array(s.id, s.name,
+                (SELECT json_agg(json_build_array(i.id, i.name, i.field, i.kind, i.sort_fields) ORDER BY i.name)
+                   FROM fb_indexes i WHERE i.set_id = s.id AND i.ready)) ORDER BY s.name)
+          FROM fb_sets s WHERE s.database_id = d.id)
+  FROM fb_databases d WHERE d.name IS NOT NULL
+"""
+
+
+# ------------------------------------------------------------------ index records of an entry
+
+
+def _records(indexes: Sequence[IndexRow], value: Any) -> tuple[list[tuple[int, bytes]], list[tuple[int, int, bytes, bytes]]]:
+    """The basic (index id, group) and sortable (index id, field number, group, sort token)
+    records of one value; none when it is absent (MISSING)."""
+    basic: list[tuple[int, bytes]] = []
+    sortable: list[tuple[int, int, bytes, bytes]] = []
+    if value is MISSING:
+        return basic, sortable
+    for ix in indexes:
+        text = indexed_text(value, ix.field)
+        if text is None:
+            continue
+        group = group_token(text)
+        if ix.kind == BASIC:
+            basic.append((ix.id, group))
+        else:
+            for i, f in enumerate(ix.sort_fields):
+                sortable.append((ix.id, i, group, sort_token(field_of(value, f))))
+    return basic, sortable
+
+
+@dataclass
+class _Touched:
+    """An entry a transaction changed: its value before the transaction and now (MISSING: absent)."""
+
+    indexes: Sequence[IndexRow]
+    before: Any
+    after: Any
+
+
+class Tx:
+    """One write transaction: the ops it logs, the entries it touched, the counts it moves."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self.ops: list[Any] = []
+        self.touched: dict[tuple[int, str], _Touched] = {}
+        self.set_deltas: dict[int, int] = {}
+        self.group_deltas: dict[tuple[int, bytes], int] = {}
+
+    def q(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> psycopg.Cursor[tuple[Any, ...]]:
+        return self.conn.execute(sql, params)
+
+    def log(self, op: Any) -> None:
+        self.ops.append(op)
+
+    def touch(self, set_id: int, key: str, indexes: Sequence[IndexRow], before: Any, after: Any) -> None:
+        seen = self.touched.get((set_id, key))
+        if seen is None:
+            self.touched[(set_id, key)] = _Touched(indexes, before, after)
+        else:
+            seen.after = after
+        if (before is MISSING) != (after is MISSING):
+            self.set_deltas[set_id] = self.set_deltas.get(set_id, 0) + (1 if before is MISSING else -1)
+
+    def absorb(self, child: Tx) -> None:
+        """Takes in what a nested write (a savepoint) did, once it succeeded."""
+        self.ops.extend(child.ops)
+        for k, t in child.touched.items():
+            if k in self.touched:
+                self.touched[k].after = t.after
+            else:
+                self.touched[k] = t
+        for sid, n in child.set_deltas.items():
+            self.set_deltas[sid] = self.set_deltas.get(sid, 0) + n
+        for g, n in child.group_deltas.items():
+            self.group_deltas[g] = self.group_deltas.get(g, 0) + n
+
+    def write_index_records(self) -> None:
+        """The index records of every touched entry, from its value before to its value now;
+        counts move by the records actually removed and added, so a concurrent index build
+        (which adds what it finds) and the writes never count an entry twice."""
+        del_b: list[tuple[int, bytes, str]] = []
+        add_b: list[tuple[int, bytes, str]] = []
+        del_s: list[tuple[int, int, bytes, bytes, str]] = []
+        add_s: list[tuple[int, int, bytes, bytes, str]] = []
+        for (_, key), t in self.touched.items():
+            if not t.indexes:
+                continue
+            ob, os_ = _records(t.indexes, t.before)
+            nb, ns = _records(t.indexes, t.after)
+            if ob == nb and os_ == ns:
+                continue
+            del_b += [(i, g, key) for i, g in ob if (i, g) not in nb]
+            add_b += [(i, g, key) for i, g in nb if (i, g) not in ob]
+            del_s += [(*r, key) for r in os_ if r not in ns]
+            add_s += [(*r, key) for r in ns if r not in os_]
+        self.touched.clear()
+        if del_b:
+            rows = self.q("DELETE FROM fb_basic b USING unnest(%s::bigint[], %s::bytea[], %s::text[]) u(i, g, k)"
+                          " WHERE b.index_id = u.i AND b.grp = u.g AND b.key = u.k RETURNING b.index_id, b.grp",
+                          _columns(del_b, 3)).fetchall()
+            self._count(rows, -1)
+        if add_b:
+            rows = self.q("INSERT INTO fb_basic SELECT * FROM unnest(%s::bigint[], %s::bytea[], %s::text[])"
+                          " ON CONFLICT DO NOTHING RETURNING index_id, grp", _columns(add_b, 3)).fetchall()
+            self._count(rows, 1)
+        if del_s:
+            rows = self.q("DELETE FROM fb_sorted s USING unnest(%s::bigint[], %s::smallint[], %s::bytea[], %s::bytea[],"
+                          " %s::text[]) u(i, f, g, o, k) WHERE s.index_id = u.i AND s.field = u.f AND s.grp = u.g"
+                          " AND s.sort = u.o AND s.key = u.k RETURNING s.index_id, s.grp, s.field",
+                          _columns(del_s, 5)).fetchall()
+            self._count([r[:2] for r in rows if r[2] == 0], -1)
+        if add_s:
+            rows = self.q("INSERT INTO fb_sorted SELECT * FROM unnest(%s::bigint[], %s::smallint[], %s::bytea[],"
+                          " %s::bytea[], %s::text[]) ON CONFLICT DO NOTHING RETURNING index_id, grp, field",
+                          _columns(add_s, 5)).fetchall()
+            self._count([r[:2] for r in rows if r[2] == 0], 1)
+
+    def _count(self, rows: Sequence[tuple[Any, ...]], sign: int) -> None:
+        for ix_id, grp in rows:
+            k = (ix_id, bytes(grp))
+            self.group_deltas[k] = self.group_deltas.get(k, 0) + sign
+
+    def finish(self, numbered: bool) -> int | None:
+        """The transaction's last statement: counts, then its sequence number (and change)."""
+        self.write_index_records()
+        sets = sorted((k, v) for k, v in self.set_deltas.items() if v)
+        groups = sorted((k, v) for k, v in self.group_deltas.items() if v)
+        now = time.time()
+        record = orjson.dumps({"t": now, "n": len(self.ops), "ops": self.ops}) if numbered else b""
+        row = self.q("SELECT fb_commit(%s::bigint[], %s::bigint[], %s::bigint[], %s::bytea[], %s::bigint[],"
+                     " %s, %s, %s, %s)",
+                     ([k for k, _ in sets], [v for _, v in sets], [k[0] for k, _ in groups], [k[1] for k, _ in groups],
+                      [v for _, v in groups], now, len(self.ops), record, numbered)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    return [[r[i] for r in rows] for i in range(width)]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a write found of its database and set (locked against drops and restores)."""
+
+    database_id: int
+    set_id: int | None
+    indexes: tuple[IndexRow, ...]
+
+
+def target(tx: Tx, database: str, set_name: str, check: AccessCheck, *, create_set: bool = False) -> Target:
+    """The database and set a write goes to, its credentials checked. A database a restore
+    swapped in while this waited is looked up again."""
+    row = None
+    for _ in range(2):
+        row = tx.q("SELECT * FROM fb_target(%s, %s)", (database, set_name)).fetchone()
+        if row is not None and row[0] is not None:
+            break
+    if row is None or row[0] is None:
+        raise DatabaseNotFound(database)
+    db_id, auth, set_id, indexes = row
+    check(auth)
+    if set_id is None and create_set:
+        set_id = _create_set(tx, db_id, database, set_name)
+    rows = tuple(IndexRow(i, f, k, tuple(s or ())) for i, f, k, s in orjson.loads(indexes)) if indexes else ()
+    return Target(db_id, set_id, rows)
+
+
+def _create_set(tx: Tx, db_id: int, database: str, set_name: str) -> int:
+    row = tx.q("INSERT INTO fb_sets (database_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING RETURNING id",
+               (db_id, set_name)).fetchone()
+    if row is None:  # created meanwhile by another writer
+        found = tx.q("SELECT id FROM fb_sets WHERE database_id = %s AND name = %s", (db_id, set_name)).fetchone()
+        assert found is not None
+        return int(found[0])
+    tx.log(("create_set", database, set_name))
+    return int(row[0])
+
+
+def _parsed(raw: bytes | str | None) -> Any:
+    return MISSING if raw is None else orjson.loads(raw)
+
+
+# ------------------------------------------------------------------ the storage
+
+
+class PostgresStorage:
+    """One process's handle on a PostgreSQL database (`postgresql://…`). Thread-safe; any
+    number of processes on any number of machines may share the database."""
+
+    def __init__(self, url: str, *, pool_size: int = 8, connect_timeout: float = 5.0,
+                 statement_timeout_ms: int = STATEMENT_TIMEOUT_MS) -> None:
+        self.url = url
+        self.pool: ConnectionPool[Conn] = ConnectionPool(
+            url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout, configure=_configure,
+            kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout)),
+                    "options": f"-c statement_timeout={statement_timeout_ms}"},
+            name="fuckbase")
+        self._groups = threading.local()
+        with translated():
+            self.pool.open(wait=True, timeout=connect_timeout)
+            with self.pool.connection() as conn:
+                migrate(conn)
+
+    # -- plumbing
+
+    @contextlib.contextmanager
+    def _conn(self) -> Iterator[Conn]:
+        with translated(), self.pool.connection() as conn:
+            yield conn
+
+    def _write(self, op: Callable[[Tx], Any], *, numbered: bool = True) -> Any:
+        group: _Group | None = getattr(self._groups, "open", None)
+        if group is not None:
+            group.queue.append(op)
+            return None
+        with self._conn() as conn, conn.transaction():
+            tx = Tx(conn)
+            result = op(tx)
+            tx.finish(numbered)
+        return result
+
+    # -- groups
+
+    def begin_group(self) -> None:
+        """From now until `end_group`, this thread's writes are queued; `end_group` runs them
+        in order in one transaction, each under a savepoint of its own (a failing one changes
+        nothing), and commits them all as one numbered commit."""
+        if getattr(self._groups, "open", None) is not None:
+            raise RuntimeError("a write group is already open on this thread")
+        self._groups.open = _Group()
+
+    def queued_writes(self) -> int:
+        group: _Group | None = getattr(self._groups, "open", None)
+        return len(group.queue) if group is not None else 0
+
+    def end_group(self) -> list[BaseException | None]:
+        group: _Group = self._groups.open
+        self._groups.open = None
+        if not group.queue:
+            return []
+        results: list[BaseException | None] = []
+        try:
+            with self._conn() as conn, conn.transaction():
+                tx = Tx(conn)
+                for op in group.queue:
+                    child = Tx(conn)
+                    try:
+                        with conn.transaction():
+                            op(child)
+                            child.write_index_records()
+                    except StorageError as exc:
+                        results.append(exc)
+                        continue
+                    except psycopg.Error as exc:
+                        if isinstance(exc, psycopg.OperationalError):
+                            raise
+                        with contextlib.suppress(StorageError):
+                            with translated():
+                                raise exc
+                        results.append(StorageFailure(str(exc)))
+                        continue
+                    except Exception as exc:  # noqa: BLE001 (an access check's refusal, say)
+                        results.append(exc)
+                        continue
+                    tx.absorb(child)
+                    results.append(None)
+                tx.finish(True)
+        except StorageError as exc:
+            return [exc] * len(group.queue)
+        return results
+
+    # -- catalog
+
+    def read(self) -> contextlib.AbstractContextManager[PgView]:
+        return self._view()
+
+    @contextlib.contextmanager
+    def _view(self) -> Iterator[PgView]:
+        with self._conn() as conn:
+            # the snapshot is taken by a transaction's first query: here, so the view's instant is now
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
+            try:
+                yield PgView(conn)
+            finally:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
+
+    def create_database(self, name: str, auth: Credentials | None) -> None:
+        def op(tx: Tx) -> None:
+            row = tx.q("INSERT INTO fb_databases (name, auth) VALUES (%s, %s) ON CONFLICT DO NOTHING RETURNING id",
+                       (name, orjson.dumps(dict(auth)).decode() if auth else None)).fetchone()
+            if row is None:
+                raise DatabaseExists(name)
+            tx.log(("create_database", name, dict(auth) if auth else None))
+
+        self._write(op)
+
+    def drop_database(self, name: str, check: AccessCheck) -> None:
+        def op(tx: Tx) -> None:
+            row = tx.q("SELECT id, auth FROM fb_databases WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            if row is None:
+                raise DatabaseNotFound(name)
+            check(row[1])
+            _discard_database(tx, row[0])
+            tx.log(("drop_database", name))
+
+        self._write(op)
+
+    def create_set(self, database: str, name: str, check: AccessCheck) -> None:
+        def op(tx: Tx) -> None:
+            t = target(tx, database, name, check)
+            if t.set_id is not None:
+                raise SetExists(name)
+            row = tx.q("INSERT INTO fb_sets (database_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING RETURNING id",
+                       (t.database_id, name)).fetchone()
+            if row is None:
+                raise SetExists(name)
+            tx.log(("create_set", database, name))
+
+        self._write(op)
+
+    # -- entries
+
+    def put(self, database: str, set_name: str, key: str, value: Any, raw: bytes, check: AccessCheck) -> None:
+        def op(tx: Tx) -> None:
+            t = target(tx, database, set_name, check, create_set=True)
+            assert t.set_id is not None
+            _put(tx, t, key, value, raw)
+            tx.log(("put", database, set_name, key, orjson.Fragment(raw)))
+
+        self._write(op)
+
+    def delete(self, database: str, set_name: str, key: str, check: AccessCheck) -> None:
+        def op(tx: Tx) -> None:
+            t = target(tx, database, set_name, check)
+            if t.set_id is None:
+                raise SetNotFound(set_name)
+            if not _delete(tx, t, key):
+                raise KeyNotFound(key)
+            tx.log(("delete", database, set_name, key))
+
+        self._write(op)
+
+    def batch(self, database: str, set_name: str, ops: Sequence[BatchOp], check: AccessCheck) -> int:
+        def op(tx: Tx) -> int:
+            t = target(tx, database, set_name, check)
+            for i, o in enumerate(ops):
+                if isinstance(o, Delete):
+                    if t.set_id is None or not _delete(tx, t, o.key):
+                        raise BatchKeyNotFound(o.key, i)
+                    tx.log(("delete", database, set_name, o.key))
+                else:
+                    if t.set_id is None:
+                        t = Target(t.database_id, _create_set(tx, t.database_id, database, set_name), t.indexes)
+                    _put(tx, t, o.key, o.value, o.raw)
+                    tx.log(("put", database, set_name, o.key, orjson.Fragment(o.raw)))
+            return len(ops)
+
+        if not ops:
+            return 0
+        result = self._write(op)
+        return len(ops) if result is None else int(result)
+
+    # -- indexes
+
+    def create_index(self, database: str, set_name: str, definition: IndexDef, check: AccessCheck) -> None:
+        """Defines the index (not yet ready) under an exclusive lock of the database row, so
+        that every write from then on keeps it current; fills it a chunk per transaction from
+        the values committed at that moment; then makes it ready, as one numbered commit."""
+
+        def define(tx: Tx) -> tuple[int, int]:
+            row = tx.q("SELECT d.id, d.auth, s.id FROM fb_databases d LEFT JOIN fb_sets s ON s.database_id = d.id"
+                       " AND s.name = %s WHERE d.name = %s FOR UPDATE OF d", (set_name, database)).fetchone()
+            if row is None:
+                raise DatabaseNotFound(database)
+            check(row[1])
+            if row[2] is None:
+                raise SetNotFound(set_name)
+            made = tx.q("INSERT INTO fb_indexes (set_id, name, field, kind, sort_fields) VALUES (%s, %s, %s, %s, %s)"
+                        " ON CONFLICT DO NOTHING RETURNING id", (row[2], definition.name, definition.field,
+                                                                 definition.kind, list(definition.sort_fields))).fetchone()
+            if made is None:
+                raise IndexExists(definition.name)
+            return int(row[2]), int(made[0])
+
+        set_id, index_id = self._write(define, numbered=False)
+        ix = IndexRow(index_id, definition.field, definition.kind, tuple(definition.sort_fields))
+        try:
+            self._fill_index(set_id, ix)
+        except BaseException:
+            with contextlib.suppress(StorageError):
+                self._write(lambda tx: _discard_index(tx, index_id, unfinished=True), numbered=False)
+            raise
+
+        def publish(tx: Tx) -> None:
+            row = tx.q("UPDATE fb_indexes SET ready = true WHERE id = %s RETURNING id", (index_id,)).fetchone()
+            if row is None:
+                raise IndexNotFound(definition.name, f"index {definition.name!r} was dropped while it was built")
+            tx.log(("create_index", database, set_name, definition))
+
+        self._write(publish)
+
+    def _fill_index(self, set_id: int, ix: IndexRow) -> None:
+        after = ""
+        first = True
+        while True:
+            def chunk(tx: Tx, after: str = after, first: bool = first) -> str | None:
+                alive = tx.q("SELECT 1 FROM fb_indexes WHERE id = %s FOR KEY SHARE", (ix.id,)).fetchone()
+                if alive is None:
+                    raise IndexNotFound(ix.field, "the index was dropped while it was built")
+                rows = tx.q("SELECT key, value FROM fb_entries WHERE set_id = %s AND (key > %s OR %s)"
+                            " ORDER BY key LIMIT %s FOR SHARE", (set_id, after, first, BUILD_CHUNK)).fetchall()
+                for key, value in rows:
+                    tx.touch(set_id, key, (ix,), MISSING, orjson.loads(value))
+                tx.set_deltas.clear()  # the entries were there: only the index records are new
+                return str(rows[-1][0]) if len(rows) == BUILD_CHUNK else None
+
+            last = self._write(chunk, numbered=False)
+            if last is None:
+                return
+            after, first = last, False
+
+    def drop_index(self, database: str, set_name: str, name: str, check: AccessCheck) -> None:
+        def op(tx: Tx) -> None:
+            row = tx.q("SELECT d.auth, i.id FROM fb_databases d JOIN fb_sets s ON s.database_id = d.id AND s.name = %s"
+                       " LEFT JOIN fb_indexes i ON i.set_id = s.id AND i.name = %s AND i.ready"
+                       " WHERE d.name = %s FOR UPDATE OF d", (set_name, name, database)).fetchone()
+            if row is None:
+                exists = tx.q("SELECT auth FROM fb_databases WHERE name = %s", (database,)).fetchone()
+                if exists is None:
+                    raise DatabaseNotFound(database)
+                check(exists[0])
+                raise SetNotFound(set_name)
+            check(row[0])
+            if row[1] is None:
+                raise IndexNotFound(name)
+            _discard_index(tx, row[1])
+            tx.log(("drop_index", database, set_name, name))
+
+        self._write(op)
+
+    # -- snapshots, restores, changes
+
+    def snapshot(self) -> Snapshot:
+        from fuckbase.storage.postgresql.restore import PgSnapshot
+
+        return PgSnapshot(self)
+
+    def restore_writer(self) -> RestoreWriter:
+        from fuckbase.storage.postgresql.restore import PgRestoreWriter
+
+        return PgRestoreWriter(self)
+
+    def sequence(self) -> int:
+        with self._conn() as conn:
+            row = conn.execute("SELECT seq FROM fb_state WHERE id = 1").fetchone()
+        return int(row[0]) if row else 0
+
+    def changes(self, after: int, limit: int) -> list[Change]:
+        with self._conn() as conn:
+            rows = conn.execute("SELECT seq, t, n, record FROM fb_changes WHERE seq > %s ORDER BY seq LIMIT %s",
+                                (after, limit)).fetchall()
+        return [Change(int(s), float(t), int(n), bytes(r)) for s, t, n, r in rows]
+
+    def retain_changes(self, consumer: str) -> int:
+        """Registered under the sequence row's lock: a write either numbers itself before the
+        registration (and is acknowledged by it) or after it (and sees the consumer)."""
+        with self._conn() as conn, conn.transaction():
+            conn.execute("SELECT seq FROM fb_state WHERE id = 1 FOR UPDATE")
+            conn.execute("INSERT INTO fb_consumers SELECT %s, seq FROM fb_state WHERE id = 1 ON CONFLICT DO NOTHING",
+                         (consumer,))
+            row = conn.execute("SELECT acked FROM fb_consumers WHERE name = %s", (consumer,)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def acknowledge(self, consumer: str, sequence: int) -> None:
+        with self._conn() as conn:
+            conn.execute("UPDATE fb_consumers SET acked = greatest(acked, %s) WHERE name = %s", (sequence, consumer))
+
+    def release_changes(self, consumer: str) -> None:
+        with self._conn() as conn:
+            conn.execute("DELETE FROM fb_consumers WHERE name = %s", (consumer,))
+
+    def maintain(self) -> bool:
+        """Trims acknowledged changes, reclaims what drops and restores left a chunk at a time,
+        and forgets counts that reached zero. True when more is left."""
+        with self._conn() as conn:
+            conn.execute("DELETE FROM fb_changes WHERE seq <= coalesce((SELECT min(acked) FROM fb_consumers),"
+                         " (SELECT seq FROM fb_state WHERE id = 1))")
+            garbage = conn.execute("SELECT kind, id FROM fb_garbage ORDER BY kind, id LIMIT 1").fetchone()
+            if garbage is None:
+                conn.execute("DELETE FROM fb_group_counts WHERE n = 0")
+                return False
+            kind, gid = garbage
+            if kind == "index":
+                more = _reclaim_index(conn, gid)
+            else:
+                more = _reclaim_database(conn, gid)
+            if not more:
+                conn.execute("DELETE FROM fb_garbage WHERE kind = %s AND id = %s", (kind, gid))
+            return True
+
+    def flush(self) -> None:
+        """Every commit is durable when PostgreSQL acknowledges it."""
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+@dataclass
+class _Group:
+    queue: list[Callable[[Tx], Any]] = field(default_factory=list)
+
+
+def _put(tx: Tx, t: Target, key: str, value: Any, raw: bytes) -> None:
+    assert t.set_id is not None
+    row = tx.q("SELECT fb_put(%s, %s, %s::json)", (t.set_id, key, raw.decode())).fetchone()
+    old = row[0] if row else None
+    tx.touch(t.set_id, key, t.indexes, _parsed(old) if t.indexes else (MISSING if old is None else None), value)
+
+
+def _delete(tx: Tx, t: Target, key: str) -> bool:
+    assert t.set_id is not None
+    row = tx.q("SELECT fb_delete(%s, %s)", (t.set_id, key)).fetchone()
+    if row is None or row[0] is None:
+        return False
+    tx.touch(t.set_id, key, t.indexes, _parsed(row[0]), MISSING)
+    return True
+
+
+def _discard_database(tx: Tx, db_id: int) -> None:
+    """Out of sight at once (its name is free again); its rows are reclaimed later."""
+    tx.q("UPDATE fb_databases SET name = NULL, dropped = true WHERE id = %s", (db_id,))
+    tx.q("INSERT INTO fb_garbage VALUES ('database', %s) ON CONFLICT DO NOTHING", (db_id,))
+
+
+def _discard_index(tx: Tx, index_id: int, unfinished: bool = False) -> None:
+    tx.q("DELETE FROM fb_indexes WHERE id = %s" + (" AND NOT ready" if unfinished else ""), (index_id,))
+    tx.q("INSERT INTO fb_garbage VALUES ('index', %s) ON CONFLICT DO NOTHING", (index_id,))
+
+
+def _reclaim_index(conn: Conn, index_id: int) -> bool:
+    n = 0
+    for table in ("fb_basic", "fb_sorted", "fb_group_counts"):
+        cur = conn.execute(f"DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table}"  # noqa: S608
+                           f" WHERE index_id = %s LIMIT %s))", (index_id, RECLAIM_CHUNK))
+        n += cur.rowcount
+    return n > 0
+
+
+def _reclaim_database(conn: Conn, db_id: int) -> bool:
+    sets = [r[0] for r in conn.execute("SELECT id FROM fb_sets WHERE database_id = %s", (db_id,)).fetchall()]
+    indexes = [r[0] for r in conn.execute("SELECT id FROM fb_indexes WHERE set_id = ANY(%s)", (sets,)).fetchall()]
+    for ix in indexes:
+        if _reclaim_index(conn, ix):
+            return True
+    cur = conn.execute("DELETE FROM fb_entries WHERE ctid = ANY(ARRAY(SELECT ctid FROM fb_entries"
+                       " WHERE set_id = ANY(%s) LIMIT %s))", (sets, RECLAIM_CHUNK))
+    if cur.rowcount:
+        return True
+    conn.execute("DELETE FROM fb_set_counts WHERE set_id = ANY(%s)", (sets,))
+    conn.execute("DELETE FROM fb_databases WHERE id = %s AND dropped", (db_id,))
+    return False
+
+
+# ------------------------------------------------------------------ reads
+
+
+class PgView:
+    """A consistent, read-only view: one REPEATABLE READ transaction."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+
+    def database(self, name: str) -> PgDatabase:
+        row = self.conn.execute(CATALOG_SQL + " AND d.name = %s", (name,)).fetchone()
+        if row is None:
+            raise DatabaseNotFound(name)
+        return _database_of(row)
+
+    def database_names(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT name FROM fb_databases WHERE name IS NOT NULL ORDER BY name")]
+
+    def _set_id(self, db: Database, set_name: str) -> int:
+        assert isinstance(db, PgDatabase)
+        sid = db.set_ids.get(set_name)
+        if sid is None:
+            raise SetNotFound(set_name)
+        return sid
+
+    def _index(self, db: Database, set_name: str, index: str) -> tuple[int, int, IndexDef]:
+        assert isinstance(db, PgDatabase)
+        sid = self._set_id(db, set_name)
+        definition = db.sets[set_name].indexes.get(index)
+        if definition is None:
+            raise IndexNotFound(index)
+        return sid, db.index_ids[(set_name, index)], definition
+
+    def get(self, db: Database, set_name: str, key: str) -> bytes | None:
+        sid = self._set_id(db, set_name)
+        row = self.conn.execute("SELECT value FROM fb_entries WHERE set_id = %s AND key = %s", (sid, key)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def lookup(self, db: Database, set_name: str, index: str, text: str) -> list[Entry]:
+        sid, ix_id, definition = self._index(db, set_name, index)
+        table = "fb_basic" if definition.kind == BASIC else "fb_sorted"
+        only_first = "" if definition.kind == BASIC else " AND x.field = 0"
+        rows = self.conn.execute(f"SELECT x.key, e.value FROM {table} x JOIN fb_entries e ON e.set_id = %s"  # noqa: S608
+                                 f" AND e.key = x.key WHERE x.index_id = %s AND x.grp = %s{only_first} ORDER BY x.key",
+                                 (sid, ix_id, group_token(text))).fetchall()
+        return [Entry(k, bytes(v)) for k, v in rows]
+
+    def page(self, db: Database, set_name: str, index: str, text: str, order: SortOrder,
+             offset: int, limit: int) -> Page:
+        sid, ix_id, definition = self._index(db, set_name, index)
+        if definition.kind != SORTABLE:
+            raise IndexNotFound(index, f"index {index!r} is not sortable")
+        grp = group_token(text)
+        row = self.conn.execute("SELECT n FROM fb_group_counts WHERE index_id = %s AND grp = %s", (ix_id, grp)).fetchone()
+        total = int(row[0]) if row else 0
+        if total == 0 or offset >= total or limit <= 0:
+            return Page(total, [])
+        first, desc = order[0]
+        pager = _Pager(self.conn, sid, ix_id, definition.sort_fields.index(first), grp, first, list(order[1:]))
+        if not desc:
+            entries = pager.run("", False, offset, limit)
+        else:
+            entries = pager.run(" AND x.sort < %(missing)s", True, offset, limit)
+            if len(entries) < limit:
+                present = total - pager.count(" AND x.sort = %(missing)s")
+                entries += pager.run(" AND x.sort = %(missing)s", False, max(0, offset - present), limit - len(entries))
+        return Page(total, entries)
+
+    def key_counts(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT d.name, coalesce(sum(c.n), 0) FROM fb_databases d"
+                                 " LEFT JOIN fb_sets s ON s.database_id = d.id LEFT JOIN fb_set_counts c ON c.set_id = s.id"
+                                 " WHERE d.name IS NOT NULL GROUP BY d.name").fetchall()
+        return {name: int(n) for name, n in rows}
+
+
+class _Pager:
+    """One direction of a sortable index's records for one group, as an index scan; entries
+    whose sort tokens tie are put in exact order (other sort fields, long values, keys)."""
+
+    def __init__(self, conn: Conn, set_id: int, index_id: int, field_no: int, grp: bytes, first: str,
+                 rest: list[tuple[str, bool]]) -> None:
+        self.conn = conn
+        self.first = first
+        self.rest = rest
+        self.params: dict[str, Any] = {"sid": set_id, "ix": index_id, "f": field_no, "g": grp,
+                                       "missing": MISSING_SORT_TOKEN}
+        self.where = "x.index_id = %(ix)s AND x.field = %(f)s AND x.grp = %(g)s"
+
+    def _rows(self, extra: str, desc: bool, offset: int, limit: int | None, params: dict[str, Any] | None = None
+              ) -> list[tuple[str, bytes, bytes]]:
+        direction = "DESC" if desc else ""
+        sql = (f"SELECT x.key, x.sort, e.value FROM fb_sorted x JOIN fb_entries e ON e.set_id = %(sid)s"  # noqa: S608
+               f" AND e.key = x.key WHERE {self.where}{extra} ORDER BY x.sort {direction}, x.key"
+               f" OFFSET %(off)s" + (" LIMIT %(lim)s" if limit is not None else ""))
+        rows = self.conn.execute(sql, {**self.params, **(params or {}), "off": offset, "lim": limit}).fetchall()
+        return [(k, bytes(s), bytes(v)) for k, s, v in rows]
+
+    def count(self, extra: str, params: dict[str, Any] | None = None) -> int:
+        row = self.conn.execute(f"SELECT count(*) FROM fb_sorted x WHERE {self.where}{extra}",  # noqa: S608
+                                {**self.params, **(params or {})}).fetchone()
+        return int(row[0]) if row else 0
+
+    def run(self, extra: str, desc: bool, offset: int, limit: int) -> list[Entry]:
+        rows = self._rows(extra, desc, offset, limit)
+        if not rows:
+            return []
+        if not self.rest and not any(is_truncated(s) for _, s, _ in rows):
+            return [Entry(k, v) for k, _, v in rows]
+        # the runs at the page's ends may go on beyond it: take them whole, order, then cut
+        lo, hi = rows[0][1], rows[-1][1]
+        before_op, a, b = (">", hi, lo) if desc else ("<", lo, hi)
+        bounds = {"lo": a, "hi": b}
+        before = self.count(f"{extra} AND x.sort {before_op} %(edge)s", {"edge": lo})
+        window = self._rows(f"{extra} AND x.sort BETWEEN %(lo)s AND %(hi)s", desc, 0, None, bounds)
+        ordered: list[Entry] = []
+        i = 0
+        while i < len(window):
+            j = i
+            while j < len(window) and window[j][1] == window[i][1]:
+                j += 1
+            run = window[i:j]
+            if len(run) > 1:
+                run = self._order_run(run, is_truncated(run[0][1]), desc)
+            ordered.extend(Entry(k, v) for k, _, v in run)
+            i = j
+        start = offset - before
+        return ordered[start : start + limit]
+
+    def _order_run(self, run: list[tuple[str, bytes, bytes]], truncated: bool, desc: bool
+                   ) -> list[tuple[str, bytes, bytes]]:
+        values = {k: orjson.loads(v) for k, _, v in run}
+        ordered = sorted(run, key=lambda r: r[0].encode())
+        for f, d in [*reversed(self.rest), *([(self.first, desc)] if truncated else [])]:
+            present = [r for r in ordered if field_of(values[r[0]], f) is not MISSING]
+            missing = [r for r in ordered if field_of(values[r[0]], f) is MISSING]
+            present.sort(key=lambda r, f=f: sort_rank(field_of(values[r[0]], f)), reverse=d)  # type: ignore[misc]
+            ordered = present + missing
+        return ordered
+
