@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -169,6 +170,7 @@ class JobClient:
 
 HOUSEKEEPING_INTERVAL = 1.0
 SYNC_INTERVAL = 1.0  # seconds between fsyncs with durability "os"
+LEAD_CHECK = 2.0  # seconds between checks that this process still leads (or may now)
 
 
 def job_process(rt: Runtime, ready_fd: int) -> None:
@@ -181,7 +183,7 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
     from fuckbase.auth import AdminGuard, DatabaseGuard
     from fuckbase.backup import BackupService
     from fuckbase.continuous import Retention, Shipper, stop_logging_changes
-    from fuckbase.metrics import Published
+    from fuckbase.metrics import BACKEND_FIGURES, Published, publish_backend_figures
     from fuckbase.objectstore import open_store
 
     settings = rt.settings
@@ -240,16 +242,23 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
                 raise SystemExit(2)
         listener = await server.serve(rt.jobs_address)
         report({"backup_target": backups.target})
-        tasks = [asyncio.create_task(_housekeeping(storage)),
+        interval = settings.effective_backup_interval
+
+        def duties() -> list[Coroutine[Any, Any, None]]:
+            """What one process among all sharing the data runs."""
+            jobs = [_housekeeping(storage), backups.remove_abandoned()]
+            if shipper is not None:
+                jobs.append(shipper.run())
+            if interval > 0:
+                jobs.append(backups.run_schedule(interval))
+            return jobs
+
+        figures = Published(rt.run_dir, f"{BACKEND_FIGURES}jobs")
+        tasks = [asyncio.create_task(_leading(storage, duties)),
+                 asyncio.create_task(publish_backend_figures(storage.figures, figures)),
                  asyncio.create_task(_publishing(published, backups.stats, shipper))]
-        if shipper is not None:
-            tasks.append(asyncio.create_task(shipper.run()))
-        tasks.append(asyncio.create_task(backups.remove_abandoned()))
         if settings.durability == "os":
             tasks.append(asyncio.create_task(_syncing(storage)))
-        interval = settings.effective_backup_interval
-        if interval > 0:
-            tasks.append(asyncio.create_task(backups.run_schedule(interval)))
         await stopping.wait()
         listener.close()
         for t in tasks:
@@ -290,6 +299,32 @@ async def _restore_on_start(storage: Any, backups: Any, which: str) -> str | Non
         return f"restore-on-start of {which} failed: {exc}"
     log.info("restore-on-start: restored %s (%d databases)", name, len(result["databases"]))
     return None
+
+
+async def _leading(storage: Any, duties: Callable[[], list[Coroutine[Any, Any, None]]]) -> None:
+    """Runs the duties while this process leads (on the embedded engine, always; on a shared
+    backend, on one node at a time, another taking over when it dies)."""
+    running: list[asyncio.Task[None]] = []
+    try:
+        while True:
+            try:
+                lead = await asyncio.to_thread(storage.lead, "jobs")
+            except StorageError:
+                lead = False
+            if lead and not running:
+                running = [asyncio.create_task(job) for job in duties()]
+                log.info("this node runs the periodic jobs (housekeeping, scheduled and continuous backups)")
+            elif not lead and running:
+                log.warning("this node no longer runs the periodic jobs")
+                for task in running:
+                    task.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
+                running = []
+            await asyncio.sleep(LEAD_CHECK)
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 async def _housekeeping(storage: Any) -> None:

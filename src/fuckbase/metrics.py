@@ -11,6 +11,8 @@ Figures that change rarely (backups) are published as JSON by the process that o
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import mmap
 import os
 from bisect import bisect_left
@@ -173,3 +175,37 @@ class Published:
         except (OSError, orjson.JSONDecodeError):
             return {}
         return data if isinstance(data, dict) else {}
+
+
+BACKEND_FIGURES = "storage-"  # <run dir>/storage-<process>.json: each process's storage backend figures
+
+
+async def publish_backend_figures(figures: Callable[[], list[Any]], published: Published) -> None:
+    """Every second, this process's backend figures (dataclasses), for whichever worker
+    answers /metrics."""
+    last = None
+    while True:
+        now = {"figures": [dataclasses.asdict(f) for f in figures()]}
+        if now != last:
+            published.write(now)
+            last = now
+        await asyncio.sleep(1.0)
+
+
+def backend_metrics(run_dir: Path) -> Iterable[Metric]:
+    """The backend figures of every process: gauges per process, counters summed."""
+    found: dict[str, tuple[str, str, list[tuple[str, dict[str, str], float]]]] = {}
+    for path in sorted(run_dir.glob(BACKEND_FIGURES + "*.json")):
+        process = path.stem[len(BACKEND_FIGURES):]
+        for f in Published(run_dir, path.stem).read().get("figures", []):
+            _, _, samples = found.setdefault(f["name"], (f["doc"], f["kind"], []))
+            samples.extend((process, sample, value) for sample, value in f["samples"])
+    for name, (doc, kind, samples) in found.items():
+        keys = sorted({k for _, sample, _ in samples for k in sample})
+        summed: dict[tuple[str, ...], float] = {}
+        for process, sample, value in samples:
+            at = tuple(sample.get(k, "") for k in keys) + ((process,) if kind == "gauge" else ())
+            summed[at] = summed.get(at, 0.0) + value
+        labels = keys + (["process"] if kind == "gauge" else [])
+        make = gauge if kind == "gauge" else counter
+        yield make(f"fuckbase_storage_{name}", doc, labels, [(list(at), v) for at, v in summed.items()])

@@ -22,7 +22,16 @@ from fuckbase.backup import BackupStats
 from fuckbase.contract import BY_PATH, GET_PATHS
 from fuckbase.http import JSON_TYPE, PROMETHEUS_TYPE, HttpServer, Response, run_server
 from fuckbase.jobs import JobClient
-from fuckbase.metrics import Metrics, Published, Tallies, counter, gauge
+from fuckbase.metrics import (
+    BACKEND_FIGURES,
+    Metrics,
+    Published,
+    Tallies,
+    backend_metrics,
+    counter,
+    gauge,
+    publish_backend_figures,
+)
 from fuckbase.storage import Storage, StorageError
 
 if TYPE_CHECKING:
@@ -77,16 +86,22 @@ def _settle(futures: list[asyncio.Future[None]], error: StorageError | None) -> 
 
 def storage_metrics(storage: Storage) -> Iterable[Metric]:
     """Protected databases are not named: /metrics needs no credentials, and what a protected
-    database holds is only for those who have them. Their keys are counted together."""
-    with storage.read() as view:
-        counts = view.key_counts()
-        protected = {n for n in counts if view.database(n).auth}
+    database holds is only for those who have them. Their keys are counted together. With
+    the backend unavailable, these are left out (its own figures say why)."""
+    try:
+        with storage.read() as view:
+            counts = view.key_counts()
+            protected = {n for n in counts if view.database(n).auth}
+        sequence = storage.sequence()
+    except StorageError as exc:
+        log.warning("/metrics without the storage's counts: %s", exc)
+        return
     yield gauge("fuckbase_databases", "Databases", [], [([], len(counts))])
     yield gauge("fuckbase_keys", "Keys per open database", ["database"],
                 (([n], c) for n, c in sorted(counts.items()) if n not in protected))
     yield gauge("fuckbase_protected_keys", "Keys of all protected databases together", [],
                 [([], sum(counts[n] for n in protected))])
-    yield counter("fuckbase_commits", "Commits to the storage", [], [([], storage.sequence())])
+    yield counter("fuckbase_commits", "Commits to the storage", [], [([], sequence)])
 
 
 def backup_metrics(published: Published) -> Iterable[Metric]:
@@ -100,6 +115,7 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
     storage = rt.open_storage()
     metrics = Metrics(Tallies(rt.run_dir / f"tallies-worker-{slot}.bin", ENDPOINTS), rt.run_dir)
     metrics.add_source(lambda: storage_metrics(storage))
+    metrics.add_source(lambda: backend_metrics(rt.run_dir))
     backup_figures = Published(rt.run_dir, "backups")
     metrics.add_source(lambda: backup_metrics(backup_figures))
     info = {
@@ -143,7 +159,7 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
 
-    tasks = []
+    tasks = [loop.create_task(publish_backend_figures(storage.figures, Published(rt.run_dir, f"{BACKEND_FIGURES}worker-{slot}")))]
     if access_log is not None:
         tasks.append(loop.create_task(access_log.run()))
     loop.run_until_complete(stopping.wait())

@@ -14,6 +14,7 @@ from fuckbase.storage.interface import (
     DatabaseNotFound,
     Delete,
     Entry,
+    Figure,
     IndexDef,
     IndexExists,
     IndexKind,
@@ -40,7 +41,7 @@ from fuckbase.storage.interface import (
 
 __all__ = [
     "BASIC", "SORTABLE", "AccessCheck", "AlreadyExists", "BatchKeyNotFound", "BatchOp", "Change",
-    "Credentials", "Database", "DatabaseExists", "DatabaseNotFound", "Delete", "Entry", "IndexDef",
+    "Credentials", "Database", "DatabaseExists", "DatabaseNotFound", "Delete", "Entry", "Figure", "IndexDef",
     "IndexExists", "IndexKind", "IndexNotFound", "KeyNotFound", "NotFound", "Page", "Put", "ReadView",
     "RestoreWriter", "SetExists", "SetInfo", "SetNotFound", "Snapshot", "SortOrder", "StagedDatabase",
     "Storage", "StorageError", "StorageFailure", "StorageFull", "StorageUnavailable", "allow_all",

@@ -277,6 +277,16 @@ class RestoreWriter(Protocol):
     def abort(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Figure:
+    """A backend's own figure for /metrics (named fuckbase_storage_<name>)."""
+
+    name: str
+    doc: str
+    kind: Literal["gauge", "counter"]
+    samples: Sequence[tuple[Mapping[str, str], float]]
+
+
 # ------------------------------------------------------------------ the storage
 
 
@@ -339,6 +349,14 @@ class Storage(Protocol):
     def acknowledge(self, consumer: str, sequence: int) -> None: ...
 
     def release_changes(self, consumer: str) -> None: ...
+
+    def figures(self) -> list[Figure]:
+        """What the backend reports of itself (connections, failures); cheap, never fails."""
+
+    def lead(self, role: str) -> bool:
+        """Whether this process holds `role` among every process sharing the data, taking it
+        when free: the periodic jobs (housekeeping, scheduled and continuous backups) run on
+        its holder only. Held until `close`, or until the backend loses this process."""
 
     def maintain(self) -> bool:
         """Housekeeping for exactly one process: reclaim dropped data, trim acknowledged

@@ -36,6 +36,7 @@ from fuckbase.storage.interface import (
     DatabaseNotFound,
     Delete,
     Entry,
+    Figure,
     IndexDef,
     IndexExists,
     IndexNotFound,
@@ -122,6 +123,7 @@ class LmdbStorage:
     def __init__(self, path: Path, *, primary: bool = False, map_size: int = MAP_SIZE) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.primary = primary
         self.env = lmdb.open(
             str(path),
             map_size=map_size,
@@ -472,6 +474,14 @@ class LmdbStorage:
         return out
 
     # ------------------------------------------------------------------ housekeeping
+
+    def figures(self) -> list[Figure]:
+        """Nothing beyond what /metrics reports of every backend."""
+        return []
+
+    def lead(self, role: str) -> bool:
+        """The primary (the job process, alone on its data dir) holds every role."""
+        return self.primary
 
     def maintain(self) -> bool:
         """One round of housekeeping; True when more is left to do. One process calls it."""

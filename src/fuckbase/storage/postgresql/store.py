@@ -39,6 +39,7 @@ from fuckbase.storage.interface import (
     DatabaseNotFound,
     Delete,
     Entry,
+    Figure,
     IndexDef,
     IndexExists,
     IndexNotFound,
@@ -87,22 +88,34 @@ def _configure(conn: Conn) -> None:
     conn.adapters.register_loader("json", _RawJson)
 
 
+ERRORS: dict[str, int] = {}  # database errors by kind, for /metrics (one process's)
+
+
+def _failed(kind: str) -> None:
+    ERRORS[kind] = ERRORS.get(kind, 0) + 1
+
+
 @contextlib.contextmanager
 def translated() -> Iterator[None]:
-    """PostgreSQL's failures as the storage errors the API maps to statuses."""
+    """PostgreSQL's failures as the storage errors the API maps to statuses, counted by kind."""
     try:
         yield
     except StorageError:
         raise
     except PoolTimeout as exc:
+        _failed("no_connection")
         raise StorageUnavailable(f"PostgreSQL is unavailable: no connection ({exc})") from None
     except psycopg.errors.DiskFull as exc:
+        _failed("disk_full")
         raise StorageFull(f"PostgreSQL's disk is full: {exc}") from None
     except psycopg.errors.QueryCanceled as exc:
+        _failed("timeout")
         raise StorageUnavailable(f"PostgreSQL did not answer in time: {exc}") from None
     except (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.errors.CannotConnectNow) as exc:
+        _failed("unavailable")
         raise StorageUnavailable(f"PostgreSQL is unavailable: {str(exc).strip()}") from None
     except psycopg.Error as exc:
+        _failed("failure")
         raise StorageFailure(f"PostgreSQL failed: {type(exc).__name__}: {str(exc).strip()}") from None
 
 
@@ -350,6 +363,8 @@ class PostgresStorage:
                     "options": f"-c statement_timeout={statement_timeout_ms}"},
             name="fuckbase")
         self._groups = threading.local()
+        self._leading: dict[str, Conn] = {}
+        self._leading_lock = threading.Lock()
         with translated():
             self.pool.open(wait=True, timeout=connect_timeout)
             with self.pool.connection() as conn:
@@ -635,6 +650,45 @@ class PostgresStorage:
         with self._conn() as conn:
             conn.execute("DELETE FROM fb_consumers WHERE name = %s", (consumer,))
 
+    def figures(self) -> list[Figure]:
+        stats = self.pool.get_stats()
+        size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
+        return [
+            Figure("pool_connections", "Connections to PostgreSQL in this process's pool, by state", "gauge",
+                   [({"state": "busy"}, size - idle), ({"state": "idle"}, idle)]),
+            Figure("pool_max_connections", "The most connections this process's pool opens", "gauge",
+                   [({}, self.pool.max_size)]),
+            Figure("pool_waiting", "Requests waiting for a connection", "gauge", [({}, stats.get("requests_waiting", 0))]),
+            Figure("errors", "PostgreSQL errors met, by kind", "counter",
+                   [({"kind": kind}, n) for kind, n in sorted(ERRORS.items())]),
+        ]
+
+    def lead(self, role: str) -> bool:
+        """A session advisory lock on a connection of its own per role: PostgreSQL lets go of
+        it when this process dies or its connection breaks, and another node takes it."""
+        with self._leading_lock:
+            conn = self._leading.pop(role, None)
+            if conn is not None:
+                try:
+                    conn.execute("SELECT 1")
+                    self._leading[role] = conn
+                    return True
+                except psycopg.Error:
+                    log.warning("lost the lead of %r with the connection to PostgreSQL", role)
+                    with contextlib.suppress(psycopg.Error):
+                        conn.close()
+            try:
+                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+                row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended('fuckbase:' || %s, 0))",
+                                   (role,)).fetchone()
+            except psycopg.Error:
+                return False
+            if row is not None and row[0]:
+                self._leading[role] = conn
+                return True
+            conn.close()
+            return False
+
     def maintain(self) -> bool:
         """Trims acknowledged changes, reclaims what drops and restores left a chunk at a time,
         and forgets counts that reached zero. True when more is left."""
@@ -658,6 +712,11 @@ class PostgresStorage:
         """Every commit is durable when PostgreSQL acknowledges it."""
 
     def close(self) -> None:
+        with self._leading_lock:
+            for conn in self._leading.values():
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+            self._leading.clear()
         self.pool.close()
 
 
@@ -757,11 +816,9 @@ class PgView:
 
     def lookup(self, db: Database, set_name: str, index: str, text: str) -> list[Entry]:
         sid, ix_id, definition = self._index(db, set_name, index)
-        table = "fb_basic" if definition.kind == BASIC else "fb_sorted"
-        only_first = "" if definition.kind == BASIC else " AND x.field = 0"
-        rows = self.conn.execute(f"SELECT x.key, e.value FROM {table} x JOIN fb_entries e ON e.set_id = %s"  # noqa: S608
-                                 f" AND e.key = x.key WHERE x.index_id = %s AND x.grp = %s{only_first} ORDER BY x.key",
-                                 (sid, ix_id, group_token(text))).fetchall()
+        sql = LOOKUP_SQL.format(table="fb_basic", only_first="") if definition.kind == BASIC else \
+            LOOKUP_SQL.format(table="fb_sorted", only_first=" AND x.field = 0")
+        rows = self.conn.execute(sql.encode(), (sid, ix_id, group_token(text))).fetchall()
         return [Entry(k, bytes(v)) for k, v in rows]
 
     def page(self, db: Database, set_name: str, index: str, text: str, order: SortOrder,
@@ -792,6 +849,22 @@ class PgView:
         return {name: int(n) for name, n in rows}
 
 
+# entries whose indexed field reads a text, by key: {table} fb_basic, or fb_sorted with
+# {only_first} restricting it to the records of the primary field
+# (the value by a subquery: each is one primary-key probe, and the records come in index order)
+LOOKUP_SQL = ("SELECT x.key, (SELECT e.value FROM fb_entries e WHERE e.set_id = %s AND e.key = x.key) FROM {table} x"
+              " WHERE x.index_id = %s AND x.grp = %s{only_first} ORDER BY x.key")
+
+
+def page_sql(extra: str, desc: bool, limited: bool) -> str:
+    """One direction of a sortable index's records for one group, sort token then key, with
+    their values; `extra` narrows the range of tokens."""
+    return ("SELECT x.key, x.sort, (SELECT e.value FROM fb_entries e WHERE e.set_id = %(sid)s AND e.key = x.key)"
+            " FROM fb_sorted x WHERE x.index_id = %(ix)s AND x.field = %(f)s AND x.grp = %(g)s" + extra
+            + " ORDER BY x.sort" + (" DESC" if desc else "") + ", x.key OFFSET %(off)s"
+            + (" LIMIT %(lim)s" if limited else ""))
+
+
 class _Pager:
     """One direction of a sortable index's records for one group, as an index scan; entries
     whose sort tokens tie are put in exact order (other sort fields, long values, keys)."""
@@ -807,11 +880,8 @@ class _Pager:
 
     def _rows(self, extra: str, desc: bool, offset: int, limit: int | None, params: dict[str, Any] | None = None
               ) -> list[tuple[str, bytes, bytes]]:
-        direction = "DESC" if desc else ""
-        sql = (f"SELECT x.key, x.sort, e.value FROM fb_sorted x JOIN fb_entries e ON e.set_id = %(sid)s"  # noqa: S608
-               f" AND e.key = x.key WHERE {self.where}{extra} ORDER BY x.sort {direction}, x.key"
-               f" OFFSET %(off)s" + (" LIMIT %(lim)s" if limit is not None else ""))
-        rows = self.conn.execute(sql, {**self.params, **(params or {}), "off": offset, "lim": limit}).fetchall()
+        sql = page_sql(extra, desc, limit is not None)
+        rows = self.conn.execute(sql.encode(), {**self.params, **(params or {}), "off": offset, "lim": limit}).fetchall()
         return [(k, bytes(s), bytes(v)) for k, s, v in rows]
 
     def count(self, extra: str, params: dict[str, Any] | None = None) -> int:

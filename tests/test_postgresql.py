@@ -1,0 +1,247 @@
+"""Several stateless nodes on one PostgreSQL database: what each sees of the others' writes,
+concurrent writers of the same keys, a node killed under load, PostgreSQL stopped and started
+again under load, and the plans of the queries that must use an index."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import psycopg
+import pytest
+from conftest import ServerProcess
+from pgserver import PostgresServer
+
+from fuckbase.storage import SORTABLE, IndexDef, Put, allow_all
+from fuckbase.storage.postgresql import PostgresStorage
+from fuckbase.storage.postgresql.store import LOOKUP_SQL, page_sql
+from fuckbase.storage.values import MISSING_SORT_TOKEN, group_token
+
+
+def nodes(make_server: Any, url: str, count: int) -> list[ServerProcess]:
+    return [make_server(["--storage", url]) for _ in range(count)]
+
+
+def test_every_node_sees_every_write_and_catalog_change_at_once(make_server: Any, pg_url: str) -> None:
+    a, b, c = nodes(make_server, pg_url, 3)
+    a.ok("/create", {"name": "shop"})
+    b.ok("/set/put", {"database": "shop", "set": "users", "key": "u1", "value": {"e": "x", "n": 1}})
+    assert c.ok("/set/get", {"database": "shop", "set": "users", "key": "u1"})["data"] == {"e": "x", "n": 1}
+    c.ok("/index/create", {"database": "shop", "set": "users", "name": "e", "field": "e"})
+    a.ok("/index/create/sortable", {"database": "shop", "set": "users", "name": "by", "primary_field": "e",
+                                    "sort_fields": ["n"]})
+    b.ok("/set/put", {"database": "shop", "set": "users", "key": "u2", "value": {"e": "x", "n": 0}})
+    assert [d["key"] for d in a.ok("/index/query", {"database": "shop", "set": "users", "index": "e",
+                                                    "value": "x"})["data"]["data"]] == ["u1", "u2"]
+    page = c.ok("/index/query/sorted", {"database": "shop", "set": "users", "index": "by", "value": "x"})
+    assert [d["key"] for d in page["data"]] == ["u2", "u1"] and page["total"] == 2
+    b.ok("/drop", {"name": "shop"})
+    for node in (a, c):
+        r = node.post("/set/get", {"database": "shop", "set": "users", "key": "u1"})
+        assert (r.status_code, r.json()["code"]) == (404, "DB_NOT_FOUND")
+    assert a.ok("/server/info")["databases_count"] == 0
+
+
+def _hammer(node: ServerProcess, keys: list[str], stop: threading.Event, acked: dict[str, Any],
+            errors: list[str], seed: int) -> None:
+    rng = random.Random(seed)
+    with httpx.Client(base_url=node.url, timeout=30) as client:
+        i = 0
+        while not stop.is_set():
+            key = rng.choice(keys)
+            if rng.random() < 0.15:
+                r = client.post("/set/delete", json={"database": "d", "set": "s", "key": key})
+                if r.status_code not in (200, 404):
+                    errors.append(r.text)
+                continue
+            value = {"g": f"g{rng.randrange(4)}", "n": rng.randrange(1000), "w": seed, "i": i}
+            r = client.post("/set/put", json={"database": "d", "set": "s", "key": key, "value": value})
+            if r.status_code != 200:
+                errors.append(r.text)
+            else:
+                acked[key] = value
+            i += 1
+
+
+def test_indexes_stay_exact_under_concurrent_writes_to_the_same_keys_from_several_nodes(
+        make_server: Any, pg_url: str) -> None:
+    a, b = nodes(make_server, pg_url, 2)
+    a.ok("/create", {"name": "d"})
+    a.ok("/set/create", {"database": "d", "name": "s"})
+    a.ok("/index/create", {"database": "d", "set": "s", "name": "g", "field": "g"})
+    b.ok("/index/create/sortable", {"database": "d", "set": "s", "name": "by", "primary_field": "g",
+                                    "sort_fields": ["n"]})
+    keys = [f"k{i}" for i in range(40)]
+    stop = threading.Event()
+    errors: list[str] = []
+    threads = [threading.Thread(target=_hammer, args=(node, keys, stop, {}, errors, seed))
+               for seed, node in enumerate([a, a, b, b])]
+    for t in threads:
+        t.start()
+    time.sleep(4)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    current = {}
+    for key in keys:
+        r = a.post("/set/get", {"database": "d", "set": "s", "key": key})
+        if r.status_code == 200:
+            current[key] = r.json()["data"]
+    for g in ("g0", "g1", "g2", "g3"):
+        want = sorted(k for k, v in current.items() if v["g"] == g)
+        for node in (a, b):
+            found = node.ok("/index/query", {"database": "d", "set": "s", "index": "g", "value": g})["data"]["data"]
+            assert sorted(d["key"] for d in found) == want, g
+            page = node.ok("/index/query/sorted", {"database": "d", "set": "s", "index": "by", "value": g,
+                                                   "pagination": {"limit": 100}})
+            assert page["total"] == len(want)
+            assert [d["key"] for d in page["data"]] == sorted(want, key=lambda k: (current[k]["n"], k))
+
+
+def test_a_node_killed_under_load_leaves_the_others_serving_every_acknowledged_write(
+        make_server: Any, pg_url: str) -> None:
+    a, b = nodes(make_server, pg_url, 2)
+    a.ok("/create", {"name": "d"})
+    a.ok("/set/create", {"database": "d", "name": "s"})
+    stop = threading.Event()
+    acked_a: dict[str, Any] = {}
+    acked_b: dict[str, Any] = {}
+    errors_a: list[str] = []
+    errors_b: list[str] = []
+    ta = threading.Thread(target=_writer, args=(a, "a", stop, acked_a, errors_a))
+    tb = threading.Thread(target=_writer, args=(b, "b", stop, acked_b, errors_b))
+    ta.start()
+    tb.start()
+    time.sleep(1.5)
+    a.kill9()
+    time.sleep(1.5)
+    stop.set()
+    ta.join()
+    tb.join()
+    assert not errors_b, errors_b[:3]
+    assert acked_a and acked_b
+    for key, value in {**acked_a, **acked_b}.items():
+        assert b.ok("/set/get", {"database": "d", "set": "s", "key": key})["data"] == value
+
+
+def _writer(node: ServerProcess, name: str, stop: threading.Event, acked: dict[str, Any], errors: list[str]) -> None:
+    with httpx.Client(base_url=node.url, timeout=10) as client:
+        i = 0
+        while not stop.is_set():
+            key = f"{name}{i}"
+            try:
+                r = client.post("/set/put", json={"database": "d", "set": "s", "key": key, "value": i})
+            except httpx.HTTPError:
+                return  # this node is gone: what it acknowledged is checked on the other
+            if r.status_code == 200:
+                acked[key] = i
+            else:
+                errors.append(r.text)
+            i += 1
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A cluster of the test's own, to stop and start."""
+    server = PostgresServer()
+    server.init()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_postgresql_stopped_and_started_again_under_load(make_server: Any, own_postgres: PostgresServer) -> None:
+    url = own_postgres.new_database()
+    node = make_server(["--storage", url])
+    node.ok("/create", {"name": "d"})
+    acked: dict[str, int] = {}
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=node.url, timeout=30) as client:
+            i = 0
+            while not stop.is_set():
+                r = client.post("/set/put", json={"database": "d", "set": "s", "key": f"k{i}", "value": i})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    acked[f"k{i}"] = i
+                else:
+                    body = r.json()
+                    assert (r.status_code, body["status"], body["code"]) == (503, "error", "STORAGE_UNAVAILABLE"), r.text
+                    time.sleep(0.05)
+                i += 1
+
+    t = threading.Thread(target=load)
+    t.start()
+    time.sleep(1)
+    own_postgres.stop()
+    time.sleep(2)
+    r = node.post("/set/get", {"database": "d", "set": "s", "key": "k0"})
+    assert r.status_code == 503 and r.json()["code"] == "STORAGE_UNAVAILABLE", r.text
+    metrics = httpx.get(node.url + "/metrics", timeout=30)
+    assert metrics.status_code == 200 and 'fuckbase_storage_errors_total{kind="unavailable"}' in metrics.text
+    assert "fuckbase_storage_pool_connections" in metrics.text
+    own_postgres.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and node.post("/set/get", {"database": "d", "set": "s", "key": "k0"}).status_code != 200:
+        time.sleep(0.2)
+    before = len(acked)
+    time.sleep(1)
+    stop.set()
+    t.join()
+    assert 503 in statuses and len(acked) > before, "writes failed while it was down and went on after"
+    for key, value in acked.items():
+        assert node.ok("/set/get", {"database": "d", "set": "s", "key": key})["data"] == value
+
+
+def test_the_periodic_jobs_run_on_one_node_at_a_time(pg_url: str) -> None:
+    first, second = PostgresStorage(pg_url), PostgresStorage(pg_url)
+    try:
+        assert first.lead("jobs") and first.lead("jobs")
+        assert not second.lead("jobs")
+        first.close()
+        assert second.lead("jobs")  # the lock went with the first process's connection
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_lookup_and_a_sorted_page_are_index_scans(pg_url: str) -> None:
+    storage = PostgresStorage(pg_url)
+    try:
+        storage.create_database("d", None)
+        rows = [Put(f"k{i:06d}", v, orjson.dumps(v)) for i in range(20_000)
+                for v in [{"g": f"g{i % 200}", "n": i % 977}]]
+        for i in range(0, len(rows), 5000):
+            storage.batch("d", "s", rows[i : i + 5000], allow_all)
+        storage.create_index("d", "s", IndexDef("g", "g"), allow_all)
+        storage.create_index("d", "s", IndexDef("by", "g", SORTABLE, ("n",)), allow_all)
+        with storage.read() as view:
+            db = view.database("d")
+        with psycopg.connect(pg_url) as conn:
+            conn.execute("ANALYZE")
+            set_id, basic_id, sorted_id = db.set_ids["s"], db.index_ids[("s", "g")], db.index_ids[("s", "by")]
+            plans = {
+                "lookup": conn.execute("EXPLAIN " + LOOKUP_SQL.format(table="fb_basic", only_first=""),
+                                       (set_id, basic_id, group_token("g7"))).fetchall(),
+                "page": conn.execute("EXPLAIN " + page_sql("", desc=False, limited=True),
+                                     {"sid": set_id, "ix": sorted_id, "f": 0, "g": group_token("g7"),
+                                      "missing": MISSING_SORT_TOKEN, "off": 0, "lim": 10}).fetchall(),
+                "page desc": conn.execute("EXPLAIN " + page_sql(" AND x.sort < %(missing)s", desc=True, limited=True),
+                                          {"sid": set_id, "ix": sorted_id, "f": 0, "g": group_token("g7"),
+                                           "missing": MISSING_SORT_TOKEN, "off": 0, "lim": 10}).fetchall(),
+            }
+        for name, plan in plans.items():
+            text = "\n".join(r[0] for r in plan)
+            assert "Index" in text and "Seq Scan" not in text, f"{name}:\n{text}"
+    finally:
+        storage.close()
