@@ -18,13 +18,12 @@ import psycopg
 
 from fuckbase.storage.interface import Credentials, Database, IndexDef, StorageError
 from fuckbase.storage.postgresql.store import (
-    CATALOG_SQL,
     Conn,
     IndexRow,
     PgDatabase,
     Tx,
-    _database_of,
     _discard_database,
+    load_catalog,
     translated,
 )
 from fuckbase.storage.values import MISSING
@@ -54,8 +53,8 @@ class PgSnapshot:
 
     def databases(self) -> list[Database]:
         with translated():
-            rows = self._conn.execute(CATALOG_SQL + " ORDER BY d.name").fetchall()
-        return [_database_of(r) for r in rows]
+            catalog = load_catalog(self._conn, 0)
+        return [catalog.databases[name] for name in catalog.names()]
 
     def entries(self, db: Database, set_name: str) -> Iterator[tuple[str, bytes]]:
         assert isinstance(db, PgDatabase)
@@ -93,7 +92,8 @@ class PgRestoreWriter:
         with translated():
             self._conn: Conn = self._pool.getconn()
             self._conn.execute("BEGIN")
-        self._tx = Tx(self._conn)
+        self._tx = Tx(self._conn, storage.catalogs, 0)
+        self._tx.catalog_changed = True  # whatever it stages is looked up, never taken from a cache
         self._dbs: list[PgStagedDatabase] = []
         self._done = False
 
@@ -217,13 +217,15 @@ class PgRestoreWriter:
         self._dbs.remove(db)
 
     def commit(self, replace_all: bool, check: Callable[[Database], None] | None = None) -> None:
-        """Locks what the swap replaces, checks it, renames, numbers, commits."""
+        """Takes the sequence row (as every write does), checks what the swap replaces,
+        renames, numbers, commits."""
         names = [db.name for db in self._dbs]
         if any(n is None for n in names):
             self.abort()
             raise ValueError("every staged database needs its name before the swap")
         staged_ids = [db.id for db in self._dbs]
         with self._step() as tx:
+            tx.q("SELECT seq FROM fb_state WHERE id = 1 FOR UPDATE")  # first, as every write does
             tx.q("SAVEPOINT swap")
         try:
             with translated():
@@ -243,9 +245,9 @@ class PgRestoreWriter:
         tx = self._tx
         if replace_all:
             rows = tx.q("SELECT id, name, auth FROM fb_databases WHERE name IS NOT NULL AND NOT id = ANY(%s)"
-                        " ORDER BY id FOR UPDATE", (staged_ids,)).fetchall()
+                        " ORDER BY id", (staged_ids,)).fetchall()
         else:
-            rows = tx.q("SELECT id, name, auth FROM fb_databases WHERE name = ANY(%s) ORDER BY id FOR UPDATE",
+            rows = tx.q("SELECT id, name, auth FROM fb_databases WHERE name = ANY(%s) ORDER BY id",
                         (names,)).fetchall()
         for db_id, name, auth in rows:
             if check is not None:

@@ -24,8 +24,9 @@ MIGRATIONS: list[str] = [
     # version 1
     """
     CREATE TABLE fb_meta (key text PRIMARY KEY, value bigint NOT NULL);
-    CREATE TABLE fb_state (id int PRIMARY KEY CHECK (id = 1), seq bigint NOT NULL);
-    INSERT INTO fb_state VALUES (1, 0);
+    -- seq: the last commit's number; catalog: moves with every change of databases, sets, indexes
+    CREATE TABLE fb_state (id int PRIMARY KEY CHECK (id = 1), seq bigint NOT NULL, catalog bigint NOT NULL);
+    INSERT INTO fb_state VALUES (1, 0, 0);
     -- a database's name is NULL while it is staged by a restore or dropped (`dropped` then set)
     CREATE TABLE fb_databases (
         id bigserial PRIMARY KEY,
@@ -82,34 +83,23 @@ MIGRATIONS: list[str] = [
     CREATE TABLE fb_consumers (name text PRIMARY KEY, acked bigint NOT NULL);
     -- what a drop or a restore left for housekeeping to reclaim: ('database' | 'index', id)
     CREATE TABLE fb_garbage (kind text NOT NULL, id bigint NOT NULL, PRIMARY KEY (kind, id));
-    -- what a write needs of its database and set: the database row is locked (shared) first,
-    -- then the indexes are read, so that a write sees every index whose definition committed
-    -- before it got its lock (an index build takes the lock exclusively to define one)
-    CREATE FUNCTION fb_target(db text, set_name text, OUT database_id bigint, OUT auth jsonb,
-                              OUT set_id bigint, OUT indexes json)
-    LANGUAGE plpgsql AS $$
-    BEGIN
-        SELECT d.id, d.auth INTO database_id, auth FROM fb_databases d WHERE d.name = db FOR KEY SHARE;
-        IF database_id IS NULL THEN
-            RETURN;
-        END IF;
-        SELECT s.id INTO set_id FROM fb_sets s WHERE s.database_id = fb_target.database_id AND s.name = set_name;
-        SELECT json_agg(json_build_array(i.id, i.field, i.kind, i.sort_fields) ORDER BY i.id) INTO indexes
-            FROM fb_indexes i WHERE i.set_id = fb_target.set_id;
-    END $$;
-    -- the end of every numbered write: counts (in a fixed order, so writers never deadlock),
-    -- the next sequence number (its row lock orders commits), and the change when retained
+    -- the end of every write: the counts, then (numbered) the next sequence number and the
+    -- change, when a consumer retains changes
     CREATE FUNCTION fb_commit(set_ids bigint[], set_deltas bigint[], ix_ids bigint[], grps bytea[],
-                              grp_deltas bigint[], at double precision, ops int, rec bytea, numbered boolean)
+                              grp_deltas bigint[], at double precision, ops int, rec bytea, numbered boolean,
+                              catalog_changed boolean)
     RETURNS bigint LANGUAGE plpgsql AS $$
     DECLARE
         s bigint;
     BEGIN
+        IF catalog_changed THEN
+            UPDATE fb_state SET catalog = catalog + 1 WHERE id = 1;
+        END IF;
         INSERT INTO fb_set_counts AS c (set_id, n)
-            SELECT u.i, u.d FROM unnest(set_ids, set_deltas) AS u(i, d) ORDER BY u.i
+            SELECT u.i, u.d FROM unnest(set_ids, set_deltas) AS u(i, d)
             ON CONFLICT (set_id) DO UPDATE SET n = c.n + excluded.n;
         INSERT INTO fb_group_counts AS c (index_id, grp, n)
-            SELECT u.i, u.g, u.d FROM unnest(ix_ids, grps, grp_deltas) AS u(i, g, d) ORDER BY u.i, u.g
+            SELECT u.i, u.g, u.d FROM unnest(ix_ids, grps, grp_deltas) AS u(i, g, d)
             ON CONFLICT (index_id, grp) DO UPDATE SET n = c.n + excluded.n;
         IF NOT numbered THEN
             RETURN NULL;
@@ -120,23 +110,14 @@ MIGRATIONS: list[str] = [
         END IF;
         RETURN s;
     END $$;
-    -- one entry stored or replaced under a lock of its key, so that concurrent writers of one
-    -- key (on any node) each see the value they replace; returns that value
+    -- one entry stored or replaced (writers hold the sequence row: no other changes it
+    -- meanwhile); returns the value it replaces, for the index records
     CREATE FUNCTION fb_put(sid bigint, k text, v json) RETURNS text LANGUAGE plpgsql AS $$
     DECLARE
         old text;
     BEGIN
-        PERFORM pg_advisory_xact_lock(hashtextextended(k, sid));
         SELECT value::text INTO old FROM fb_entries WHERE set_id = sid AND key = k;
         INSERT INTO fb_entries VALUES (sid, k, v) ON CONFLICT (set_id, key) DO UPDATE SET value = excluded.value;
-        RETURN old;
-    END $$;
-    CREATE FUNCTION fb_delete(sid bigint, k text) RETURNS text LANGUAGE plpgsql AS $$
-    DECLARE
-        old text;
-    BEGIN
-        PERFORM pg_advisory_xact_lock(hashtextextended(k, sid));
-        DELETE FROM fb_entries WHERE set_id = sid AND key = k RETURNING value::text INTO old;
         RETURN old;
     END $$;
     """,

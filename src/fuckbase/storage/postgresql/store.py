@@ -1,13 +1,11 @@
 """The PostgreSQL backend: any number of stateless nodes serving one shared database.
 
-Every write is one PostgreSQL transaction. Its last statement (`fb_commit`) applies the counts
-and takes the next sequence number from one row, so commits are numbered in the order they
-become visible, without gaps, across every node; retained changes are stored in the same
-transaction. A read view is one REPEATABLE READ transaction: catalog and data from one instant.
-Index contents are computed here, with the same rules as the embedded backend
-(`fuckbase.storage.values`), and kept in side tables; a row's old value comes back from
-`fb_put`/`fb_delete` under a lock of its key, so concurrent writers on any node keep the
-indexes exact.
+Every write is one PostgreSQL transaction, which first locks the one row holding the sequence
+number and ends by taking the next number from it (`fb_commit`, with the counts): commits are
+numbered in the order they become visible, without gaps, across every node, retained changes
+are stored in the same transaction, and writers never deadlock. A read view is one REPEATABLE
+READ transaction: catalog and data from one instant. Index contents are computed here, with
+the same rules as the embedded backend (`fuckbase.storage.values`), and kept in side tables.
 """
 
 from __future__ import annotations
@@ -143,32 +141,73 @@ class IndexRow:
         return IndexDef("", self.field, SORTABLE if self.kind == SORTABLE else BASIC, self.sort_fields)
 
 
-def _database_of(row: tuple[Any, ...]) -> PgDatabase:
-    """A database from (id, name, auth, sets as JSON [[set id, name, [[index id, name, field,
-    kind, sort fields], ...]], ...])."""
-    db_id, name, auth, sets_json = row
-    sets: dict[str, SetInfo] = {}
-    set_ids: dict[str, int] = {}
-    index_ids: dict[tuple[str, str], int] = {}
-    for set_id, set_name, indexes in orjson.loads(sets_json) if sets_json else []:
-        defs = {}
-        for ix_id, ix_name, fld, kind, sort_fields in indexes or []:
-            defs[ix_name] = IndexDef(ix_name, fld, SORTABLE if kind == SORTABLE else BASIC, tuple(sort_fields or ()))
-            index_ids[(set_name, ix_name)] = ix_id
-        sets[set_name] = SetInfo(set_name, defs)
-        set_ids[set_name] = set_id
-    return PgDatabase(name, auth, sets, db_id, set_ids, index_ids)
+@dataclass(frozen=True)
+class Catalog:
+    """Every database, set and index at one catalog version: read views take their databases
+    from it, writes their sets and every index to keep current (ready or being built)."""
+
+    version: int
+    databases: dict[str, PgDatabase]
+    indexes: dict[int, tuple[IndexRow, ...]]  # by set id
+
+    def names(self) -> list[str]:
+        return sorted(self.databases)
 
 
-# every named database with its sets and ready indexes, as one row each
+# every named database with its sets and indexes: [[set id, name, [[index id, name, field,
+# kind, sort fields, ready], ...]], ...]
 CATALOG_SQL = """
 SELECT d.id, d.name, d.auth,
        (SELECT json_agg(json_build_array(s.id, s.name,
-                (SELECT json_agg(json_build_array(i.id, i.name, i.field, i.kind, i.sort_fields) ORDER BY i.name)
-                   FROM fb_indexes i WHERE i.set_id = s.id AND i.ready)) ORDER BY s.name)
+                (SELECT json_agg(json_build_array(i.id, i.name, i.field, i.kind, i.sort_fields, i.ready) ORDER BY i.id)
+                   FROM fb_indexes i WHERE i.set_id = s.id)) ORDER BY s.name)
           FROM fb_sets s WHERE s.database_id = d.id)
   FROM fb_databases d WHERE d.name IS NOT NULL
 """
+
+
+def load_catalog(conn: Conn, version: int) -> Catalog:
+    """The catalog as the connection's transaction sees it (whose version is `version`)."""
+    databases: dict[str, PgDatabase] = {}
+    all_indexes: dict[int, tuple[IndexRow, ...]] = {}
+    for db_id, name, auth, sets_json in conn.execute(CATALOG_SQL).fetchall():
+        sets: dict[str, SetInfo] = {}
+        set_ids: dict[str, int] = {}
+        index_ids: dict[tuple[str, str], int] = {}
+        for set_id, set_name, indexes in orjson.loads(sets_json) if sets_json else []:
+            ready = {}
+            rows = []
+            for ix_id, ix_name, fld, kind, sort_fields, is_ready in indexes or []:
+                rows.append(IndexRow(ix_id, fld, kind, tuple(sort_fields or ())))
+                if is_ready:
+                    ready[ix_name] = IndexDef(ix_name, fld, SORTABLE if kind == SORTABLE else BASIC,
+                                              tuple(sort_fields or ()))
+                    index_ids[(set_name, ix_name)] = ix_id
+            sets[set_name] = SetInfo(set_name, ready)
+            set_ids[set_name] = set_id
+            all_indexes[set_id] = tuple(rows)
+        databases[name] = PgDatabase(name, auth, sets, db_id, set_ids, index_ids)
+    return Catalog(version, databases, all_indexes)
+
+
+class CatalogCache:
+    """The newest catalog this process read, by version: a view or write whose transaction
+    sees the same version uses it without reading the catalog again. Every change to the
+    catalog moves the version (`fb_commit`), on whichever node makes it."""
+
+    def __init__(self) -> None:
+        self._catalog: Catalog | None = None
+        self._lock = threading.Lock()
+
+    def at(self, conn: Conn, version: int) -> Catalog:
+        cached = self._catalog
+        if cached is not None and cached.version == version:
+            return cached
+        catalog = load_catalog(conn, version)
+        with self._lock:
+            if self._catalog is None or self._catalog.version < version:
+                self._catalog = catalog
+        return catalog
 
 
 # ------------------------------------------------------------------ index records of an entry
@@ -206,8 +245,11 @@ class _Touched:
 class Tx:
     """One write transaction: the ops it logs, the entries it touched, the counts it moves."""
 
-    def __init__(self, conn: Conn) -> None:
+    def __init__(self, conn: Conn, catalogs: CatalogCache, version: int) -> None:
         self.conn = conn
+        self.catalogs = catalogs
+        self.version = version  # of the catalog as the transaction began
+        self.catalog_changed = False
         self.ops: list[Any] = []
         self.touched: dict[tuple[int, str], _Touched] = {}
         self.set_deltas: dict[int, int] = {}
@@ -218,6 +260,9 @@ class Tx:
 
     def log(self, op: Any) -> None:
         self.ops.append(op)
+
+    def nested(self) -> Tx:
+        return Tx(self.conn, self.catalogs, self.version)
 
     def touch(self, set_id: int, key: str, indexes: Sequence[IndexRow], before: Any, after: Any) -> None:
         seen = self.touched.get((set_id, key))
@@ -231,6 +276,7 @@ class Tx:
     def absorb(self, child: Tx) -> None:
         """Takes in what a nested write (a savepoint) did, once it succeeded."""
         self.ops.extend(child.ops)
+        self.catalog_changed = self.catalog_changed or child.catalog_changed
         for k, t in child.touched.items():
             if k in self.touched:
                 self.touched[k].after = t.after
@@ -243,8 +289,8 @@ class Tx:
 
     def write_index_records(self) -> None:
         """The index records of every touched entry, from its value before to its value now;
-        counts move by the records actually removed and added, so a concurrent index build
-        (which adds what it finds) and the writes never count an entry twice."""
+        counts move by the records actually removed and added, so an index build (which adds
+        what it finds, between writes) and the writes never count an entry twice."""
         del_b: list[tuple[int, bytes, str]] = []
         add_b: list[tuple[int, bytes, str]] = []
         del_s: list[tuple[int, int, bytes, bytes, str]] = []
@@ -295,10 +341,29 @@ class Tx:
         now = time.time()
         record = orjson.dumps({"t": now, "n": len(self.ops), "ops": self.ops}) if numbered else b""
         row = self.q("SELECT fb_commit(%s::bigint[], %s::bigint[], %s::bigint[], %s::bytea[], %s::bigint[],"
-                     " %s, %s, %s, %s)",
+                     " %s, %s, %s, %s, %s)",
                      ([k for k, _ in sets], [v for _, v in sets], [k[0] for k, _ in groups], [k[1] for k, _ in groups],
-                      [v for _, v in groups], now, len(self.ops), record, numbered)).fetchone()
+                      [v for _, v in groups], now, len(self.ops), record, numbered, self.catalog_changed)).fetchone()
         return None if row is None or row[0] is None else int(row[0])
+
+
+@contextlib.contextmanager
+def writing(conn: Conn) -> Iterator[int]:
+    """A write transaction; yields the catalog version it sees. It takes the sequence row
+    first: writers on every node run one at a time from there to their commit (which numbering
+    needs anyway), so none waits for a lock another holds while that one waits for its,
+    whatever keys a group of writes touches, and the catalog cannot change under it; the same
+    statement begins the transaction, so this costs no round trip."""
+    cur = conn.execute("BEGIN; SELECT catalog FROM fb_state WHERE id = 1 FOR UPDATE")
+    cur.nextset()
+    row = cur.fetchone()
+    try:
+        yield int(row[0]) if row else 0
+    except BaseException:
+        with contextlib.suppress(psycopg.Error):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -315,21 +380,34 @@ class Target:
 
 
 def target(tx: Tx, database: str, set_name: str, check: AccessCheck, *, create_set: bool = False) -> Target:
-    """The database and set a write goes to, its credentials checked. A database a restore
-    swapped in while this waited is looked up again."""
-    row = None
-    for _ in range(2):
-        row = tx.q("SELECT * FROM fb_target(%s, %s)", (database, set_name)).fetchone()
-        if row is not None and row[0] is not None:
-            break
-    if row is None or row[0] is None:
-        raise DatabaseNotFound(database)
-    db_id, auth, set_id, indexes = row
+    """The database and set a write goes to (with every index of the set, ready or being
+    built), its credentials checked: from the cached catalog when it is the transaction's,
+    else (the transaction changed it already) read."""
+    if not tx.catalog_changed:
+        db = tx.catalogs.at(tx.conn, tx.version).databases.get(database)
+        if db is None:
+            raise DatabaseNotFound(database)
+        db_id, auth, set_id = db.id, db.auth, db.set_ids.get(set_name)
+        indexes = tx.catalogs.at(tx.conn, tx.version).indexes.get(set_id, ()) if set_id is not None else ()
+    else:
+        row = tx.q(TARGET_SQL, (set_name, database)).fetchone()
+        if row is None:
+            raise DatabaseNotFound(database)
+        db_id, auth, set_id, found = row
+        indexes = tuple(IndexRow(i, f, k, tuple(s or ())) for i, f, k, s in orjson.loads(found)) if found else ()
     check(auth)
     if set_id is None and create_set:
         set_id = _create_set(tx, db_id, database, set_name)
-    rows = tuple(IndexRow(i, f, k, tuple(s or ())) for i, f, k, s in orjson.loads(indexes)) if indexes else ()
-    return Target(db_id, set_id, rows)
+    return Target(db_id, set_id, indexes)
+
+
+TARGET_SQL = """
+SELECT d.id, d.auth, s.id,
+       (SELECT json_agg(json_build_array(i.id, i.field, i.kind, i.sort_fields) ORDER BY i.id)
+          FROM fb_indexes i WHERE i.set_id = s.id)
+  FROM fb_databases d LEFT JOIN fb_sets s ON s.database_id = d.id AND s.name = %s
+ WHERE d.name = %s
+"""
 
 
 def _create_set(tx: Tx, db_id: int, database: str, set_name: str) -> int:
@@ -340,6 +418,7 @@ def _create_set(tx: Tx, db_id: int, database: str, set_name: str) -> int:
         assert found is not None
         return int(found[0])
     tx.log(("create_set", database, set_name))
+    tx.catalog_changed = True
     return int(row[0])
 
 
@@ -363,6 +442,7 @@ class PostgresStorage:
                     "options": f"-c statement_timeout={statement_timeout_ms}"},
             name="fuckbase")
         self._groups = threading.local()
+        self.catalogs = CatalogCache()
         self._leading: dict[str, Conn] = {}
         self._leading_lock = threading.Lock()
         with translated():
@@ -377,13 +457,16 @@ class PostgresStorage:
         with translated(), self.pool.connection() as conn:
             yield conn
 
-    def _write(self, op: Callable[[Tx], Any], *, numbered: bool = True) -> Any:
+    def _write(self, op: Callable[[Tx], Any], *, numbered: bool = True, savepoint: bool = False) -> Any:
+        """Runs a write as its own transaction, or queues it in this thread's open group;
+        `savepoint`: it may fail after changing something (in a group, it then runs under
+        a savepoint of its own)."""
         group: _Group | None = getattr(self._groups, "open", None)
         if group is not None:
-            group.queue.append(op)
+            group.queue.append((op, savepoint))
             return None
-        with self._conn() as conn, conn.transaction():
-            tx = Tx(conn)
+        with self._conn() as conn, writing(conn) as version:
+            tx = Tx(conn, self.catalogs, version)
             result = op(tx)
             tx.finish(numbered)
         return result
@@ -403,31 +486,31 @@ class PostgresStorage:
         return len(group.queue) if group is not None else 0
 
     def end_group(self) -> list[BaseException | None]:
+        """Each write fails before it changes anything (a missing database, a refused access
+        check) or not at all, but for batches, which run under a savepoint; a failure of
+        PostgreSQL itself fails the whole group."""
         group: _Group = self._groups.open
         self._groups.open = None
         if not group.queue:
             return []
         results: list[BaseException | None] = []
         try:
-            with self._conn() as conn, conn.transaction():
-                tx = Tx(conn)
-                for op in group.queue:
-                    child = Tx(conn)
+            with self._conn() as conn, writing(conn) as version:
+                tx = Tx(conn, self.catalogs, version)
+                for op, savepoint in group.queue:
+                    child = tx.nested()
                     try:
-                        with conn.transaction():
+                        if savepoint:
+                            with conn.transaction():
+                                op(child)
+                                child.write_index_records()
+                        else:
                             op(child)
-                            child.write_index_records()
                     except StorageError as exc:
                         results.append(exc)
                         continue
-                    except psycopg.Error as exc:
-                        if isinstance(exc, psycopg.OperationalError):
-                            raise
-                        with contextlib.suppress(StorageError):
-                            with translated():
-                                raise exc
-                        results.append(StorageFailure(str(exc)))
-                        continue
+                    except psycopg.Error:
+                        raise
                     except Exception as exc:  # noqa: BLE001 (an access check's refusal, say)
                         results.append(exc)
                         continue
@@ -447,9 +530,11 @@ class PostgresStorage:
     def _view(self) -> Iterator[PgView]:
         with self._conn() as conn:
             # the snapshot is taken by a transaction's first query: here, so the view's instant is now
-            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
+            cur = conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT catalog FROM fb_state WHERE id = 1")
+            cur.nextset()
+            row = cur.fetchone()
             try:
-                yield PgView(conn)
+                yield PgView(conn, self.catalogs.at(conn, int(row[0]) if row else 0))
             finally:
                 with contextlib.suppress(psycopg.Error):
                     conn.execute("ROLLBACK")
@@ -461,12 +546,13 @@ class PostgresStorage:
             if row is None:
                 raise DatabaseExists(name)
             tx.log(("create_database", name, dict(auth) if auth else None))
+            tx.catalog_changed = True
 
         self._write(op)
 
     def drop_database(self, name: str, check: AccessCheck) -> None:
         def op(tx: Tx) -> None:
-            row = tx.q("SELECT id, auth FROM fb_databases WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            row = tx.q("SELECT id, auth FROM fb_databases WHERE name = %s", (name,)).fetchone()
             if row is None:
                 raise DatabaseNotFound(name)
             check(row[1])
@@ -485,6 +571,7 @@ class PostgresStorage:
             if row is None:
                 raise SetExists(name)
             tx.log(("create_set", database, name))
+            tx.catalog_changed = True
 
         self._write(op)
 
@@ -527,19 +614,19 @@ class PostgresStorage:
 
         if not ops:
             return 0
-        result = self._write(op)
+        result = self._write(op, savepoint=True)
         return len(ops) if result is None else int(result)
 
     # -- indexes
 
     def create_index(self, database: str, set_name: str, definition: IndexDef, check: AccessCheck) -> None:
-        """Defines the index (not yet ready) under an exclusive lock of the database row, so
-        that every write from then on keeps it current; fills it a chunk per transaction from
-        the values committed at that moment; then makes it ready, as one numbered commit."""
+        """Defines the index (not yet ready), so that every write from then on keeps it
+        current; fills it a chunk per write transaction, from the values committed at that
+        moment (writes go on between the chunks); then makes it ready, as one numbered commit."""
 
         def define(tx: Tx) -> tuple[int, int]:
             row = tx.q("SELECT d.id, d.auth, s.id FROM fb_databases d LEFT JOIN fb_sets s ON s.database_id = d.id"
-                       " AND s.name = %s WHERE d.name = %s FOR UPDATE OF d", (set_name, database)).fetchone()
+                       " AND s.name = %s WHERE d.name = %s", (set_name, database)).fetchone()
             if row is None:
                 raise DatabaseNotFound(database)
             check(row[1])
@@ -550,6 +637,7 @@ class PostgresStorage:
                                                                  definition.kind, list(definition.sort_fields))).fetchone()
             if made is None:
                 raise IndexExists(definition.name)
+            tx.catalog_changed = True  # writes from now on keep it current
             return int(row[2]), int(made[0])
 
         set_id, index_id = self._write(define, numbered=False)
@@ -566,6 +654,7 @@ class PostgresStorage:
             if row is None:
                 raise IndexNotFound(definition.name, f"index {definition.name!r} was dropped while it was built")
             tx.log(("create_index", database, set_name, definition))
+            tx.catalog_changed = True
 
         self._write(publish)
 
@@ -574,11 +663,11 @@ class PostgresStorage:
         first = True
         while True:
             def chunk(tx: Tx, after: str = after, first: bool = first) -> str | None:
-                alive = tx.q("SELECT 1 FROM fb_indexes WHERE id = %s FOR KEY SHARE", (ix.id,)).fetchone()
+                alive = tx.q("SELECT 1 FROM fb_indexes WHERE id = %s", (ix.id,)).fetchone()
                 if alive is None:
                     raise IndexNotFound(ix.field, "the index was dropped while it was built")
                 rows = tx.q("SELECT key, value FROM fb_entries WHERE set_id = %s AND (key > %s OR %s)"
-                            " ORDER BY key LIMIT %s FOR SHARE", (set_id, after, first, BUILD_CHUNK)).fetchall()
+                            " ORDER BY key LIMIT %s", (set_id, after, first, BUILD_CHUNK)).fetchall()
                 for key, value in rows:
                     tx.touch(set_id, key, (ix,), MISSING, orjson.loads(value))
                 tx.set_deltas.clear()  # the entries were there: only the index records are new
@@ -593,7 +682,7 @@ class PostgresStorage:
         def op(tx: Tx) -> None:
             row = tx.q("SELECT d.auth, i.id FROM fb_databases d JOIN fb_sets s ON s.database_id = d.id AND s.name = %s"
                        " LEFT JOIN fb_indexes i ON i.set_id = s.id AND i.name = %s AND i.ready"
-                       " WHERE d.name = %s FOR UPDATE OF d", (set_name, name, database)).fetchone()
+                       " WHERE d.name = %s", (set_name, name, database)).fetchone()
             if row is None:
                 exists = tx.q("SELECT auth FROM fb_databases WHERE name = %s", (database,)).fetchone()
                 if exists is None:
@@ -722,7 +811,7 @@ class PostgresStorage:
 
 @dataclass
 class _Group:
-    queue: list[Callable[[Tx], Any]] = field(default_factory=list)
+    queue: list[tuple[Callable[[Tx], Any], bool]] = field(default_factory=list)  # (write, savepoint)
 
 
 def _put(tx: Tx, t: Target, key: str, value: Any, raw: bytes) -> None:
@@ -734,8 +823,8 @@ def _put(tx: Tx, t: Target, key: str, value: Any, raw: bytes) -> None:
 
 def _delete(tx: Tx, t: Target, key: str) -> bool:
     assert t.set_id is not None
-    row = tx.q("SELECT fb_delete(%s, %s)", (t.set_id, key)).fetchone()
-    if row is None or row[0] is None:
+    row = tx.q("DELETE FROM fb_entries WHERE set_id = %s AND key = %s RETURNING value", (t.set_id, key)).fetchone()
+    if row is None:
         return False
     tx.touch(t.set_id, key, t.indexes, _parsed(row[0]), MISSING)
     return True
@@ -743,11 +832,13 @@ def _delete(tx: Tx, t: Target, key: str) -> bool:
 
 def _discard_database(tx: Tx, db_id: int) -> None:
     """Out of sight at once (its name is free again); its rows are reclaimed later."""
+    tx.catalog_changed = True
     tx.q("UPDATE fb_databases SET name = NULL, dropped = true WHERE id = %s", (db_id,))
     tx.q("INSERT INTO fb_garbage VALUES ('database', %s) ON CONFLICT DO NOTHING", (db_id,))
 
 
 def _discard_index(tx: Tx, index_id: int, unfinished: bool = False) -> None:
+    tx.catalog_changed = True
     tx.q("DELETE FROM fb_indexes WHERE id = %s" + (" AND NOT ready" if unfinished else ""), (index_id,))
     tx.q("INSERT INTO fb_garbage VALUES ('index', %s) ON CONFLICT DO NOTHING", (index_id,))
 
@@ -780,19 +871,21 @@ def _reclaim_database(conn: Conn, db_id: int) -> bool:
 
 
 class PgView:
-    """A consistent, read-only view: one REPEATABLE READ transaction."""
+    """A consistent, read-only view: one REPEATABLE READ transaction, and the catalog at its
+    version."""
 
-    def __init__(self, conn: Conn) -> None:
+    def __init__(self, conn: Conn, catalog: Catalog) -> None:
         self.conn = conn
+        self.catalog = catalog
 
     def database(self, name: str) -> PgDatabase:
-        row = self.conn.execute(CATALOG_SQL + " AND d.name = %s", (name,)).fetchone()
-        if row is None:
+        db = self.catalog.databases.get(name)
+        if db is None:
             raise DatabaseNotFound(name)
-        return _database_of(row)
+        return db
 
     def database_names(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT name FROM fb_databases WHERE name IS NOT NULL ORDER BY name")]
+        return self.catalog.names()
 
     def _set_id(self, db: Database, set_name: str) -> int:
         assert isinstance(db, PgDatabase)
