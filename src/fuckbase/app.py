@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from functools import partial
 from typing import Any
 
@@ -160,8 +161,10 @@ class App:
         forward: Forward,
         group: WriteGroup,
         flush: Callable[[], Awaitable[None]] | None,
+        offload: Executor | None = None,
     ) -> None:
         self.api = api
+        self.offload = offload  # reads of a remote backend run on these threads, not the loop
         self.metrics = metrics
         self.access_log = access_log
         self.get_routes = get_routes
@@ -197,6 +200,8 @@ class App:
                 try:
                     if route.writes:
                         return self._write(req, body, started)
+                    if self.offload is not None:
+                        return Pending.of(self._finish_later(self._read_off_loop(req, body), req, started))
                     response = run_handler(self.api.handlers[req.path], body, req.headers)
                 except NeedsVerification as pending:
                     return Pending.of(self._finish_later(self._verify_then_run(pending, req, body), req, started))
@@ -230,6 +235,13 @@ class App:
         if BY_PATH[req.path].writes and self.flush is not None and response.status == 200:
             return await self._after_flush(response)
         return response
+
+    async def _read_off_loop(self, req: Request, body: dict[str, Any]) -> Response:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.offload, run_handler, self.api.handlers[req.path], body, req.headers)
+        except NeedsVerification as pending:
+            return await self._verify_then_run(pending, req, body)
 
     async def _finish_later(self, work: Awaitable[Response], req: Request, started: float) -> Response:
         try:

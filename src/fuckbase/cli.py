@@ -106,7 +106,7 @@ def _opt(*decls: str, env: str, **kw: Any) -> Any:
     default=4,
     show_default=True,
     help="Long operations (index builds, password hashing) that run at once; more wait their turn. "
-    "Short requests never wait for them.",
+    "Short requests never wait for them. With --storage postgresql://…, also each worker's reads at once.",
 )
 @_opt("--s3-endpoint", env="FUCKBASE_S3_ENDPOINT", default="", help="host:port (plain http), http(s)://…, or empty for AWS.")
 @_opt("--s3-bucket", env="FUCKBASE_S3_BUCKET", default="", help="Bucket for backups; enables S3.")

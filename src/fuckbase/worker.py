@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -152,6 +153,7 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
         JobClient(rt.jobs_address),
         WriteGroup(storage, flush),
         flush,
+        ThreadPoolExecutor(settings.request_threads, thread_name_prefix="reads") if storage.remote else None,
     )
     server = HttpServer(app, settings.max_body_bytes, settings.read_timeout, app.joins)
     listener = run_server(server, rt.sock, loop)

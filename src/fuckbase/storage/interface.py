@@ -293,6 +293,8 @@ class Figure:
 class Storage(Protocol):
     """A backend. Safe to call from any thread; every write is one atomic commit."""
 
+    remote: bool  # its calls wait on the network: the HTTP layer runs reads off its event loop
+
     def read(self) -> AbstractContextManager[ReadView]: ...
 
     def create_database(self, name: str, auth: Credentials | None) -> None:

@@ -120,6 +120,8 @@ def _translate(exc: lmdb.Error, path: Path | None = None) -> StorageError:
 class LmdbStorage:
     """One process's handle on an LMDB data directory. Thread-safe."""
 
+    remote = False  # reads take microseconds: inline on the event loop beats a thread hop
+
     def __init__(self, path: Path, *, primary: bool = False, map_size: int = MAP_SIZE) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path

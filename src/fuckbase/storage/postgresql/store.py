@@ -433,6 +433,8 @@ class PostgresStorage:
     """One process's handle on a PostgreSQL database (`postgresql://…`). Thread-safe; any
     number of processes on any number of machines may share the database."""
 
+    remote = True
+
     def __init__(self, url: str, *, pool_size: int = 8, connect_timeout: float = 5.0,
                  statement_timeout_ms: int = STATEMENT_TIMEOUT_MS) -> None:
         self.url = url
