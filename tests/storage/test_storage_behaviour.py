@@ -149,6 +149,26 @@ def test_keys_of_every_length(storage: Storage, length: int) -> None:
         assert view.key_counts() == {"d": 1}
 
 
+def test_keys_with_nul_and_control_characters(storage: Storage) -> None:
+    """Any string is a key: NUL included (which PostgreSQL's text cannot hold as it is)."""
+    storage.create_database("d", None)
+    keys = ["a\x00", "a\x01", "a", "a\x00b", "\x00", "\x01\x01", "\x01\x02", "b\x02"]
+    load(storage, "d", "s", {k: {"g": 1, "k": k} for k in keys})
+    storage.create_index("d", "s", IndexDef("g", "g"), allow_all)
+    storage.create_index("d", "s", IndexDef("by", "g", SORTABLE, ("g",)), allow_all)
+    assert all(get(storage, "d", "s", k) == {"g": 1, "k": k} for k in keys)
+    assert lookup(storage, "d", "s", "g", "1") == sorted(keys)
+    assert page(storage, "by", "1", [("g", False)]) == (len(keys), sorted(keys))
+    snap = storage.snapshot()
+    try:
+        db = next(d for d in snap.databases() if d.name == "d")
+        assert [k for k, _ in snap.entries(db, "s")] == sorted(keys)
+    finally:
+        snap.close()
+    storage.delete("d", "s", "a\x00", allow_all)
+    assert get(storage, "d", "s", "a\x00") is None and get(storage, "d", "s", "a") == {"g": 1, "k": "a"}
+
+
 def test_batch_is_all_or_nothing(storage: Storage) -> None:
     storage.create_database("d", None)
     put(storage, "d", "s", "a", {"e": "x"})

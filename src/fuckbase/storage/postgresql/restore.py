@@ -23,7 +23,9 @@ from fuckbase.storage.postgresql.store import (
     PgDatabase,
     Tx,
     _discard_database,
+    api_key,
     load_catalog,
+    stored_key,
     translated,
 )
 from fuckbase.storage.values import MISSING
@@ -62,7 +64,7 @@ class PgSnapshot:
             cur.itersize = ENTRY_CHUNK
             cur.execute("SELECT key, value FROM fb_entries WHERE set_id = %s ORDER BY key", (db.set_ids[set_name],))
             for key, value in cur:
-                yield key, bytes(value)
+                yield api_key(key), bytes(value)
 
     def sequence(self) -> int:
         return self._sequence
@@ -158,7 +160,7 @@ class PgRestoreWriter:
         with self._step() as tx:
             sid = self._set(db, set_name)
             indexes = tuple(db.indexes[set_name].values())
-            last = {key: (value, raw) for key, value, raw in entries}  # a repeated key keeps its last value
+            last = {stored_key(key): (value, raw) for key, value, raw in entries}  # a repeated key keeps its last value
             keys = list(last)
             old = self._upsert(tx, sid, keys, [last[k][1] for k in keys], bool(indexes))
             for key in keys:
@@ -189,7 +191,7 @@ class PgRestoreWriter:
         with self._step() as tx:
             indexes = tuple(db.indexes[set_name].values())
             rows = tx.q("DELETE FROM fb_entries WHERE set_id = %s AND key = ANY(%s) RETURNING key, value",
-                        (sid, list(keys))).fetchall()
+                        (sid, [stored_key(k) for k in keys])).fetchall()
             for key, value in rows:
                 tx.touch(sid, key, indexes, orjson.loads(value), MISSING)
             tx.write_index_records()

@@ -422,6 +422,21 @@ def _create_set(tx: Tx, db_id: int, database: str, set_name: str) -> int:
     return int(row[0])
 
 
+def stored_key(key: str) -> str:
+    """A key as the tables hold it: PostgreSQL's text holds no NUL, so NUL and U+0001 are
+    written as two characters each (U+0001 U+0001, U+0001 U+0002), which keeps the order."""
+    if "\x00" in key or "\x01" in key:
+        return key.replace("\x01", "\x01\x02").replace("\x00", "\x01\x01")
+    return key
+
+
+def api_key(stored: str) -> str:
+    """The key `stored_key` wrote."""
+    if "\x01" in stored:
+        return stored.replace("\x01\x01", "\x00").replace("\x01\x02", "\x01")
+    return stored
+
+
 def _parsed(raw: bytes | str | None) -> Any:
     return MISSING if raw is None else orjson.loads(raw)
 
@@ -818,6 +833,7 @@ class _Group:
 
 def _put(tx: Tx, t: Target, key: str, value: Any, raw: bytes) -> None:
     assert t.set_id is not None
+    key = stored_key(key)
     row = tx.q("SELECT fb_put(%s, %s, %s::json)", (t.set_id, key, raw.decode())).fetchone()
     old = row[0] if row else None
     tx.touch(t.set_id, key, t.indexes, _parsed(old) if t.indexes else (MISSING if old is None else None), value)
@@ -825,6 +841,7 @@ def _put(tx: Tx, t: Target, key: str, value: Any, raw: bytes) -> None:
 
 def _delete(tx: Tx, t: Target, key: str) -> bool:
     assert t.set_id is not None
+    key = stored_key(key)
     row = tx.q("DELETE FROM fb_entries WHERE set_id = %s AND key = %s RETURNING value", (t.set_id, key)).fetchone()
     if row is None:
         return False
@@ -906,7 +923,8 @@ class PgView:
 
     def get(self, db: Database, set_name: str, key: str) -> bytes | None:
         sid = self._set_id(db, set_name)
-        row = self.conn.execute("SELECT value FROM fb_entries WHERE set_id = %s AND key = %s", (sid, key)).fetchone()
+        row = self.conn.execute("SELECT value FROM fb_entries WHERE set_id = %s AND key = %s",
+                                (sid, stored_key(key))).fetchone()
         return None if row is None else bytes(row[0])
 
     def lookup(self, db: Database, set_name: str, index: str, text: str) -> list[Entry]:
@@ -914,7 +932,7 @@ class PgView:
         sql = LOOKUP_SQL.format(table="fb_basic", only_first="") if definition.kind == BASIC else \
             LOOKUP_SQL.format(table="fb_sorted", only_first=" AND x.field = 0")
         rows = self.conn.execute(sql.encode(), (sid, ix_id, group_token(text))).fetchall()
-        return [Entry(k, bytes(v)) for k, v in rows]
+        return [Entry(api_key(k), bytes(v)) for k, v in rows]
 
     def page(self, db: Database, set_name: str, index: str, text: str, order: SortOrder,
              offset: int, limit: int) -> Page:
@@ -989,7 +1007,7 @@ class _Pager:
         if not rows:
             return []
         if not self.rest and not any(is_truncated(s) for _, s, _ in rows):
-            return [Entry(k, v) for k, _, v in rows]
+            return [Entry(api_key(k), v) for k, _, v in rows]
         # the runs at the page's ends may go on beyond it: take them whole, order, then cut
         lo, hi = rows[0][1], rows[-1][1]
         before_op, a, b = (">", hi, lo) if desc else ("<", lo, hi)
@@ -1005,7 +1023,7 @@ class _Pager:
             run = window[i:j]
             if len(run) > 1:
                 run = self._order_run(run, is_truncated(run[0][1]), desc)
-            ordered.extend(Entry(k, v) for k, _, v in run)
+            ordered.extend(Entry(api_key(k), v) for k, _, v in run)
             i = j
         start = offset - before
         return ordered[start : start + limit]
