@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from conftest import ServerProcess
 from pgserver import PostgresServer
+from s3server import fresh_bucket, s3  # noqa: F401
 
 from fuckbase.storage import SORTABLE, IndexDef, Put, allow_all
 from fuckbase.storage.postgresql import PostgresStorage
@@ -245,3 +246,28 @@ def test_a_lookup_and_a_sorted_page_are_index_scans(pg_url: str) -> None:
             assert "Index" in text and "Seq Scan" not in text, f"{name}:\n{text}"
     finally:
         storage.close()
+
+
+def test_continuous_backup_and_point_in_time_restore_on_postgresql(make_server: Any, pg_url: str, s3: Any,  # noqa: F811
+                                                                   fresh_bucket: str) -> None:  # noqa: F811
+    from test_backup_s3 import s3_args
+    from test_continuous import instant, wait_shipped
+
+    node = make_server(["--storage", pg_url, *s3_args(s3, fresh_bucket, continuous=True),
+                        "--backup-sync-interval", "0.2"])
+    wait_shipped(node, 0)
+    node.ok("/create", {"name": "shop"})
+    node.ok("/set/put", {"database": "shop", "set": "s", "key": "k", "value": "before"})
+    node.ok("/index/create", {"database": "shop", "set": "s", "name": "v", "field": "v"})
+    t, at = instant()
+    node.ok("/set/put", {"database": "shop", "set": "s", "key": "k", "value": "after"})
+    node.ok("/set/put", {"database": "shop", "set": "s", "key": "k2", "value": {"v": 1}})
+    wait_shipped(node, time.time())
+    r = node.ok("/backup/restore", {"at": at, "database": "shop", "as": "shop_then"})
+    assert r["databases"] == ["shop_then"] and r["changes_replayed"] >= 3
+    assert node.ok("/set/get", {"database": "shop_then", "set": "s", "key": "k"})["data"] == "before"
+    assert node.post("/set/get", {"database": "shop_then", "set": "s", "key": "k2"}).status_code == 404
+    assert node.ok("/set/get", {"database": "shop", "set": "s", "key": "k"})["data"] == "after"
+    node.ok("/backup/restore", {"at": at})  # everything, in one transaction
+    assert node.ok("/server/info")["databases_count"] == 1
+    assert node.ok("/set/get", {"database": "shop", "set": "s", "key": "k"})["data"] == "before"

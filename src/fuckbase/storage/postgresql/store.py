@@ -674,6 +674,8 @@ class PostgresStorage:
             tx.catalog_changed = True
 
         self._write(publish)
+        with self._conn() as conn:  # the planner learns the new records' spread (else it may sort a page)
+            conn.execute("ANALYZE fb_basic, fb_sorted, fb_group_counts")
 
     def _fill_index(self, set_id: int, ix: IndexRow) -> None:
         after = ""
@@ -971,11 +973,13 @@ LOOKUP_SQL = ("SELECT x.key, (SELECT e.value FROM fb_entries e WHERE e.set_id = 
 
 def page_sql(extra: str, desc: bool, limited: bool) -> str:
     """One direction of a sortable index's records for one group, sort token then key, with
-    their values; `extra` narrows the range of tokens."""
+    their values; `extra` narrows the range of tokens. The records skipped by the offset are
+    read from the index alone; only the page's values are looked up."""
+    order = " ORDER BY x.sort" + (" DESC" if desc else "") + ", x.key"
     return ("SELECT x.key, x.sort, (SELECT e.value FROM fb_entries e WHERE e.set_id = %(sid)s AND e.key = x.key)"
-            " FROM fb_sorted x WHERE x.index_id = %(ix)s AND x.field = %(f)s AND x.grp = %(g)s" + extra
-            + " ORDER BY x.sort" + (" DESC" if desc else "") + ", x.key OFFSET %(off)s"
-            + (" LIMIT %(lim)s" if limited else ""))
+            " FROM (SELECT x.key, x.sort FROM fb_sorted x WHERE x.index_id = %(ix)s AND x.field = %(f)s"
+            " AND x.grp = %(g)s" + extra + order + " OFFSET %(off)s" + (" LIMIT %(lim)s" if limited else "")
+            + ") x" + order)
 
 
 class _Pager:
@@ -994,7 +998,10 @@ class _Pager:
     def _rows(self, extra: str, desc: bool, offset: int, limit: int | None, params: dict[str, Any] | None = None
               ) -> list[tuple[str, bytes, bytes]]:
         sql = page_sql(extra, desc, limit is not None)
-        rows = self.conn.execute(sql.encode(), {**self.params, **(params or {}), "off": offset, "lim": limit}).fetchall()
+        # planned for its offset and limit each time: a prepared statement's generic plan may
+        # sort every match to find a descending page
+        rows = self.conn.execute(sql.encode(), {**self.params, **(params or {}), "off": offset, "lim": limit},
+                                 prepare=False).fetchall()
         return [(k, bytes(s), bytes(v)) for k, s, v in rows]
 
     def count(self, extra: str, params: dict[str, Any] | None = None) -> int:
