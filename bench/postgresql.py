@@ -232,19 +232,14 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=1_000_000)
     ap.add_argument("--only", default="http,nodes,page,index,backup")
     args = ap.parse_args()
-    from pgserver import PostgresServer
+    from pgserver import running_postgres
 
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True,
                          text=True).stdout.strip()
     print(f"machine: {os.cpu_count()} cores, {cpu}; {time.strftime('%Y-%m-%d')}")
-    pg = PostgresServer()
-    pg.init()
-    pg.start()
-    try:
+    with running_postgres() as pg:
         for part in args.only.split(","):
             {"http": http, "nodes": nodes, "page": page, "index": index, "backup": backup}[part](pg, args)
-    finally:
-        pg.close()
 
 
 if __name__ == "__main__":

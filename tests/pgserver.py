@@ -8,6 +8,7 @@ Use from a test module: `from pgserver import postgres, pg_url  # noqa: F401`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -108,8 +109,9 @@ class PostgresServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
+@contextlib.contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """A new cluster, started, and removed at the end."""
     server = PostgresServer()
     server.init()
     server.start()
@@ -117,6 +119,12 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    with running_postgres() as server:
+        yield server
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import orjson
 import psycopg
 import pytest
 from conftest import ServerProcess
-from pgserver import PostgresServer
+from pgserver import PostgresServer, running_postgres
 from s3server import fresh_bucket, s3  # noqa: F401
 
 from fuckbase.storage import SORTABLE, IndexDef, Put, allow_all
@@ -150,13 +150,8 @@ def _writer(node: ServerProcess, name: str, stop: threading.Event, acked: dict[s
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A cluster of the test's own, to stop and start."""
-    server = PostgresServer()
-    server.init()
-    server.start()
-    try:
+    with running_postgres() as server:
         yield server
-    finally:
-        server.close()
 
 
 def test_postgresql_stopped_and_started_again_under_load(make_server: Any, own_postgres: PostgresServer) -> None:
