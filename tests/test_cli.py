@@ -34,6 +34,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["--backup-interval", "-1"], {}, "backup interval"),
         (["--request-threads", "0"], {}, "request threads must be 1-256"),
         (["--workers", "0"], {}, "workers must be 1-64"),
+        (["--storage", "mysql://db/x"], {}, "storage must be a postgresql:// URL"),
     ],
 )
 def test_bad_configuration_fails_in_one_line(args: list[str], env: dict[str, str], needle: str, tmp_path: Path) -> None:
@@ -44,6 +45,19 @@ def test_bad_configuration_fails_in_one_line(args: list[str], env: dict[str, str
     assert len(lines) == 1, r.stderr
     assert needle in lines[0]
     assert r.stdout == ""
+
+
+def test_an_unreachable_postgresql_stops_the_start_with_one_line_and_no_password(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    r = run_cli("--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "d"), env={
+        "FUCKBASE_STORAGE": "postgresql://u:hunter2@127.0.0.1:1/db"})
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("fuckbase: error: cannot open the data in postgresql://u:***@127.0.0.1:1/db"), r.stderr
+    assert "PostgreSQL is unavailable" in last
+    assert "hunter2" not in r.stdout + r.stderr
 
 
 def test_port_in_use(tmp_path: Path, make_server: Any) -> None:
