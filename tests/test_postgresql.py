@@ -266,3 +266,42 @@ def test_continuous_backup_and_point_in_time_restore_on_postgresql(make_server: 
     node.ok("/backup/restore", {"at": at})  # everything, in one transaction
     assert node.ok("/server/info")["databases_count"] == 1
     assert node.ok("/set/get", {"database": "shop", "set": "s", "key": "k"})["data"] == "before"
+
+
+BUILDER = """
+import sys
+from fuckbase.storage import IndexDef, allow_all
+from fuckbase.storage.postgresql import PostgresStorage
+PostgresStorage(sys.argv[1]).create_index("d", "s", IndexDef("e", "e"), allow_all)
+"""
+
+
+def test_an_index_build_whose_process_dies_is_dropped_by_housekeeping(pg_url: str) -> None:
+    import subprocess
+    import sys
+
+    storage = PostgresStorage(pg_url)
+    try:
+        storage.create_database("d", None)
+        rows = [Put(f"k{i:06d}", v, orjson.dumps(v)) for i in range(60_000) for v in [{"e": f"v{i % 7}"}]]
+        for i in range(0, len(rows), 5000):
+            storage.batch("d", "s", rows[i : i + 5000], allow_all)
+        builder = subprocess.Popen([sys.executable, "-c", BUILDER, pg_url])
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            deadline = time.monotonic() + 30
+            while not conn.execute("SELECT 1 FROM fb_basic LIMIT 1").fetchone():  # the build has begun
+                assert time.monotonic() < deadline and builder.poll() is None
+                time.sleep(0.02)
+            storage.maintain()  # a live builder's index stays
+            assert conn.execute("SELECT count(*) FROM fb_indexes WHERE NOT ready").fetchone() == (1,)
+            builder.kill()
+            builder.wait()
+            while storage.maintain():
+                pass
+            assert conn.execute("SELECT count(*) FROM fb_indexes").fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM fb_basic").fetchone() == (0,)
+        storage.create_index("d", "s", IndexDef("e", "e"), allow_all)  # the name is free again
+        with storage.read() as view:
+            assert len(view.lookup(view.database("d"), "s", "e", "v3")) == len(range(3, 60_000, 7))
+    finally:
+        storage.close()

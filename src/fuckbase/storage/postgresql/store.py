@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -71,6 +72,7 @@ log = logging.getLogger("fuckbase.storage.postgresql")
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 BUILD_CHUNK = 5000  # entries an index build reads per transaction
+BUILD_LOCK_SQL = "SELECT {op}(hashtextextended('fuckbase:build:' || %s, 0))"  # held while an index is built
 RECLAIM_CHUNK = 10_000  # rows housekeeping deletes per statement
 STATEMENT_TIMEOUT_MS = 60_000
 
@@ -639,9 +641,25 @@ class PostgresStorage:
     def create_index(self, database: str, set_name: str, definition: IndexDef, check: AccessCheck) -> None:
         """Defines the index (not yet ready), so that every write from then on keeps it
         current; fills it a chunk per write transaction, from the values committed at that
-        moment (writes go on between the chunks); then makes it ready, as one numbered commit."""
+        moment (writes go on between the chunks); then makes it ready, as one numbered commit.
+        The builder holds a lock on the index's id meanwhile (on a connection of its own): if
+        its process dies, PostgreSQL lets the lock go and housekeeping drops the unfinished index."""
+        with translated():
+            builder = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+        try:
+            self._build_index(builder, database, set_name, definition, check)
+        finally:
+            builder.close()
 
-        def define(tx: Tx) -> tuple[int, int]:
+    def _build_index(self, builder: Conn, database: str, set_name: str, definition: IndexDef,
+                     check: AccessCheck) -> None:
+        with translated():
+            allotted = builder.execute("SELECT nextval(pg_get_serial_sequence('fb_indexes', 'id'))").fetchone()
+            assert allotted is not None
+            index_id = int(allotted[0])
+            builder.execute(BUILD_LOCK_SQL.format(op="pg_advisory_lock"), (index_id,))
+
+        def define(tx: Tx) -> int:
             row = tx.q("SELECT d.id, d.auth, s.id FROM fb_databases d LEFT JOIN fb_sets s ON s.database_id = d.id"
                        " AND s.name = %s WHERE d.name = %s", (set_name, database)).fetchone()
             if row is None:
@@ -649,15 +667,16 @@ class PostgresStorage:
             check(row[1])
             if row[2] is None:
                 raise SetNotFound(set_name)
-            made = tx.q("INSERT INTO fb_indexes (set_id, name, field, kind, sort_fields) VALUES (%s, %s, %s, %s, %s)"
-                        " ON CONFLICT DO NOTHING RETURNING id", (row[2], definition.name, definition.field,
-                                                                 definition.kind, list(definition.sort_fields))).fetchone()
+            made = tx.q("INSERT INTO fb_indexes (id, set_id, name, field, kind, sort_fields)"
+                        " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING id",
+                        (index_id, row[2], definition.name, definition.field, definition.kind,
+                         list(definition.sort_fields))).fetchone()
             if made is None:
                 raise IndexExists(definition.name)
             tx.catalog_changed = True  # writes from now on keep it current
-            return int(row[2]), int(made[0])
+            return int(row[2])
 
-        set_id, index_id = self._write(define, numbered=False)
+        set_id = self._write(define, numbered=False)
         ix = IndexRow(index_id, definition.field, definition.kind, tuple(definition.sort_fields))
         try:
             self._fill_index(set_id, ix)
@@ -798,9 +817,16 @@ class PostgresStorage:
             return False
 
     def maintain(self) -> bool:
-        """Trims acknowledged changes, reclaims what drops and restores left a chunk at a time,
-        and forgets counts that reached zero. True when more is left."""
+        """Trims acknowledged changes, drops index builds whose builder died, reclaims what
+        drops and restores left a chunk at a time, and forgets counts that reached zero.
+        True when more is left."""
         with self._conn() as conn:
+            for (index_id,) in conn.execute("SELECT id FROM fb_indexes WHERE NOT ready").fetchall():
+                row = conn.execute(BUILD_LOCK_SQL.format(op="pg_try_advisory_lock"), (index_id,)).fetchone()
+                if row is not None and row[0]:  # nobody builds it: its builder died
+                    conn.execute(BUILD_LOCK_SQL.format(op="pg_advisory_unlock"), (index_id,))
+                    log.warning("dropping index %d: the process building it died", index_id)
+                    self._write(partial(_discard_index, index_id=index_id, unfinished=True), numbered=False)
             conn.execute("DELETE FROM fb_changes WHERE seq <= coalesce((SELECT min(acked) FROM fb_consumers),"
                          " (SELECT seq FROM fb_state WHERE id = 1))")
             garbage = conn.execute("SELECT kind, id FROM fb_garbage ORDER BY kind, id LIMIT 1").fetchone()
