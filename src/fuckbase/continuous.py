@@ -256,6 +256,16 @@ class SegmentObject:
     until: float
 
 
+def _names_after(names: set[str], event: dict[str, Any]) -> set[str]:
+    """The databases after one history event."""
+    if "set" in event:
+        names = set(event["set"])
+    swapped = set(event.get("replaced", []))
+    if event.get("all"):
+        names = set()
+    return (names | set(event.get("add", [])) | swapped) - set(event.get("drop", []))
+
+
 class DatabaseHistory:
     """When each database of one generation existed, and when a restore replaced it (the log
     cannot rebuild it from then until the next snapshot): what the per-database ranges of
@@ -291,14 +301,8 @@ class DatabaseHistory:
 
     def _apply(self, event: dict[str, Any]) -> None:
         self._replaced = "replaced" in event or (self._replaced and not event.get("snapshot"))
-        if "set" in event:
-            self.names = set(event["set"])
-        if self.names is None:
-            return
-        if event.get("all"):
-            self.names = set(event.get("replaced", []))
-        self.names |= set(event.get("add", [])) | set(event.get("replaced", []))
-        self.names -= set(event.get("drop", []))
+        if "set" in event or self.names is not None:
+            self.names = _names_after(self.names or set(), event)
 
     def note_snapshot(self, sequence: int, taken: float, databases: Iterable[str]) -> bool:
         """Takes in a base snapshot and what it holds; True when that says something new (the
@@ -345,15 +349,11 @@ class DatabaseHistory:
         replaced: set[str] = set()
         every = False  # a restore replaced every database: none can be rebuilt until a snapshot
         for event in self.events:
-            if "set" in event:
-                names = set(event["set"])
+            names = _names_after(names, event)
             if event.get("snapshot"):
                 replaced, every = set(), False
-            if event.get("all"):
-                names, every = set(), True
-            swapped = set(event.get("replaced", []))
-            names = (names | set(event.get("add", [])) | swapped) - set(event.get("drop", []))
-            replaced |= swapped
+            every = every or bool(event.get("all"))
+            replaced |= set(event.get("replaced", []))
             now = set() if every else names - replaced
             for name in set(since) - now:
                 lived.setdefault(name, []).append((since.pop(name), event["t"]))

@@ -386,11 +386,12 @@ def target(tx: Tx, database: str, set_name: str, check: AccessCheck, *, create_s
     built), its credentials checked: from the cached catalog when it is the transaction's,
     else (the transaction changed it already) read."""
     if not tx.catalog_changed:
-        db = tx.catalogs.at(tx.conn, tx.version).databases.get(database)
+        catalog = tx.catalogs.at(tx.conn, tx.version)
+        db = catalog.databases.get(database)
         if db is None:
             raise DatabaseNotFound(database)
         db_id, auth, set_id = db.id, db.auth, db.set_ids.get(set_name)
-        indexes = tx.catalogs.at(tx.conn, tx.version).indexes.get(set_id, ()) if set_id is not None else ()
+        indexes = catalog.indexes.get(set_id, ()) if set_id is not None else ()
     else:
         row = tx.q(TARGET_SQL, (set_name, database)).fetchone()
         if row is None:
@@ -462,7 +463,8 @@ class PostgresStorage:
             name="fuckbase")
         self._groups = threading.local()
         self.catalogs = CatalogCache()
-        self._leading: dict[str, Conn] = {}
+        self._leading: dict[str, Conn] = {}  # a connection per role asked for
+        self._held: set[str] = set()  # the roles whose lock those hold
         self._leading_lock = threading.Lock()
         with translated():
             self.pool.open(wait=True, timeout=connect_timeout)
@@ -791,29 +793,32 @@ class PostgresStorage:
         ]
 
     def lead(self, role: str) -> bool:
-        """A session advisory lock on a connection of its own per role: PostgreSQL lets go of
-        it when this process dies or its connection breaks, and another node takes it."""
+        """A session advisory lock on a connection of its own per role, kept between calls
+        (held or not): PostgreSQL lets go of the lock when this process dies or its connection
+        breaks, and another node takes it."""
         with self._leading_lock:
-            conn = self._leading.pop(role, None)
-            if conn is not None:
-                try:
-                    conn.execute("SELECT 1")
-                    self._leading[role] = conn
-                    return True
-                except psycopg.Error:
-                    log.warning("lost the lead of %r with the connection to PostgreSQL", role)
-                    with contextlib.suppress(psycopg.Error):
-                        conn.close()
             try:
-                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+                conn = self._leading.get(role)
+                if conn is None or conn.closed:
+                    conn = self._leading[role] = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+                    self._held.discard(role)
+                if role in self._held:
+                    conn.execute("SELECT 1")
+                    return True
                 row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended('fuckbase:' || %s, 0))",
                                    (role,)).fetchone()
             except psycopg.Error:
+                if role in self._held:
+                    log.warning("lost the lead of %r with the connection to PostgreSQL", role)
+                self._held.discard(role)
+                broken = self._leading.pop(role, None)
+                if broken is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        broken.close()
                 return False
             if row is not None and row[0]:
-                self._leading[role] = conn
+                self._held.add(role)
                 return True
-            conn.close()
             return False
 
     def maintain(self) -> bool:
@@ -851,6 +856,7 @@ class PostgresStorage:
                 with contextlib.suppress(psycopg.Error):
                     conn.close()
             self._leading.clear()
+            self._held.clear()
         self.pool.close()
 
 
