@@ -13,6 +13,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -40,8 +42,11 @@ from fuckbase.storage import (
     DatabaseExists,
     Delete,
     Entry,
+    Get,
     IndexDef,
+    Lookup,
     NotFound,
+    PointRead,
     Put,
     Storage,
     StorageError,
@@ -213,6 +218,31 @@ def _entries_json(entries: list[Entry]) -> bytes:
     return b",".join([b'{"key":' + dumps(k) + b',"value":' + v + b"}" for k, v in entries])
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedRead:
+    """A request answered by one point read: what to fetch, and how its result becomes the
+    response body. A remote backend fetches the reads of many requests at once."""
+
+    read: PointRead
+    answer: Callable[[Any], bytes]
+
+    def finish(self, result: Any) -> bytes:
+        """The body for what `Storage.fetch` gave; raises what the read raised."""
+        if isinstance(result, BaseException):
+            raise result
+        return self.answer(result)
+
+
+def _got(key: str, raw: bytes | None) -> bytes:
+    if raw is None:
+        raise ApiError(404, ErrorCode.KEY_NOT_FOUND, f"key {key!r} not found")
+    return b'{"status":"success","data":' + raw + b"}"
+
+
+def _found(entries: list[Entry]) -> bytes:
+    return b'{"status":"success","data":{"count":%d,"data":[%s]}}' % (len(entries), _entries_json(entries))
+
+
 def success(message: str | None = None, **fields: Any) -> bytes:
     out: dict[str, Any] = {"status": "success"}
     if message is not None:
@@ -249,6 +279,11 @@ class Api:
         }
         self.async_handlers: dict[str, AsyncHandler] = {
             e.path: checked(e, getattr(self, e.handler)) for e in ENDPOINTS if e.path in BACKUP_PATHS
+        }
+        by_path = {e.path: e for e in ENDPOINTS}
+        self.point_reads: dict[str, Callable[[dict[str, Any], Headers], PreparedRead]] = {
+            "/set/get": checked(by_path["/set/get"], self.prepare_get),
+            "/index/query": checked(by_path["/index/query"], self.prepare_query),
         }
 
     def _view_database(self, view: Any, body: dict[str, Any], headers: Headers) -> Database:
@@ -315,14 +350,15 @@ class Api:
         return PUT_OK
 
     def get(self, body: dict[str, Any], headers: Headers) -> bytes:
+        return self._fetched(self.prepare_get(body, headers))
+
+    def prepare_get(self, body: dict[str, Any], headers: Headers) -> PreparedRead:
         key = key_field(body)
         set_name = object_name(body, "set")
-        with self.storage.read() as view:
-            db = self._view_database(view, body, headers)
-            raw = view.get(db, set_name, key)
-        if raw is None:
-            raise ApiError(404, ErrorCode.KEY_NOT_FOUND, f"key {key!r} not found")
-        return b'{"status":"success","data":' + raw + b"}"
+        return PreparedRead(Get(database_name(body), set_name, key, self._access(body, headers)), partial(_got, key))
+
+    def _fetched(self, prepared: PreparedRead) -> bytes:
+        return prepared.finish(self.storage.fetch([prepared.read])[0])
 
     def delete(self, body: dict[str, Any], headers: Headers) -> bytes:
         set_name = object_name(body, "set")
@@ -368,13 +404,13 @@ class Api:
         return INDEX_DROP_OK
 
     def query(self, body: dict[str, Any], headers: Headers) -> bytes:
+        return self._fetched(self.prepare_query(body, headers))
+
+    def prepare_query(self, body: dict[str, Any], headers: Headers) -> PreparedRead:
         name = object_name(body, "index")
         text: str = body["value"]
         set_name = object_name(body, "set")
-        with self.storage.read() as view:
-            db = self._view_database(view, body, headers)
-            entries = view.lookup(db, set_name, name, text)
-        return b'{"status":"success","data":{"count":%d,"data":[%s]}}' % (len(entries), _entries_json(entries))
+        return PreparedRead(Lookup(database_name(body), set_name, name, text, self._access(body, headers)), _found)
 
     def query_sorted(self, body: dict[str, Any], headers: Headers) -> bytes:
         return self._sorted(body, headers, multi=False)

@@ -19,13 +19,13 @@ from typing import Any
 import orjson
 
 from fuckbase.accesslog import AccessLog
-from fuckbase.api import Api, error_for
+from fuckbase.api import Api, PreparedRead, error_for
 from fuckbase.auth import NeedsVerification, PasswordChecks, TooManyChecks
 from fuckbase.contract import BY_PATH, ErrorCode
 from fuckbase.errors import ApiError, invalid
 from fuckbase.http import Pending, Request, Response, answer_of, error_response
 from fuckbase.metrics import Metrics
-from fuckbase.storage import Storage, StorageError
+from fuckbase.storage import PointRead, Storage, StorageError
 
 log = logging.getLogger("fuckbase.http")
 
@@ -47,10 +47,10 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def run_handler(handler: Callable[[dict[str, Any], Any], bytes], body: dict[str, Any], headers: Any) -> Response:
+def run_handler(handler: Callable[..., bytes], *args: Any) -> Response:
     """Runs a synchronous handler; every failure becomes the contract's error envelope."""
     try:
-        return Response(200, handler(body, headers))
+        return Response(200, handler(*args))
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message)
     except StorageError as exc:
@@ -116,6 +116,51 @@ class WriteGroup:
         _settle(answers)
 
 
+class ReadGroup:
+    """A remote backend's point reads go to it many at once (Storage.fetch), like writes: a
+    read waits for the end of the loop turn, or, while a fetch is running, for it to end; the
+    reads that gathered meanwhile then share one round trip. One fetch at a time per worker
+    gave the most reads per second (bench/postgresql.py): batches grow while one runs."""
+
+    MAX_READS = 256  # per fetch
+    IN_FLIGHT = 1
+
+    def __init__(self, storage: Storage, threads: Executor) -> None:
+        self._storage = storage
+        self._threads = threads
+        self._busy = 0
+        self._waiting: list[tuple[PointRead, Callable[[Any], None]]] = []
+        self._scheduled = False
+
+    def fetch(self, read: PointRead, done: Callable[[Any], None]) -> None:
+        """Calls `done` on the loop with the read's result (or what it raised, as a value)."""
+        self._waiting.append((read, done))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and self._busy < self.IN_FLIGHT:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
+
+    def _send(self) -> None:
+        self._scheduled = False
+        loop = asyncio.get_running_loop()
+        while self._waiting and self._busy < self.IN_FLIGHT:
+            batch, self._waiting = self._waiting[: self.MAX_READS], self._waiting[self.MAX_READS :]
+            self._busy += 1
+            job = loop.run_in_executor(self._threads, self._storage.fetch, [read for read, _ in batch])
+            job.add_done_callback(partial(self._fetched, batch))
+
+    def _fetched(self, batch: list[tuple[PointRead, Callable[[Any], None]]], job: asyncio.Future[list[Any]]) -> None:
+        self._busy -= 1
+        failure = job.exception()
+        results = [failure] * len(batch) if failure is not None else job.result()
+        for (_, done), result in zip(batch, results, strict=True):
+            done(result)
+        if self._waiting:
+            self._schedule()
+
+
 class _Deferred:
     __slots__ = ("pending", "response", "count", "done", "redo")
 
@@ -162,9 +207,11 @@ class App:
         group: WriteGroup,
         flush: Callable[[], Awaitable[None]] | None,
         offload: Executor | None = None,
+        reads: ReadGroup | None = None,
     ) -> None:
         self.api = api
         self.offload = offload  # reads of a remote backend run on these threads, not the loop
+        self.reads = reads  # and its point reads are fetched many at once
         self.metrics = metrics
         self.access_log = access_log
         self.get_routes = get_routes
@@ -200,6 +247,8 @@ class App:
                 try:
                     if route.writes:
                         return self._write(req, body, started)
+                    if self.reads is not None and req.path in self.api.point_reads:
+                        return self._point_read(req, body, started)
                     if self.offload is not None:
                         return Pending.of(self._finish_later(self._read_off_loop(req, body), req, started))
                     response = run_handler(self.api.handlers[req.path], body, req.headers)
@@ -218,6 +267,31 @@ class App:
             return response
         return self.group.defer(response, before, partial(self._record, req, req.path, started=started),
                                 partial(self._verify_then_run, req=req, body=body))
+
+    def _point_read(self, req: Request, body: dict[str, Any], started: float) -> Response | Pending:
+        assert self.reads is not None
+        try:
+            prepared = self.api.point_reads[req.path](body, req.headers)
+        except ApiError as exc:
+            self._record(req, req.path, exc.status, started=started)
+            return error_response(exc.status, exc.code, exc.message)
+        pending = Pending()
+        self.reads.fetch(prepared.read, partial(self._fetched, prepared, pending, req, body, started))
+        return pending
+
+    def _fetched(self, prepared: PreparedRead, pending: Pending, req: Request, body: dict[str, Any],
+                 started: float, result: Any) -> None:
+        try:
+            response = run_handler(prepared.finish, result)
+        except NeedsVerification as unverified:
+            later = asyncio.ensure_future(self._finish_later(self._verify_then_run(unverified, req, body), req, started))
+            later.add_done_callback(lambda task: pending.resolve(answer_of(task)))
+            return
+        except Exception:
+            log.exception("unexpected error on %s", req.path)
+            response = error_response(500, ErrorCode.INTERNAL_ERROR, "internal error")
+        self._record(req, req.path, response.status, started=started)
+        pending.resolve(response)
 
     def _non_api(self, req: Request) -> Response:
         get = self.get_routes.get(req.path)
@@ -261,6 +335,8 @@ class App:
             return error_response(401, ErrorCode.AUTH_FAILED, "Authentication failed")
         try:
             if not BY_PATH[req.path].writes:
+                if self.offload is not None:
+                    return await self._read_off_loop(req, body)
                 return run_handler(self.api.handlers[req.path], body, req.headers)
             before = self.group.join()
             response = run_handler(self.api.handlers[req.path], body, req.headers)

@@ -17,7 +17,7 @@ from prometheus_client.core import Metric
 from fuckbase import openapi
 from fuckbase.accesslog import AccessLog
 from fuckbase.api import Api
-from fuckbase.app import App, WriteGroup
+from fuckbase.app import App, ReadGroup, WriteGroup
 from fuckbase.auth import AdminGuard, DatabaseGuard
 from fuckbase.backup import BackupStats
 from fuckbase.contract import BY_PATH, GET_PATHS
@@ -141,6 +141,7 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
     access_log = AccessLog(rt.stream) if want_access else None
     openapi_body = orjson.dumps(openapi.spec())
     flush = GroupFlush(storage, loop) if settings.durability == "fsync" else None
+    threads = ThreadPoolExecutor(settings.request_threads, thread_name_prefix="reads") if storage.remote else None
     app = App(
         api,
         metrics,
@@ -153,7 +154,8 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
         JobClient(rt.jobs_address),
         WriteGroup(storage, flush),
         flush,
-        ThreadPoolExecutor(settings.request_threads, thread_name_prefix="reads") if storage.remote else None,
+        threads,
+        ReadGroup(storage, threads) if threads is not None else None,
     )
     server = HttpServer(app, settings.max_body_bytes, settings.read_timeout, app.joins)
     listener = run_server(server, rt.sock, loop)

@@ -15,10 +15,13 @@ from fuckbase.storage import (
     DatabaseExists,
     DatabaseNotFound,
     Delete,
+    Get,
     IndexDef,
     IndexExists,
     IndexNotFound,
     KeyNotFound,
+    Lookup,
+    PointRead,
     Put,
     SetExists,
     SetNotFound,
@@ -37,15 +40,21 @@ def load(s: Storage, db: str, set_name: str, items: dict[str, Any]) -> None:
         s.batch(db, set_name, ops[i : i + 5000], allow_all)
 
 
+def fetched(s: Storage, read: PointRead) -> Any:
+    """One point read's result; raises what it raised."""
+    (result,) = s.fetch([read])
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 def get(s: Storage, db: str, set_name: str, key: str) -> Any:
-    with s.read() as view:
-        raw = view.get(view.database(db), set_name, key)
+    raw = fetched(s, Get(db, set_name, key, allow_all))
     return None if raw is None else orjson.loads(raw)
 
 
 def lookup(s: Storage, db: str, set_name: str, index: str, text: str) -> list[str]:
-    with s.read() as view:
-        return [e.key for e in view.lookup(view.database(db), set_name, index, text)]
+    return [e.key for e in fetched(s, Lookup(db, set_name, index, text, allow_all))]
 
 
 def page(s: Storage, index: str, text: str, order: list[tuple[str, bool]], offset: int = 0,
@@ -104,6 +113,47 @@ def test_access_check_sees_the_stored_credentials_and_can_refuse(storage: Storag
         assert view.database("p").sets == {}  # nothing was written
 
 
+def test_point_reads_answer_each_read_alone_and_check_before_telling_anything(storage: Storage) -> None:
+    creds = {"username": "u", "hash": "h"}
+    storage.create_database("open", None)
+    storage.create_database("closed", creds)
+    put(storage, "open", "s", "k", {"e": "x"})
+    put(storage, "open", "s", "j", {"e": "x"})
+    put(storage, "closed", "s", "k", 2)
+    storage.create_index("open", "s", IndexDef("e", "e"), allow_all)
+    storage.create_index("open", "s", IndexDef("t", "e", SORTABLE, ("e",)), allow_all)
+    seen: list[Any] = []
+
+    def refuse(stored: Any) -> None:
+        seen.append(stored and dict(stored))
+        raise PermissionError("no")
+
+    results = storage.fetch([
+        Get("open", "s", "k", allow_all),
+        Get("open", "s", "missing", allow_all),
+        Get("nope", "s", "k", allow_all),
+        Get("open", "nope", "k", allow_all),
+        Get("closed", "s", "k", refuse),
+        Get("closed", "nope", "k", refuse),  # refused, not "set not found": nothing told
+        Lookup("open", "s", "e", "x", allow_all),
+        Lookup("open", "s", "t", "x", allow_all),  # a sortable index answers lookups too
+        Lookup("open", "s", "e", "none", allow_all),
+        Lookup("open", "s", "nope", "x", allow_all),
+        Lookup("closed", "s", "e", "x", refuse),
+        Get("closed", "s", "k", allow_all),
+    ])
+    assert orjson.loads(results[0]) == {"e": "x"}
+    assert results[1] is None
+    assert isinstance(results[2], DatabaseNotFound)
+    assert isinstance(results[3], SetNotFound)
+    assert all(isinstance(results[i], PermissionError) for i in (4, 5, 10))
+    assert [[e.key for e in results[i]] for i in (6, 7, 8)] == [["j", "k"], ["j", "k"], []]
+    assert isinstance(results[9], IndexNotFound)
+    assert results[11] == b"2"
+    assert seen == [creds] * 3
+    assert storage.fetch([]) == []
+
+
 # ------------------------------------------------------------------ entries
 
 
@@ -112,11 +162,10 @@ def test_put_get_replace_delete(storage: Storage) -> None:
     put(storage, "d", "s", "k", {"a": 1})
     put(storage, "d", "s", "n", None)
     assert get(storage, "d", "s", "k") == {"a": 1}
-    with storage.read() as view:
-        assert view.get(view.database("d"), "s", "n") == b"null"  # a stored null is not a miss
-        assert view.get(view.database("d"), "s", "missing") is None
-        with pytest.raises(SetNotFound):
-            view.get(view.database("d"), "nope", "k")
+    assert fetched(storage, Get("d", "s", "n", allow_all)) == b"null"  # a stored null is not a miss
+    assert fetched(storage, Get("d", "s", "missing", allow_all)) is None
+    with pytest.raises(SetNotFound):
+        get(storage, "d", "nope", "k")
     put(storage, "d", "s", "k", [1, 2])
     assert get(storage, "d", "s", "k") == [1, 2]
     storage.delete("d", "s", "k", allow_all)
@@ -310,8 +359,7 @@ def test_sortable_index_follows_writes(storage: Storage) -> None:
     put(storage, "d", "s", "a", {"g": "x", "n": 0})
     assert page(storage, "by", "x", [("n", False)]) == (1, ["a"])
     assert page(storage, "by", "y", [("n", False)]) == (1, ["b"])
-    with storage.read() as view:
-        assert [e.key for e in view.lookup(view.database("d"), "s", "by", "x")] == ["a"]
+    assert lookup(storage, "d", "s", "by", "x") == ["a"]
     storage.delete("d", "s", "a", allow_all)
     assert page(storage, "by", "x", [("n", False)]) == (0, [])
 
@@ -351,9 +399,9 @@ def test_an_index_is_invisible_until_built_and_exact_under_concurrent_writes(sto
         for t in threads:
             t.join()
     assert not errors
-    with storage.read() as view:
-        db = view.database("d")
-        values = {k: orjson.loads(view.get(db, "s", k) or b"null") for k in (f"k{i:06d}" for i in range(n))}
+    keys = [f"k{i:06d}" for i in range(n)]
+    values = dict(zip(keys, (orjson.loads(raw or b"null") for raw in storage.fetch([Get("d", "s", k, allow_all) for k in keys])),
+                      strict=True))
     want = {"moved": sorted(k for k, v in values.items() if v["e"] == "moved"),
             "v1": sorted(k for k, v in values.items() if v["e"] == "v1")}
     assert want["moved"], "the writer ran during the build"
@@ -400,7 +448,8 @@ def test_restore_is_invisible_until_commit_and_atomic(storage: Storage) -> None:
     with before as view:
         assert get(storage, "old", "s", "k") == "old"
         w.commit(replace_all=False)
-        assert view.get(view.database("old"), "s", "k") == b'"old"'  # a view keeps its instant
+        assert view.key_counts() == {"keep": 0, "old": 1}  # a view keeps its instant
+        assert not view.database("old").sets["s"].indexes
     assert get(storage, "old", "s", "k") is None
     assert lookup(storage, "old", "s", "e", "2") == ["b"]
     assert page(storage, "late", "1", [("e", False)], db="old") == (1, ["a"])
@@ -459,7 +508,7 @@ def test_changes_replayed_on_a_staged_restore(storage: Storage) -> None:
         d = view.database("d")
         assert set(d.sets["s"].indexes) == {"srt"}
         assert view.key_counts() == {"d": 4}
-        assert view.get(d, "s", "k0") is None and view.get(d, "s", "k1") == b'{"e":0,"n":9}'
+    assert storage.fetch([Get("d", "s", "k0", allow_all), Get("d", "s", "k1", allow_all)]) == [None, b'{"e":0,"n":9}']
     assert page(storage, "srt", "0", [("n", False)]) == (3, ["k2", "k4", "k1"])
     assert page(storage, "srt", "1", [("n", True)]) == (1, ["k5"])
     with pytest.raises(IndexNotFound):
@@ -554,7 +603,7 @@ def test_housekeeping_during_a_restore_keeps_what_is_staged(storage: Storage, re
     w.commit(replace_all=False)
     with storage.read() as view:
         assert view.key_counts() == {"d": 2500}
-        assert len(view.lookup(view.database("d"), "s", "e", "1")) == 5 * 167  # i % 3 == 1 for 167 of 500
+    assert len(lookup(storage, "d", "s", "e", "1")) == 5 * 167  # i % 3 == 1 for 167 of 500
     crashed = storage.restore_writer()  # staged, then the process "dies": nothing commits or aborts
     staged = crashed.add_database()
     staged.name = "d"
@@ -566,6 +615,6 @@ def test_housekeeping_during_a_restore_keeps_what_is_staged(storage: Storage, re
             pass
         with again.read() as view:
             assert view.key_counts() == {"d": 2500}
-            assert view.get(view.database("d"), "s", "lost") is None
+        assert get(again, "d", "s", "lost") is None
     finally:
         again.close()

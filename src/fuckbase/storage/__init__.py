@@ -1,4 +1,4 @@
-"""Storage: the interface the layers above use, and its backends (`fuckbase.storage.lmdb`)."""
+"""Storage: the interface the layers above use, and its backends (`fuckbase.storage.lmdb`, `fuckbase.storage.postgresql`)."""
 
 from fuckbase.storage.interface import (
     BASIC,
@@ -15,13 +15,16 @@ from fuckbase.storage.interface import (
     Delete,
     Entry,
     Figure,
+    Get,
     IndexDef,
     IndexExists,
     IndexKind,
     IndexNotFound,
     KeyNotFound,
+    Lookup,
     NotFound,
     Page,
+    PointRead,
     Put,
     ReadView,
     RestoreWriter,
@@ -41,8 +44,8 @@ from fuckbase.storage.interface import (
 
 __all__ = [
     "BASIC", "SORTABLE", "AccessCheck", "AlreadyExists", "BatchKeyNotFound", "BatchOp", "Change",
-    "Credentials", "Database", "DatabaseExists", "DatabaseNotFound", "Delete", "Entry", "Figure", "IndexDef",
-    "IndexExists", "IndexKind", "IndexNotFound", "KeyNotFound", "NotFound", "Page", "Put", "ReadView",
+    "Credentials", "Database", "DatabaseExists", "DatabaseNotFound", "Delete", "Entry", "Figure", "Get", "IndexDef",
+    "IndexExists", "IndexKind", "IndexNotFound", "KeyNotFound", "Lookup", "NotFound", "Page", "PointRead", "Put", "ReadView",
     "RestoreWriter", "SetExists", "SetInfo", "SetNotFound", "Snapshot", "SortOrder", "StagedDatabase",
     "Storage", "StorageError", "StorageFailure", "StorageFull", "StorageUnavailable", "allow_all",
 ]

@@ -6,9 +6,10 @@ one consistent instant (catalog and data alike), and every write method is one a
 Values cross the boundary as JSON bytes (and the parsed value, where the caller has it), so a
 backend never re-encodes what the HTTP layer already parsed.
 
-Access control stays above this layer: write methods take an `AccessCheck`, a callable the
-backend calls with the database's stored credentials inside the write, so a check and the
-write it guards see the same database even while a restore swaps it.
+Access control stays above this layer: write methods and point reads (`Storage.fetch`) take
+an `AccessCheck`, a callable the backend calls with the database's stored credentials inside
+the write or read, so a check and what it guards see the same database even while a restore
+swaps it.
 """
 
 from __future__ import annotations
@@ -81,6 +82,30 @@ class Delete(NamedTuple):
 
 
 BatchOp = Put | Delete
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    """A point read: one entry's JSON (None when the key is missing)."""
+
+    database: str
+    set_name: str
+    key: str
+    check: AccessCheck
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """A point read: the entries whose field indexed by `index` reads `text`, by key."""
+
+    database: str
+    set_name: str
+    index: str
+    text: str
+    check: AccessCheck
+
+
+PointRead = Get | Lookup
 
 
 # ------------------------------------------------------------------ errors
@@ -205,12 +230,6 @@ class ReadView(Protocol):
 
     def database_names(self) -> list[str]: ...
 
-    def get(self, db: Database, set_name: str, key: str) -> bytes | None:
-        """The value's JSON, or None. Raises SetNotFound."""
-
-    def lookup(self, db: Database, set_name: str, index: str, text: str) -> list[Entry]:
-        """Entries whose indexed field reads `text`, by key. Raises SetNotFound, IndexNotFound."""
-
     def page(
         self, db: Database, set_name: str, index: str, text: str, order: SortOrder, offset: int, limit: int
     ) -> Page:
@@ -296,6 +315,12 @@ class Storage(Protocol):
     remote: bool  # its calls wait on the network: the HTTP layer runs reads off its event loop
 
     def read(self) -> AbstractContextManager[ReadView]: ...
+
+    def fetch(self, reads: Sequence[PointRead]) -> list[Any]:
+        """Answers point reads, all from one instant: per read, a Get's JSON or None, a
+        Lookup's entries, or what it raised (DatabaseNotFound, SetNotFound, IndexNotFound,
+        its check's refusal). A failure of the backend itself raises. The HTTP layer hands a
+        remote backend the reads of many requests at once: one round trip answers them all."""
 
     def create_database(self, name: str, auth: Credentials | None) -> None:
         """Raises DatabaseExists."""

@@ -37,11 +37,14 @@ from fuckbase.storage.interface import (
     Delete,
     Entry,
     Figure,
+    Get,
     IndexDef,
     IndexExists,
     IndexNotFound,
     KeyNotFound,
+    NotFound,
     Page,
+    PointRead,
     Put,
     SetExists,
     SetNotFound,
@@ -177,6 +180,10 @@ class LmdbStorage:
 
     def read(self) -> View:
         return View(self)
+
+    def fetch(self, reads: Sequence[PointRead]) -> list[Any]:
+        with View(self) as view:
+            return [view.answer(r) for r in reads]
 
     def sequence(self) -> int:
         with self.env.begin() as txn:
@@ -888,6 +895,23 @@ class View:
         if ix is None or not ix.ready:
             raise IndexNotFound(name, f"index {name!r} not found in set {st.name!r}")
         return ix
+
+    def answer(self, read: PointRead) -> Any:
+        """A point read's answer, or what it raised."""
+        try:
+            db = self.database(read.database)
+        except NotFound as exc:
+            return exc
+        try:
+            read.check(db.auth)
+        except Exception as exc:  # noqa: BLE001 (the check's refusal is the read's answer)
+            return exc
+        try:
+            if isinstance(read, Get):
+                return self.get(db, read.set_name, read.key)
+            return self.lookup(db, read.set_name, read.index, read.text)
+        except NotFound as exc:
+            return exc
 
     def get(self, db: Database, set_name: str, key: str) -> bytes | None:
         st = self._set(db, set_name)

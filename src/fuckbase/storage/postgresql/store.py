@@ -4,7 +4,8 @@ Every write is one PostgreSQL transaction, which first locks the one row holding
 number and ends by taking the next number from it (`fb_commit`, with the counts): commits are
 numbered in the order they become visible, without gaps, across every node, retained changes
 are stored in the same transaction, and writers never deadlock. A read view is one REPEATABLE
-READ transaction: catalog and data from one instant. Index contents are computed here, with
+READ transaction: catalog and data from one instant; point reads, many at once, are one
+statement that reads the catalog version too. Index contents are computed here, with
 the same rules as the embedded backend (`fuckbase.storage.values`), and kept in side tables.
 """
 
@@ -39,11 +40,14 @@ from fuckbase.storage.interface import (
     Delete,
     Entry,
     Figure,
+    Get,
     IndexDef,
     IndexExists,
     IndexNotFound,
     KeyNotFound,
+    Lookup,
     Page,
+    PointRead,
     RestoreWriter,
     SetExists,
     SetInfo,
@@ -200,6 +204,10 @@ class CatalogCache:
     def __init__(self) -> None:
         self._catalog: Catalog | None = None
         self._lock = threading.Lock()
+
+    @property
+    def newest(self) -> Catalog | None:
+        return self._catalog
 
     def at(self, conn: Conn, version: int) -> Catalog:
         cached = self._catalog
@@ -547,18 +555,36 @@ class PostgresStorage:
     def read(self) -> contextlib.AbstractContextManager[PgView]:
         return self._view()
 
+    def fetch(self, reads: Sequence[PointRead]) -> list[Any]:
+        """One statement, resolved against the newest catalog this process knows; when the
+        version that statement saw is another, again in a transaction at the new catalog."""
+        with self._conn() as conn:
+            catalog = self.catalogs.newest
+            if catalog is not None:
+                fetch = PointReads(catalog, reads)
+                if fetch.run(conn):
+                    return fetch.answers()
+            with self._view_on(conn) as view:
+                fetch = PointReads(view.catalog, reads)
+                fetch.run(conn)
+                return fetch.answers()
+
     @contextlib.contextmanager
     def _view(self) -> Iterator[PgView]:
-        with self._conn() as conn:
-            # the snapshot is taken by a transaction's first query: here, so the view's instant is now
-            cur = conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT catalog FROM fb_state WHERE id = 1")
-            cur.nextset()
-            row = cur.fetchone()
-            try:
-                yield PgView(conn, self.catalogs.at(conn, int(row[0]) if row else 0))
-            finally:
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute("ROLLBACK")
+        with self._conn() as conn, self._view_on(conn) as view:
+            yield view
+
+    @contextlib.contextmanager
+    def _view_on(self, conn: Conn) -> Iterator[PgView]:
+        # the snapshot is taken by a transaction's first query: here, so the view's instant is now
+        cur = conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT catalog FROM fb_state WHERE id = 1")
+        cur.nextset()
+        row = cur.fetchone()
+        try:
+            yield PgView(conn, self.catalogs.at(conn, int(row[0]) if row else 0))
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
 
     def create_database(self, name: str, auth: Credentials | None) -> None:
         def op(tx: Tx) -> None:
@@ -955,19 +981,6 @@ class PgView:
             raise IndexNotFound(index)
         return sid, db.index_ids[(set_name, index)], definition
 
-    def get(self, db: Database, set_name: str, key: str) -> bytes | None:
-        sid = self._set_id(db, set_name)
-        row = self.conn.execute("SELECT value FROM fb_entries WHERE set_id = %s AND key = %s",
-                                (sid, stored_key(key))).fetchone()
-        return None if row is None else bytes(row[0])
-
-    def lookup(self, db: Database, set_name: str, index: str, text: str) -> list[Entry]:
-        sid, ix_id, definition = self._index(db, set_name, index)
-        sql = LOOKUP_SQL.format(table="fb_basic", only_first="") if definition.kind == BASIC else \
-            LOOKUP_SQL.format(table="fb_sorted", only_first=" AND x.field = 0")
-        rows = self.conn.execute(sql.encode(), (sid, ix_id, group_token(text))).fetchall()
-        return [Entry(api_key(k), bytes(v)) for k, v in rows]
-
     def page(self, db: Database, set_name: str, index: str, text: str, order: SortOrder,
              offset: int, limit: int) -> Page:
         sid, ix_id, definition = self._index(db, set_name, index)
@@ -996,11 +1009,95 @@ class PgView:
         return {name: int(n) for name, n in rows}
 
 
-# entries whose indexed field reads a text, by key: {table} fb_basic, or fb_sorted with
-# {only_first} restricting it to the records of the primary field
-# (the value by a subquery: each is one primary-key probe, and the records come in index order)
-LOOKUP_SQL = ("SELECT x.key, (SELECT e.value FROM fb_entries e WHERE e.set_id = %s AND e.key = x.key) FROM {table} x"
-              " WHERE x.index_id = %s AND x.grp = %s{only_first} ORDER BY x.key")
+# point reads as rows (read number, key, value, version): the catalog version first (read 0),
+# then the entries got, then the records of basic and of sortable lookups (the primary
+# field's), each value by a subquery: one primary-key probe per row. The reads come as one
+# JSON parameter, [[number, kind, set id, key or index id, group token in hex], ...]: one
+# value to send, and one plan whatever the reads
+FETCH_SQL = b"""
+WITH q AS (SELECT r->>0 AS i, (r->>1)::int AS kind, (r->>2)::bigint AS set_id, r->>3 AS arg, r->>4 AS grp
+             FROM json_array_elements(%s::json) AS r)
+SELECT 0, NULL, NULL::json, catalog FROM fb_state WHERE id = 1
+UNION ALL
+SELECT q.i::int, NULL, e.value, NULL FROM q JOIN fb_entries e ON e.set_id = q.set_id AND e.key = q.arg COLLATE "C"
+ WHERE q.kind = 0
+UNION ALL
+SELECT q.i::int, x.key, (SELECT e.value FROM fb_entries e WHERE e.set_id = q.set_id AND e.key = x.key), NULL
+  FROM q CROSS JOIN LATERAL (SELECT b.key FROM fb_basic b
+                              WHERE b.index_id = q.arg::bigint AND b.grp = decode(q.grp, 'hex')) x
+ WHERE q.kind = 1
+UNION ALL
+SELECT q.i::int, x.key, (SELECT e.value FROM fb_entries e WHERE e.set_id = q.set_id AND e.key = x.key), NULL
+  FROM q CROSS JOIN LATERAL (SELECT r.key FROM fb_sorted r
+                              WHERE r.index_id = q.arg::bigint AND r.field = 0 AND r.grp = decode(q.grp, 'hex')) x
+ WHERE q.kind = 2
+"""
+
+
+class PointReads:
+    """Point reads resolved against one catalog and answered by one statement (FETCH_SQL),
+    whose snapshot reads the catalog version too: the answers hold when that version is the
+    catalog's. Access checks run only then, once, with the credentials of that catalog."""
+
+    def __init__(self, catalog: Catalog, reads: Sequence[PointRead]) -> None:
+        self.catalog = catalog
+        self.reads = reads
+        self.dbs: list[PgDatabase | None] = []
+        self.results: list[Any] = []  # a resolution error, or what the statement fills in
+        self.asked: list[list[Any]] = []  # FETCH_SQL's parameter
+        for i, read in enumerate(reads, 1):
+            db = catalog.databases.get(read.database)
+            self.dbs.append(db)
+            self.results.append(None)
+            if db is None:
+                continue
+            sid = db.set_ids.get(read.set_name)
+            if sid is None:
+                self.results[-1] = SetNotFound(read.set_name)
+            elif isinstance(read, Get):
+                self.asked.append([i, 0, sid, stored_key(read.key)])
+            else:
+                self._lookup(i, db, sid, read)
+
+    def _lookup(self, i: int, db: PgDatabase, sid: int, read: Lookup) -> None:
+        definition = db.sets[read.set_name].indexes.get(read.index)
+        if definition is None:
+            self.results[-1] = IndexNotFound(read.index)
+            return
+        self.results[-1] = []  # of (stored key, value)
+        self.asked.append([i, 1 if definition.kind == BASIC else 2, sid, db.index_ids[(read.set_name, read.index)],
+                           group_token(read.text).hex()])
+
+    def run(self, conn: Conn) -> bool:
+        """Runs the statement; whether it saw this catalog's version."""
+        rows = conn.execute(FETCH_SQL, (orjson.dumps(self.asked).decode(),)).fetchall()
+        if not rows or rows[0][0] != 0 or rows[0][3] != self.catalog.version:
+            return False
+        results = self.results
+        for i, key, value, _ in rows[1:]:
+            if key is None:
+                results[i - 1] = value
+            else:
+                results[i - 1].append((key, value))
+        return True
+
+    def answers(self) -> list[Any]:
+        out: list[Any] = []
+        for read, db, result in zip(self.reads, self.dbs, self.results, strict=True):
+            if db is None:
+                out.append(DatabaseNotFound(read.database))
+                continue
+            try:
+                read.check(db.auth)
+            except Exception as exc:  # noqa: BLE001 (the check's refusal is the read's answer)
+                out.append(exc)
+                continue
+            if isinstance(result, list):
+                result.sort()  # by stored key: the order of the keys they escape
+                out.append([Entry(api_key(k), v) for k, v in result])
+            else:
+                out.append(result)
+        return out
 
 
 def page_sql(extra: str, desc: bool, limited: bool) -> str:
