@@ -19,7 +19,8 @@ from pgserver import PostgresServer, running_postgres
 from s3server import fresh_bucket, s3  # noqa: F401
 
 from fuckbase.storage import SORTABLE, Get, IndexDef, Lookup, Put, SetNotFound, allow_all
-from fuckbase.storage.postgresql import PostgresStorage
+from fuckbase.storage.postgresql import PostgresStorage, SchemaTooNew
+from fuckbase.storage.postgresql.schema import MIGRATIONS, VERSION
 from fuckbase.storage.postgresql.store import FETCH_SQL, PointReads, page_sql
 from fuckbase.storage.values import MISSING_SORT_TOKEN, group_token
 
@@ -197,6 +198,36 @@ def test_postgresql_stopped_and_started_again_under_load(make_server: Any, own_p
     assert 503 in statuses and len(acked) > before, "writes failed while it was down and went on after"
     for key, value in acked.items():
         assert node.ok("/set/get", {"database": "d", "set": "s", "key": key})["data"] == value
+
+
+def test_a_database_of_the_first_schema_is_migrated_and_one_of_a_newer_release_refused(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # what the first release with this backend left
+        conn.execute(MIGRATIONS[0].encode())
+        conn.execute("INSERT INTO fb_meta VALUES ('schema_version', 1)")
+        db_id = conn.execute("INSERT INTO fb_databases (name) VALUES ('d') RETURNING id").fetchone()
+        set_id = conn.execute("INSERT INTO fb_sets (database_id, name) VALUES (%s, 's') RETURNING id", db_id).fetchone()
+        assert set_id is not None
+        conn.execute("SELECT fb_put(%s, 'k', '{\"e\": 1}')", set_id)
+        conn.execute("SELECT fb_commit(%s, '{1}', '{}', '{}', '{}', 0, 1, '', true, true)", ([set_id[0]],))
+    storage = PostgresStorage(pg_url)
+    try:
+        assert storage.fetch([Get("d", "s", "k", allow_all)]) == [b'{"e": 1}']  # the stored text, as it was
+        storage.create_index("d", "s", IndexDef("e", "e"), allow_all)
+        storage.begin_group()
+        storage.put("d", "s", "k", {"e": 2}, b'{"e":2}', allow_all)
+        storage.put("d", "s", "j", {"e": 2}, b'{"e":2}', allow_all)
+        assert storage.end_group() == [None, None]
+        (found,) = storage.fetch([Lookup("d", "s", "e", "2", allow_all)])
+        assert [e.key for e in found] == ["j", "k"]
+        with storage.read() as view:
+            assert view.key_counts() == {"d": 2}
+    finally:
+        storage.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert conn.execute("SELECT value FROM fb_meta WHERE key = 'schema_version'").fetchone() == (VERSION,)
+        conn.execute("UPDATE fb_meta SET value = %s WHERE key = 'schema_version'", (VERSION + 1,))
+    with pytest.raises(SchemaTooNew, match=f"schema version {VERSION + 1}"):
+        PostgresStorage(pg_url)
 
 
 def test_the_periodic_jobs_run_on_one_node_at_a_time(pg_url: str) -> None:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -61,6 +62,9 @@ def run_handler(handler: Callable[..., bytes], *args: Any) -> Response:
 Redo = Callable[[NeedsVerification], Awaitable[Response]]
 
 
+Handler = Callable[[dict[str, Any], Any], bytes]
+
+
 class WriteGroup:
     """The writes of one turn of the event loop commit together (Storage.begin_group): the
     first write of a turn opens the group and schedules its end for the end of the turn, when
@@ -73,47 +77,148 @@ class WriteGroup:
         self._waiting: list[_Deferred] = []
         self._open = False
 
-    def join(self) -> int:
-        """Opens the turn's group if needed; returns how many writes it holds so far."""
+    def write(self, handler: Handler, body: dict[str, Any], headers: Any, done: Callable[[int], None],
+              redo: Redo) -> Response | Pending:
+        """Runs the handler, whose storage writes join the turn's group: its answer at once
+        when it was refused before writing (`done` called), else once the group committed.
+        Raises NeedsVerification when the handler itself did."""
         if not self._open:
             self._storage.begin_group()
             self._open = True
             asyncio.get_running_loop().call_soon(self._commit)
-        return self._storage.queued_writes()
-
-    def defer(self, response: Response, before: int, done: Callable[[int], None], redo: Redo) -> Pending:
+        before = self._storage.queued_writes()
+        response = run_handler(handler, body, headers)
+        if response.status != 200:
+            done(response.status)
+            return response
         pending = Pending(joinable=True)
-        count = self._storage.queued_writes() - before
-        self._waiting.append(_Deferred(pending, response, count, done, redo))
+        self._waiting.append(_Deferred(pending, response, self._storage.queued_writes() - before, done, redo))
         return pending
 
     def _commit(self) -> None:
         self._open = False
         waiting, self._waiting = self._waiting, []
-        outcomes = iter(self._storage.end_group())
-        answers: list[tuple[_Deferred, Response]] = []
-        for d in waiting:
-            failure = next((o for o in (next(outcomes) for _ in range(d.count)) if o is not None), None)
-            if failure is None:
-                answers.append((d, d.response))
-            elif isinstance(failure, NeedsVerification):
-                d.pending.joinable = False
-                asyncio.ensure_future(d.redo(failure)).add_done_callback(d.redone)
-            else:
-                answers.append((d, _error_response(failure)))
-        if self._flush is not None and any(r.status == 200 for _, r in answers):
-            asyncio.ensure_future(self._flush()).add_done_callback(lambda f: self._flushed(f, answers))
-        else:
-            _settle(answers)
+        _answer(waiting, self._storage.end_group(), self._flush)
 
-    @staticmethod
-    def _flushed(flush: asyncio.Future[None], answers: list[tuple[_Deferred, Response]]) -> None:
-        exc = flush.exception()
-        if exc is not None:
-            log.error("fsync failed: %s", exc)
-            failed = error_response(500, ErrorCode.INTERNAL_ERROR, "the write is committed but not known to be on disk: fsync failed")
-            answers = [(d, failed if r.status == 200 else r) for d, r in answers]
+
+class ThreadedWriteGroup:
+    """A remote backend's groups of writes (Storage.begin_group), run on a thread so that the
+    loop goes on meanwhile: while one group commits, the next gathers; then its handlers, its
+    queued writes and its commit all run on a thread, and the answers come back to the loop."""
+
+    MAX_WRITES = 1024  # per group
+
+    def __init__(self, storage: Storage, threads: Executor, flush: Callable[[], Awaitable[None]] | None) -> None:
+        self._storage = storage
+        self._threads = threads
+        self._flush = flush
+        self._waiting: list[_Queued] = []
+        self._busy = False
+        self._scheduled = False
+
+    def write(self, handler: Handler, body: dict[str, Any], headers: Any, done: Callable[[int], None],
+              redo: Redo) -> Response | Pending:
+        pending = Pending(joinable=True)
+        self._waiting.append(_Queued(handler, body, headers, pending, done, redo))
+        self._schedule()
+        return pending
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._busy:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
+
+    def _send(self) -> None:
+        self._scheduled = False
+        if self._busy or not self._waiting:
+            return
+        batch, self._waiting = self._waiting[: self.MAX_WRITES], self._waiting[self.MAX_WRITES :]
+        self._busy = True
+        calls = [(q.handler, q.body, q.headers) for q in batch]
+        job = asyncio.get_running_loop().run_in_executor(self._threads, self._run, calls)
+        job.add_done_callback(partial(self._committed, batch))
+
+    def _run(self, calls: list[tuple[Handler, dict[str, Any], Any]]) -> tuple[list[Response | NeedsVerification],
+                                                                             list[int], list[BaseException | None]]:
+        """On the thread: the handlers (their writes queued in the group), then the commit."""
+        responses: list[Response | NeedsVerification] = []
+        counts: list[int] = []
+        self._storage.begin_group()
+        try:
+            for handler, body, headers in calls:
+                before = self._storage.queued_writes()
+                try:
+                    responses.append(run_handler(handler, body, headers))
+                except NeedsVerification as unverified:
+                    responses.append(unverified)
+                counts.append(self._storage.queued_writes() - before)
+        finally:
+            outcomes = self._storage.end_group()
+        return responses, counts, outcomes
+
+    def _committed(self, batch: list[_Queued], job: asyncio.Future[Any]) -> None:
+        self._busy = False
+        if self._waiting:
+            self._schedule()
+        try:
+            responses, counts, outcomes = job.result()
+        except Exception:
+            log.exception("a group of writes failed")
+            failed = error_response(500, ErrorCode.INTERNAL_ERROR, "internal error")
+            responses, counts, outcomes = [failed] * len(batch), [0] * len(batch), []
+        committed: list[_Deferred] = []
+        for q, response, count in zip(batch, responses, counts, strict=True):
+            if isinstance(response, NeedsVerification):
+                q.pending.joinable = False
+                asyncio.ensure_future(q.redo(response)).add_done_callback(partial(_redone, q.pending, q.done))
+            elif response.status != 200:
+                q.done(response.status)
+                q.pending.resolve(response)
+            else:
+                committed.append(_Deferred(q.pending, response, count, q.done, q.redo))
+        _answer(committed, outcomes, self._flush)
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """A write waiting for the next group of a ThreadedWriteGroup."""
+
+    handler: Handler
+    body: dict[str, Any]
+    headers: Any
+    pending: Pending
+    done: Callable[[int], None]
+    redo: Redo
+
+
+def _answer(waiting: list[_Deferred], outcomes: list[BaseException | None],
+            flush: Callable[[], Awaitable[None]] | None) -> None:
+    """Each write's answer from the outcomes of its queued writes (in order), after a flush
+    when durability asks for one; a write whose credentials were not verified is redone."""
+    results = iter(outcomes)
+    answers: list[tuple[_Deferred, Response]] = []
+    for d in waiting:
+        failure = next((o for o in (next(results) for _ in range(d.count)) if o is not None), None)
+        if failure is None:
+            answers.append((d, d.response))
+        elif isinstance(failure, NeedsVerification):
+            d.pending.joinable = False
+            asyncio.ensure_future(d.redo(failure)).add_done_callback(d.redone)
+        else:
+            answers.append((d, _error_response(failure)))
+    if flush is not None and any(r.status == 200 for _, r in answers):
+        asyncio.ensure_future(flush()).add_done_callback(lambda f: _flushed(f, answers))
+    else:
         _settle(answers)
+
+
+def _flushed(flush: asyncio.Future[None], answers: list[tuple[_Deferred, Response]]) -> None:
+    exc = flush.exception()
+    if exc is not None:
+        log.error("fsync failed: %s", exc)
+        failed = error_response(500, ErrorCode.INTERNAL_ERROR, "the write is committed but not known to be on disk: fsync failed")
+        answers = [(d, failed if r.status == 200 else r) for d, r in answers]
+    _settle(answers)
 
 
 class ReadGroup:
@@ -173,9 +278,13 @@ class _Deferred:
         self.redo = redo
 
     def redone(self, task: asyncio.Future[Response]) -> None:
-        response = answer_of(task)
-        self.done(response.status)
-        self.pending.resolve(response)
+        _redone(self.pending, self.done, task)
+
+
+def _redone(pending: Pending, done: Callable[[int], None], task: asyncio.Future[Response]) -> None:
+    response = answer_of(task)
+    done(response.status)
+    pending.resolve(response)
 
 
 def _settle(answers: list[tuple[_Deferred, Response]]) -> None:
@@ -204,7 +313,7 @@ class App:
         access_log: AccessLog | None,
         get_routes: dict[str, GetRoute],
         forward: Forward,
-        group: WriteGroup,
+        group: WriteGroup | ThreadedWriteGroup,
         flush: Callable[[], Awaitable[None]] | None,
         offload: Executor | None = None,
         reads: ReadGroup | None = None,
@@ -258,14 +367,9 @@ class App:
         return response
 
     def _write(self, req: Request, body: dict[str, Any], started: float) -> Response | Pending:
-        """Validates a write and queues it in the loop turn's group; its answer waits for the
-        group's commit."""
-        before = self.group.join()
-        response = run_handler(self.api.handlers[req.path], body, req.headers)
-        if response.status != 200:  # refused before it was queued
-            self._record(req, req.path, response.status, started=started)
-            return response
-        return self.group.defer(response, before, partial(self._record, req, req.path, started=started),
+        """Validates a write and queues it in a group; its answer waits for the group's commit."""
+        return self.group.write(self.api.handlers[req.path], body, req.headers,
+                                partial(self._record, req, req.path, started=started),
                                 partial(self._verify_then_run, req=req, body=body))
 
     def _point_read(self, req: Request, body: dict[str, Any], started: float) -> Response | Pending:
@@ -338,14 +442,11 @@ class App:
                 if self.offload is not None:
                     return await self._read_off_loop(req, body)
                 return run_handler(self.api.handlers[req.path], body, req.headers)
-            before = self.group.join()
-            response = run_handler(self.api.handlers[req.path], body, req.headers)
+            answer = self.group.write(self.api.handlers[req.path], body, req.headers, lambda status: None,
+                                      partial(self._verify_then_run, req=req, body=body))
         except NeedsVerification as again:  # a restore swapped the credentials meanwhile
             return await self._verify_then_run(again, req, body)
-        if response.status != 200:
-            return response
-        redo = partial(self._verify_then_run, req=req, body=body)
-        return await self.group.defer(response, before, lambda status: None, redo).wait()
+        return answer if isinstance(answer, Response) else await answer.wait()
 
     async def _after_flush(self, response: Response) -> Response:
         assert self.flush is not None

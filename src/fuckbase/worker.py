@@ -17,7 +17,7 @@ from prometheus_client.core import Metric
 from fuckbase import openapi
 from fuckbase.accesslog import AccessLog
 from fuckbase.api import Api
-from fuckbase.app import App, ReadGroup, WriteGroup
+from fuckbase.app import App, ReadGroup, ThreadedWriteGroup, WriteGroup
 from fuckbase.auth import AdminGuard, DatabaseGuard
 from fuckbase.backup import BackupStats
 from fuckbase.contract import BY_PATH, GET_PATHS
@@ -152,7 +152,7 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
             "/openapi.json": lambda: Response(200, openapi_body, JSON_TYPE),
         },
         JobClient(rt.jobs_address),
-        WriteGroup(storage, flush),
+        WriteGroup(storage, flush) if threads is None else ThreadedWriteGroup(storage, threads, flush),
         flush,
         threads,
         ReadGroup(storage, threads) if threads is not None else None,

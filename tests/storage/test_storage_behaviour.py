@@ -218,6 +218,54 @@ def test_keys_with_nul_and_control_characters(storage: Storage) -> None:
     assert get(storage, "d", "s", "a\x00") is None and get(storage, "d", "s", "a") == {"g": 1, "k": "a"}
 
 
+def test_a_group_applies_each_write_alone_in_order_in_one_commit(storage: Storage) -> None:
+    storage.create_database("d", None)
+    load(storage, "d", "s", {"old": {"e": "a"}, "gone": {"e": "a"}, "back": {"e": "a"}})
+    load(storage, "d", "plain", {"p": 1})
+    storage.create_index("d", "s", IndexDef("e", "e"), allow_all)
+    at = storage.sequence()
+
+    def refuse(stored: Any) -> None:
+        raise PermissionError("no")
+
+    writes: list[Callable[[], Any]] = [
+        lambda: put(storage, "d", "s", "new", {"e": "a"}),
+        lambda: put(storage, "d", "s", "old", {"e": "b"}),  # replaced: moves in the index
+        lambda: storage.delete("d", "s", "gone", allow_all),
+        lambda: storage.delete("d", "s", "never", allow_all),  # fails alone
+        lambda: put(storage, "d", "s", "brief", {"e": "a"}),
+        lambda: storage.delete("d", "s", "brief", allow_all),  # what the group itself put
+        lambda: storage.delete("d", "s", "brief", allow_all),  # and now it is gone
+        lambda: storage.delete("d", "s", "back", allow_all),
+        lambda: put(storage, "d", "s", "back", {"e": "c"}),
+        lambda: put(storage, "d", "s", "old", {"e": "b", "n": 2}),  # the same key twice: the last wins
+        lambda: put(storage, "d", "plain", "p", 2),
+        lambda: put(storage, "d", "fresh", "f", 1),  # creates the set
+        lambda: put(storage, "d", "fresh", "g", 2),
+        lambda: put(storage, "nope", "s", "k", 1),
+        lambda: storage.put("d", "s", "refused", 1, b"1", refuse),
+        lambda: storage.batch("d", "s", [Put("b1", {"e": "a"}, b'{"e":"a"}'), Delete("missing")], allow_all),
+        lambda: storage.batch("d", "s", [Put("b2", {"e": "a"}, b'{"e":"a"}'), Delete("new")], allow_all),
+    ]
+    storage.begin_group()
+    for write in writes:
+        write()
+    assert storage.queued_writes() == len(writes)
+    results = storage.end_group()
+    failed = {i: type(r) for i, r in enumerate(results) if r is not None}
+    assert failed == {3: KeyNotFound, 6: KeyNotFound, 13: DatabaseNotFound, 14: PermissionError, 15: BatchKeyNotFound}
+    assert storage.sequence() == at + 1  # one commit for the group
+    assert get(storage, "d", "s", "old") == {"e": "b", "n": 2}
+    assert [get(storage, "d", "s", k) for k in ("gone", "brief", "never", "b1", "new")] == [None] * 5
+    assert get(storage, "d", "s", "back") == {"e": "c"} and get(storage, "d", "s", "b2") == {"e": "a"}
+    assert get(storage, "d", "plain", "p") == 2 and get(storage, "d", "fresh", "g") == 2
+    assert lookup(storage, "d", "s", "e", "a") == ["b2"]
+    assert lookup(storage, "d", "s", "e", "b") == ["old"] and lookup(storage, "d", "s", "e", "c") == ["back"]
+    with storage.read() as view:
+        assert view.key_counts() == {"d": 6}  # old, back, b2 · p · f, g
+        assert set(view.database("d").sets) == {"s", "plain", "fresh"}
+
+
 def test_batch_is_all_or_nothing(storage: Storage) -> None:
     storage.create_database("d", None)
     put(storage, "d", "s", "a", {"e": "x"})

@@ -243,6 +243,19 @@ def _records(indexes: Sequence[IndexRow], value: Any) -> tuple[list[tuple[int, b
     return basic, sortable
 
 
+class _Unknown:
+    """What a write transaction has not read of an entry."""
+
+
+UNKNOWN = _Unknown()
+PRESENT = b"?"  # an entry read ahead without its value (its set has no index to keep)
+
+# entries read ahead: [[set id, stored key, with its value], ...] -> (position, value or NULL)
+READ_AHEAD_SQL = b"""
+SELECT q.i - 1, CASE WHEN q.r->>2 = 'true' THEN e.value END
+  FROM json_array_elements(%s::json) WITH ORDINALITY AS q(r, i)
+  JOIN fb_entries e ON e.set_id = (q.r->>0)::bigint AND e.key = (q.r->>1) COLLATE "C"
+"""
 @dataclass
 class _Touched:
     """An entry a transaction changed: its value before the transaction and now (MISSING: absent)."""
@@ -252,27 +265,56 @@ class _Touched:
     after: Any
 
 
-class Tx:
-    """One write transaction: the ops it logs, the entries it touched, the counts it moves."""
+EntryKey = tuple[int, str]  # (set id, stored key)
 
-    def __init__(self, conn: Conn, catalogs: CatalogCache, version: int) -> None:
+
+class Tx:
+    """One write transaction: the ops it logs, the entries it touched, the counts it moves.
+
+    Entries whose values it read ahead (`read_ahead`) are written at the end, all at once
+    (`pending`): a group of writes or a batch costs a few statements, not one per entry."""
+
+    def __init__(self, conn: Conn, catalogs: CatalogCache, version: int, parent: Tx | None = None) -> None:
         self.conn = conn
         self.catalogs = catalogs
         self.version = version  # of the catalog as the transaction began
+        self.parent = parent
         self.catalog_changed = False
         self.ops: list[Any] = []
-        self.touched: dict[tuple[int, str], _Touched] = {}
+        self.touched: dict[EntryKey, _Touched] = {}
         self.set_deltas: dict[int, int] = {}
-        self.group_deltas: dict[tuple[int, bytes], int] = {}
+        self.known: dict[EntryKey, bytes | None] = {}  # an entry's JSON as this transaction sees it (None: absent)
+        self.pending: dict[EntryKey, bytes | None] = {}  # what to write at the end (None: delete)
 
-    def q(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> psycopg.Cursor[tuple[Any, ...]]:
+    def current(self, entry: EntryKey) -> bytes | None | _Unknown:
+        """The entry as this transaction sees it, if read ahead or written by it."""
+        tx: Tx | None = self
+        while tx is not None:
+            if entry in tx.known:
+                return tx.known[entry]
+            tx = tx.parent
+        return UNKNOWN
+
+    def read_ahead(self, entries: Sequence[EntryKey], values: Callable[[int], bool]) -> None:
+        """Reads the entries not known yet in one statement; their values only for the sets
+        where `values(set id)` (the sets with indexes), else just whether they exist."""
+        wanted = list(dict.fromkeys(e for e in entries if self.current(e) is UNKNOWN))
+        if not wanted:
+            return
+        asked = [[sid, key, values(sid)] for sid, key in wanted]
+        for i, value in self.q(READ_AHEAD_SQL, (orjson.dumps(asked).decode(),)).fetchall():
+            self.known[wanted[i]] = PRESENT if value is None else value
+        for e in wanted:
+            self.known.setdefault(e, None)
+
+    def q(self, sql: str | bytes, params: Sequence[Any] | dict[str, Any] | None = None) -> psycopg.Cursor[tuple[Any, ...]]:
         return self.conn.execute(sql, params)
 
     def log(self, op: Any) -> None:
         self.ops.append(op)
 
     def nested(self) -> Tx:
-        return Tx(self.conn, self.catalogs, self.version)
+        return Tx(self.conn, self.catalogs, self.version, parent=self)
 
     def touch(self, set_id: int, key: str, indexes: Sequence[IndexRow], before: Any, after: Any) -> None:
         seen = self.touched.get((set_id, key))
@@ -294,17 +336,12 @@ class Tx:
                 self.touched[k] = t
         for sid, n in child.set_deltas.items():
             self.set_deltas[sid] = self.set_deltas.get(sid, 0) + n
-        for g, n in child.group_deltas.items():
-            self.group_deltas[g] = self.group_deltas.get(g, 0) + n
+        self.known.update(child.known)
+        self.pending.update(child.pending)
 
-    def write_index_records(self) -> None:
-        """The index records of every touched entry, from its value before to its value now;
-        counts move by the records actually removed and added, so an index build (which adds
-        what it finds, between writes) and the writes never count an entry twice."""
-        del_b: list[tuple[int, bytes, str]] = []
-        add_b: list[tuple[int, bytes, str]] = []
-        del_s: list[tuple[int, int, bytes, bytes, str]] = []
-        add_s: list[tuple[int, int, bytes, bytes, str]] = []
+    def _records_moved(self, into: dict[str, list[Any]]) -> None:
+        """The index records of every touched entry, from its value before to its value now,
+        as fb_write takes them."""
         for (_, key), t in self.touched.items():
             if not t.indexes:
                 continue
@@ -312,48 +349,46 @@ class Tx:
             nb, ns = _records(t.indexes, t.after)
             if ob == nb and os_ == ns:
                 continue
-            del_b += [(i, g, key) for i, g in ob if (i, g) not in nb]
-            add_b += [(i, g, key) for i, g in nb if (i, g) not in ob]
-            del_s += [(*r, key) for r in os_ if r not in ns]
-            add_s += [(*r, key) for r in ns if r not in os_]
+            into["del_basic"] += [[i, g.hex(), key] for i, g in ob if (i, g) not in nb]
+            into["add_basic"] += [[i, g.hex(), key] for i, g in nb if (i, g) not in ob]
+            into["del_sorted"] += [[i, f, g.hex(), o.hex(), key] for i, f, g, o in os_ if (i, f, g, o) not in ns]
+            into["add_sorted"] += [[i, f, g.hex(), o.hex(), key] for i, f, g, o in ns if (i, f, g, o) not in os_]
         self.touched.clear()
-        if del_b:
-            rows = self.q("DELETE FROM fb_basic b USING unnest(%s::bigint[], %s::bytea[], %s::text[]) u(i, g, k)"
-                          " WHERE b.index_id = u.i AND b.grp = u.g AND b.key = u.k RETURNING b.index_id, b.grp",
-                          _columns(del_b, 3)).fetchall()
-            self._count(rows, -1)
-        if add_b:
-            rows = self.q("INSERT INTO fb_basic SELECT * FROM unnest(%s::bigint[], %s::bytea[], %s::text[])"
-                          " ON CONFLICT DO NOTHING RETURNING index_id, grp", _columns(add_b, 3)).fetchall()
-            self._count(rows, 1)
-        if del_s:
-            rows = self.q("DELETE FROM fb_sorted s USING unnest(%s::bigint[], %s::smallint[], %s::bytea[], %s::bytea[],"
-                          " %s::text[]) u(i, f, g, o, k) WHERE s.index_id = u.i AND s.field = u.f AND s.grp = u.g"
-                          " AND s.sort = u.o AND s.key = u.k RETURNING s.index_id, s.grp, s.field",
-                          _columns(del_s, 5)).fetchall()
-            self._count([r[:2] for r in rows if r[2] == 0], -1)
-        if add_s:
-            rows = self.q("INSERT INTO fb_sorted SELECT * FROM unnest(%s::bigint[], %s::smallint[], %s::bytea[],"
-                          " %s::bytea[], %s::text[]) ON CONFLICT DO NOTHING RETURNING index_id, grp, field",
-                          _columns(add_s, 5)).fetchall()
-            self._count([r[:2] for r in rows if r[2] == 0], 1)
 
-    def _count(self, rows: Sequence[tuple[Any, ...]], sign: int) -> None:
-        for ix_id, grp in rows:
-            k = (ix_id, bytes(grp))
-            self.group_deltas[k] = self.group_deltas.get(k, 0) + sign
+    def _changes(self, entries: bool) -> str | None:
+        """fb_write's argument: the index records moved so far, and (`entries`) the pending
+        entries; None when there is nothing to write."""
+        w: dict[str, list[Any]] = {"del_basic": [], "add_basic": [], "del_sorted": [], "add_sorted": []}
+        self._records_moved(w)
+        if entries and self.pending:
+            w["puts"] = [[sid, key, orjson.Fragment(raw)] for (sid, key), raw in self.pending.items() if raw is not None]
+            w["deletes"] = [[sid, key] for (sid, key), raw in self.pending.items() if raw is None]
+            self.pending.clear()
+        w = {k: v for k, v in w.items() if v}
+        return orjson.dumps(w).decode() if w else None
+
+    def write_index_records(self) -> None:
+        """Writes the index records of what was touched so far (before a savepoint, say)."""
+        changes = self._changes(entries=False)
+        if changes is not None:
+            self.q("SELECT fb_write(%s::json)", (changes,))
 
     def finish(self, numbered: bool) -> int | None:
-        """The transaction's last statement: counts, then its sequence number (and change)."""
-        self.write_index_records()
+        """The transaction's end, in one round trip: its pending entries and index records,
+        the set counts, its sequence number (and change), and the commit."""
+        changes = self._changes(entries=True)
         sets = sorted((k, v) for k, v in self.set_deltas.items() if v)
-        groups = sorted((k, v) for k, v in self.group_deltas.items() if v)
         now = time.time()
         record = orjson.dumps({"t": now, "n": len(self.ops), "ops": self.ops}) if numbered else b""
-        row = self.q("SELECT fb_commit(%s::bigint[], %s::bigint[], %s::bigint[], %s::bytea[], %s::bigint[],"
-                     " %s, %s, %s, %s, %s)",
-                     ([k for k, _ in sets], [v for _, v in sets], [k[0] for k, _ in groups], [k[1] for k, _ in groups],
-                      [v for _, v in groups], now, len(self.ops), record, numbered, self.catalog_changed)).fetchone()
+        cur = psycopg.ClientCursor(self.conn)
+        cur.execute(("SELECT fb_write(%s::json); " if changes is not None else "")
+                    + "SELECT fb_commit(%s::bigint[], %s::bigint[], '{}', '{}', '{}', %s, %s, %s, %s, %s); COMMIT",
+                    ([changes] if changes is not None else [])
+                    + [[k for k, _ in sets], [v for _, v in sets], now, len(self.ops), record, numbered,
+                       self.catalog_changed])
+        if changes is not None:
+            cur.nextset()
+        row = cur.fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
 
@@ -373,7 +408,8 @@ def writing(conn: Conn) -> Iterator[int]:
         with contextlib.suppress(psycopg.Error):
             conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:  # not committed by Tx.finish
+        conn.execute("COMMIT")
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -474,10 +510,14 @@ class PostgresStorage:
         self._leading: dict[str, Conn] = {}  # a connection per role asked for
         self._held: set[str] = set()  # the roles whose lock those hold
         self._leading_lock = threading.Lock()
-        with translated():
-            self.pool.open(wait=True, timeout=connect_timeout)
-            with self.pool.connection() as conn:
-                migrate(conn)
+        try:
+            with translated():
+                self.pool.open(wait=True, timeout=connect_timeout)
+                with self.pool.connection() as conn:
+                    migrate(conn)
+        except BaseException:
+            self.pool.close()
+            raise
 
     # -- plumbing
 
@@ -486,13 +526,17 @@ class PostgresStorage:
         with translated(), self.pool.connection() as conn:
             yield conn
 
-    def _write(self, op: Callable[[Tx], Any], *, numbered: bool = True, savepoint: bool = False) -> Any:
+    def _write(self, op: Callable[[Tx], Any], *, numbered: bool = True, savepoint: bool = False,
+               entry: tuple[str, str, str] | None = None) -> Any:
         """Runs a write as its own transaction, or queues it in this thread's open group;
         `savepoint`: it may fail after changing something (in a group, it then runs under
-        a savepoint of its own)."""
+        a savepoint of its own); `entry`: the (database, set, key) it writes, which a group
+        reads ahead with the others'."""
         group: _Group | None = getattr(self._groups, "open", None)
         if group is not None:
             group.queue.append((op, savepoint))
+            if entry is not None:
+                group.entries.append(entry)
             return None
         with self._conn() as conn, writing(conn) as version:
             tx = Tx(conn, self.catalogs, version)
@@ -526,10 +570,13 @@ class PostgresStorage:
         try:
             with self._conn() as conn, writing(conn) as version:
                 tx = Tx(conn, self.catalogs, version)
+                if len(group.entries) > 1:
+                    _read_ahead(tx, group.entries)
                 for op, savepoint in group.queue:
                     child = tx.nested()
                     try:
                         if savepoint:
+                            tx.write_index_records()  # the child's records change from these
                             with conn.transaction():
                                 op(child)
                                 child.write_index_records()
@@ -631,7 +678,7 @@ class PostgresStorage:
             _put(tx, t, key, value, raw)
             tx.log(("put", database, set_name, key, orjson.Fragment(raw)))
 
-        self._write(op)
+        self._write(op, entry=(database, set_name, key))
 
     def delete(self, database: str, set_name: str, key: str, check: AccessCheck) -> None:
         def op(tx: Tx) -> None:
@@ -642,11 +689,13 @@ class PostgresStorage:
                 raise KeyNotFound(key)
             tx.log(("delete", database, set_name, key))
 
-        self._write(op)
+        self._write(op, entry=(database, set_name, key))
 
     def batch(self, database: str, set_name: str, ops: Sequence[BatchOp], check: AccessCheck) -> int:
         def op(tx: Tx) -> int:
             t = target(tx, database, set_name, check)
+            if t.set_id is not None and len(ops) > 1:
+                tx.read_ahead([(t.set_id, stored_key(o.key)) for o in ops], lambda _: bool(t.indexes))
             for i, o in enumerate(ops):
                 if isinstance(o, Delete):
                     if t.set_id is None or not _delete(tx, t, o.key):
@@ -889,23 +938,49 @@ class PostgresStorage:
 @dataclass
 class _Group:
     queue: list[tuple[Callable[[Tx], Any], bool]] = field(default_factory=list)  # (write, savepoint)
+    entries: list[tuple[str, str, str]] = field(default_factory=list)  # (database, set, key) of its puts and deletes
+
+
+def _read_ahead(tx: Tx, entries: Sequence[tuple[str, str, str]]) -> None:
+    """The entries of a group's puts and deletes, in sets the cached catalog knows."""
+    catalog = tx.catalogs.at(tx.conn, tx.version)
+    wanted: list[EntryKey] = []
+    for database, set_name, key in entries:
+        db = catalog.databases.get(database)
+        sid = db.set_ids.get(set_name) if db is not None else None
+        if sid is not None:
+            wanted.append((sid, stored_key(key)))
+    tx.read_ahead(wanted, lambda sid: bool(catalog.indexes.get(sid)))
 
 
 def _put(tx: Tx, t: Target, key: str, value: Any, raw: bytes) -> None:
+    """Written at once when not read ahead (fb_put returns the value it replaces), else at
+    the transaction's end."""
     assert t.set_id is not None
-    key = stored_key(key)
-    row = tx.q("SELECT fb_put(%s, %s, %s::json)", (t.set_id, key, raw.decode())).fetchone()
-    old = row[0] if row else None
-    tx.touch(t.set_id, key, t.indexes, _parsed(old) if t.indexes else (MISSING if old is None else None), value)
+    entry = (t.set_id, stored_key(key))
+    old = tx.current(entry)
+    if isinstance(old, _Unknown):
+        row = tx.q("SELECT fb_put(%s, %s, %s::json)", (*entry, raw.decode())).fetchone()
+        old = row[0] if row else None
+    else:
+        tx.pending[entry] = raw
+    tx.known[entry] = raw
+    tx.touch(*entry, t.indexes, _parsed(old) if t.indexes else (MISSING if old is None else None), value)
 
 
 def _delete(tx: Tx, t: Target, key: str) -> bool:
     assert t.set_id is not None
-    key = stored_key(key)
-    row = tx.q("DELETE FROM fb_entries WHERE set_id = %s AND key = %s RETURNING value", (t.set_id, key)).fetchone()
-    if row is None:
+    entry = (t.set_id, stored_key(key))
+    old = tx.current(entry)
+    if isinstance(old, _Unknown):
+        row = tx.q("DELETE FROM fb_entries WHERE set_id = %s AND key = %s RETURNING value", entry).fetchone()
+        old = row[0] if row else None
+    elif old is not None:
+        tx.pending[entry] = None
+    if old is None:
         return False
-    tx.touch(t.set_id, key, t.indexes, _parsed(row[0]), MISSING)
+    tx.known[entry] = None
+    tx.touch(*entry, t.indexes, _parsed(old) if t.indexes else None, MISSING)
     return True
 
 
