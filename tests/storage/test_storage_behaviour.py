@@ -456,6 +456,19 @@ def test_an_index_is_invisible_until_built_and_exact_under_concurrent_writes(sto
     assert lookup(storage, "d", "s", "e", "moved") == want["moved"]
     assert lookup(storage, "d", "s", "e", "v1") == want["v1"]
     assert -1 in seen or not seen  # queries before the build ended found no index at all
+    done.clear()
+    moving = threading.Thread(target=writer)
+    moving.start()
+    try:  # a sortable index too: its counts (a page's total) stay exact
+        storage.create_index("d", "s", IndexDef("by", "e", SORTABLE, ("i",)), allow_all)
+    finally:
+        done.set()
+        moving.join()
+    values = dict(zip(keys, (orjson.loads(raw or b"null") for raw in storage.fetch([Get("d", "s", k, allow_all) for k in keys])),
+                      strict=True))
+    moved = sorted((v["i"], k) for k, v in values.items() if v["e"] == "moved")
+    assert page(storage, "by", "moved", [("i", False)], limit=len(moved) + 1) == (len(moved), [k for _, k in moved])
+    assert page(storage, "by", "v2", [("i", False)])[0] == sum(1 for v in values.values() if v["e"] == "v2")
 
 
 # ------------------------------------------------------------------ snapshots, restores, changes

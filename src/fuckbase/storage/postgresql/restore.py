@@ -23,8 +23,8 @@ from fuckbase.storage.postgresql.store import (
     PgDatabase,
     Tx,
     _discard_database,
-    _records,
     api_key,
+    copy_records,
     load_catalog,
     stored_key,
     translated,
@@ -96,7 +96,7 @@ class PgRestoreWriter:
         self._pool = storage.pool
         with translated():
             self._conn: Conn = self._pool.getconn()
-            self._conn.execute("BEGIN")
+            self._conn.execute("BEGIN; SET LOCAL enable_seqscan = on")
             self._conn.execute("CREATE TEMPORARY TABLE fb_incoming (set_id bigint, key text, value json)"
                                " ON COMMIT DROP")
         self._tx = Tx(self._conn, storage.catalogs, 0)
@@ -195,8 +195,6 @@ class PgRestoreWriter:
             tx.q("INSERT INTO fb_set_counts SELECT set_id, count(*) FROM fb_entries WHERE set_id = ANY(%s)"
                  " GROUP BY set_id", (sets,))
             ixs = [ix.id for by_name in db.indexes.values() for ix in by_name.values()]
-            tx.q("INSERT INTO fb_group_counts SELECT index_id, grp, count(*) FROM fb_basic WHERE index_id = ANY(%s)"
-                 " GROUP BY index_id, grp", (ixs,))
             tx.q("INSERT INTO fb_group_counts SELECT index_id, grp, count(*) FROM fb_sorted"
                  " WHERE index_id = ANY(%s) AND field = 0 GROUP BY index_id, grp", (ixs,))
 
@@ -206,22 +204,7 @@ class PgRestoreWriter:
             entries.itersize = ENTRY_CHUNK
             entries.execute("SELECT key, value FROM fb_entries WHERE set_id = %s", (sid,))
             while rows := entries.fetchmany(ENTRY_CHUNK):
-                basic: list[tuple[int, bytes, str]] = []
-                sortable: list[tuple[int, int, bytes, bytes, str]] = []
-                for key, value in rows:
-                    b, srt = _records(indexes, orjson.loads(value))
-                    basic.extend((i, g, key) for i, g in b)
-                    sortable.extend((*r, key) for r in srt)
-                if basic:
-                    with conn.cursor().copy("COPY fb_basic FROM STDIN (FORMAT binary)") as copy:
-                        copy.set_types(["int8", "bytea", "text"])
-                        for row in basic:
-                            copy.write_row(row)
-                if sortable:
-                    with conn.cursor().copy("COPY fb_sorted FROM STDIN (FORMAT binary)") as copy:
-                        copy.set_types(["int8", "int2", "bytea", "bytea", "text"])
-                        for srow in sortable:
-                            copy.write_row(srow)
+                copy_records(conn, indexes, rows)
 
     def commit(self, replace_all: bool, check: Callable[[Database], None] | None = None) -> None:
         """Takes the sequence row (as every write does), checks what the swap replaces,

@@ -124,38 +124,37 @@ MIGRATIONS: list[str] = [
     # version 2: the entries and index records of a write transaction in one call, as JSON
     # ({"puts": [[set id, key, value], ...], "deletes": [[set id, key], ...], "add_basic" and
     # "del_basic": [[index id, group hex, key], ...], "add_sorted" and "del_sorted": [[index id,
-    # field, group hex, sort hex, key], ...]}); the counts per indexed value move by the records
-    # actually removed and added
+    # field, group hex, sort hex, key], ...]}); the counts per indexed value move by the sortable
+    # records actually removed and added (only pages read counts: basic indexes keep none).
+    # While an index is built, writes keep its records for the keys up to `filled_to` only (none
+    # while it is NULL): the build adds the records of the keys beyond, a range at a time.
     """
+    ALTER TABLE fb_indexes ADD COLUMN filled_to text COLLATE "C";
+    DELETE FROM fb_group_counts c USING fb_indexes i WHERE i.id = c.index_id AND i.kind = 'basic';
     CREATE FUNCTION fb_write(w json) RETURNS void LANGUAGE plpgsql AS $$
     BEGIN
         INSERT INTO fb_entries SELECT (r->>0)::bigint, r->>1, r->2 FROM json_array_elements(w->'puts') AS r
             ON CONFLICT (set_id, key) DO UPDATE SET value = excluded.value;
         DELETE FROM fb_entries e USING json_array_elements(w->'deletes') AS r
          WHERE e.set_id = (r->>0)::bigint AND e.key = (r->>1) COLLATE "C";
-        WITH gone_b AS (
-            DELETE FROM fb_basic b USING json_array_elements(w->'del_basic') AS r
-             WHERE b.index_id = (r->>0)::bigint AND b.grp = decode(r->>1, 'hex') AND b.key = (r->>2) COLLATE "C"
-            RETURNING b.index_id, b.grp
-        ), came_b AS (
-            INSERT INTO fb_basic SELECT (r->>0)::bigint, decode(r->>1, 'hex'), r->>2
-              FROM json_array_elements(w->'add_basic') AS r
-            ON CONFLICT DO NOTHING RETURNING index_id, grp
-        ), gone_s AS (
+        DELETE FROM fb_basic b USING json_array_elements(w->'del_basic') AS r
+         WHERE b.index_id = (r->>0)::bigint AND b.grp = decode(r->>1, 'hex') AND b.key = (r->>2) COLLATE "C";
+        INSERT INTO fb_basic SELECT (r->>0)::bigint, decode(r->>1, 'hex'), r->>2
+          FROM json_array_elements(w->'add_basic') AS r
+            ON CONFLICT DO NOTHING;
+        WITH gone AS (
             DELETE FROM fb_sorted s USING json_array_elements(w->'del_sorted') AS r
              WHERE s.index_id = (r->>0)::bigint AND s.field = (r->>1)::smallint AND s.grp = decode(r->>2, 'hex')
                AND s.sort = decode(r->>3, 'hex') AND s.key = (r->>4) COLLATE "C"
             RETURNING s.index_id, s.grp, s.field
-        ), came_s AS (
+        ), came AS (
             INSERT INTO fb_sorted SELECT (r->>0)::bigint, (r->>1)::smallint, decode(r->>2, 'hex'), decode(r->>3, 'hex'),
                                          r->>4
               FROM json_array_elements(w->'add_sorted') AS r
             ON CONFLICT DO NOTHING RETURNING index_id, grp, field
         ), moved AS (
-            SELECT index_id, grp, -1 AS d FROM gone_b
-            UNION ALL SELECT index_id, grp, 1 FROM came_b
-            UNION ALL SELECT index_id, grp, -1 FROM gone_s WHERE field = 0
-            UNION ALL SELECT index_id, grp, 1 FROM came_s WHERE field = 0
+            SELECT index_id, grp, -1 AS d FROM gone WHERE field = 0
+            UNION ALL SELECT index_id, grp, 1 FROM came WHERE field = 0
         )
         INSERT INTO fb_group_counts AS c (index_id, grp, n)
         SELECT index_id, grp, sum(d) FROM moved GROUP BY index_id, grp HAVING sum(d) <> 0

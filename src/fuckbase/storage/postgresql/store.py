@@ -15,6 +15,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -76,9 +77,14 @@ log = logging.getLogger("fuckbase.storage.postgresql")
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 BUILD_CHUNK = 5000  # entries an index build reads per transaction
+COPY_SLICE = 500  # index records computed and sent at a time
 BUILD_LOCK_SQL = "SELECT {op}(hashtextextended('fuckbase:build:' || %s, 0))"  # held while an index is built
 RECLAIM_CHUNK = 10_000  # rows housekeeping deletes per statement
 STATEMENT_TIMEOUT_MS = 60_000
+# Sessions run with enable_seqscan=off: every statement here reaches its rows through an
+# index, and a plan cached while a table was small (a new database) must not go on scanning
+# it whole once it grew (until the next ANALYZE: 800 µs a put were measured so). Restores
+# scan their staging table, which has no index, and turn it back on for their transaction.
 
 
 class _RawJson(Loader):
@@ -137,10 +143,18 @@ class PgDatabase(Database):
 
 @dataclass(frozen=True)
 class IndexRow:
+    """An index as writes keep it: while it is built (not `ready`), only for the keys up to
+    `filled_to`, the build adding the records of the others."""
+
     id: int
     field: str
     kind: str
     sort_fields: tuple[str, ...]
+    ready: bool = True
+    filled_to: str | None = None
+
+    def covers(self, stored: str) -> bool:
+        return self.ready or (self.filled_to is not None and stored <= self.filled_to)
 
     @property
     def definition(self) -> IndexDef:
@@ -165,7 +179,8 @@ class Catalog:
 CATALOG_SQL = """
 SELECT d.id, d.name, d.auth,
        (SELECT json_agg(json_build_array(s.id, s.name,
-                (SELECT json_agg(json_build_array(i.id, i.name, i.field, i.kind, i.sort_fields, i.ready) ORDER BY i.id)
+                (SELECT json_agg(json_build_array(i.id, i.name, i.field, i.kind, i.sort_fields, i.ready, i.filled_to)
+                                  ORDER BY i.id)
                    FROM fb_indexes i WHERE i.set_id = s.id)) ORDER BY s.name)
           FROM fb_sets s WHERE s.database_id = d.id)
   FROM fb_databases d WHERE d.name IS NOT NULL
@@ -183,8 +198,8 @@ def load_catalog(conn: Conn, version: int) -> Catalog:
         for set_id, set_name, indexes in orjson.loads(sets_json) if sets_json else []:
             ready = {}
             rows = []
-            for ix_id, ix_name, fld, kind, sort_fields, is_ready in indexes or []:
-                rows.append(IndexRow(ix_id, fld, kind, tuple(sort_fields or ())))
+            for ix_id, ix_name, fld, kind, sort_fields, is_ready, filled_to in indexes or []:
+                rows.append(IndexRow(ix_id, fld, kind, tuple(sort_fields or ()), is_ready, filled_to))
                 if is_ready:
                     ready[ix_name] = IndexDef(ix_name, fld, SORTABLE if kind == SORTABLE else BASIC,
                                               tuple(sort_fields or ()))
@@ -343,10 +358,11 @@ class Tx:
         """The index records of every touched entry, from its value before to its value now,
         as fb_write takes them."""
         for (_, key), t in self.touched.items():
-            if not t.indexes:
+            indexes = [ix for ix in t.indexes if ix.covers(key)]
+            if not indexes:
                 continue
-            ob, os_ = _records(t.indexes, t.before)
-            nb, ns = _records(t.indexes, t.after)
+            ob, os_ = _records(indexes, t.before)
+            nb, ns = _records(indexes, t.after)
             if ob == nb and os_ == ns:
                 continue
             into["del_basic"] += [[i, g.hex(), key] for i, g in ob if (i, g) not in nb]
@@ -376,6 +392,7 @@ class Tx:
     def finish(self, numbered: bool) -> int | None:
         """The transaction's end, in one round trip: its pending entries and index records,
         the set counts, its sequence number (and change), and the commit."""
+        numbered = numbered or bool(self.ops)  # a write that logged something is a numbered commit
         changes = self._changes(entries=True)
         sets = sorted((k, v) for k, v in self.set_deltas.items() if v)
         now = time.time()
@@ -441,7 +458,8 @@ def target(tx: Tx, database: str, set_name: str, check: AccessCheck, *, create_s
         if row is None:
             raise DatabaseNotFound(database)
         db_id, auth, set_id, found = row
-        indexes = tuple(IndexRow(i, f, k, tuple(s or ())) for i, f, k, s in orjson.loads(found)) if found else ()
+        indexes = tuple(IndexRow(i, f, k, tuple(s or ()), r, upto) for i, f, k, s, r, upto in orjson.loads(found)) \
+            if found else ()
     check(auth)
     if set_id is None and create_set:
         set_id = _create_set(tx, db_id, database, set_name)
@@ -450,7 +468,7 @@ def target(tx: Tx, database: str, set_name: str, check: AccessCheck, *, create_s
 
 TARGET_SQL = """
 SELECT d.id, d.auth, s.id,
-       (SELECT json_agg(json_build_array(i.id, i.field, i.kind, i.sort_fields) ORDER BY i.id)
+       (SELECT json_agg(json_build_array(i.id, i.field, i.kind, i.sort_fields, i.ready, i.filled_to) ORDER BY i.id)
           FROM fb_indexes i WHERE i.set_id = s.id)
   FROM fb_databases d LEFT JOIN fb_sets s ON s.database_id = d.id AND s.name = %s
  WHERE d.name = %s
@@ -503,7 +521,7 @@ class PostgresStorage:
         self.pool: ConnectionPool[Conn] = ConnectionPool(
             url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout, configure=_configure,
             kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout)),
-                    "options": f"-c statement_timeout={statement_timeout_ms}"},
+                    "options": f"-c statement_timeout={statement_timeout_ms} -c enable_seqscan=off"},
             name="fuckbase")
         self._groups = threading.local()
         self.catalogs = CatalogCache()
@@ -750,48 +768,51 @@ class PostgresStorage:
                          list(definition.sort_fields))).fetchone()
             if made is None:
                 raise IndexExists(definition.name)
-            tx.catalog_changed = True  # writes from now on keep it current
+            tx.catalog_changed = True  # writes from now on keep it current, as far as it is filled
             return int(row[2])
 
         set_id = self._write(define, numbered=False)
-        ix = IndexRow(index_id, definition.field, definition.kind, tuple(definition.sort_fields))
+        ix = IndexRow(index_id, definition.field, definition.kind, tuple(definition.sort_fields), False)
         try:
-            self._fill_index(set_id, ix)
+            self._fill_index(set_id, ix, definition.name, partial(_log_index, database, set_name, definition))
         except BaseException:
             with contextlib.suppress(StorageError):
                 self._write(lambda tx: _discard_index(tx, index_id, unfinished=True), numbered=False)
             raise
-
-        def publish(tx: Tx) -> None:
-            row = tx.q("UPDATE fb_indexes SET ready = true WHERE id = %s RETURNING id", (index_id,)).fetchone()
-            if row is None:
-                raise IndexNotFound(definition.name, f"index {definition.name!r} was dropped while it was built")
-            tx.log(("create_index", database, set_name, definition))
-            tx.catalog_changed = True
-
-        self._write(publish)
         with self._conn() as conn:  # the planner learns the new records' spread (else it may sort a page)
             conn.execute("ANALYZE fb_basic, fb_sorted, fb_group_counts")
 
-    def _fill_index(self, set_id: int, ix: IndexRow) -> None:
-        after = ""
-        first = True
+    def _fill_index(self, set_id: int, ix: IndexRow, name: str, publish: Callable[[Tx], None]) -> None:
+        """A key range per write transaction: the records of its entries, then `filled_to`
+        moves past it (writes keep the records of those keys from then on); the last range's
+        transaction makes the index ready and is a numbered commit (`publish` logs it)."""
+        after: str | None = None
         while True:
-            def chunk(tx: Tx, after: str = after, first: bool = first) -> str | None:
+            def chunk(tx: Tx, after: str | None = after) -> str | None:
                 alive = tx.q("SELECT 1 FROM fb_indexes WHERE id = %s", (ix.id,)).fetchone()
                 if alive is None:
-                    raise IndexNotFound(ix.field, "the index was dropped while it was built")
-                rows = tx.q("SELECT key, value FROM fb_entries WHERE set_id = %s AND (key > %s OR %s)"
-                            " ORDER BY key LIMIT %s", (set_id, after, first, BUILD_CHUNK)).fetchall()
-                for key, value in rows:
-                    tx.touch(set_id, key, (ix,), MISSING, orjson.loads(value))
-                tx.set_deltas.clear()  # the entries were there: only the index records are new
-                return str(rows[-1][0]) if len(rows) == BUILD_CHUNK else None
+                    raise IndexNotFound(name, f"index {name!r} was dropped while it was built")
+                rows = tx.q("SELECT key, value FROM fb_entries WHERE set_id = %s" + ("" if after is None else " AND key > %s")
+                            + " ORDER BY key LIMIT %s",
+                            (set_id, BUILD_CHUNK) if after is None else (set_id, after, BUILD_CHUNK)).fetchall()
+                sortable = copy_records(tx.conn, (ix,), rows)
+                counts = Counter((i, g) for i, f, g, _, _ in sortable if f == 0)
+                if counts:
+                    tx.q("INSERT INTO fb_group_counts AS c SELECT * FROM unnest(%s::bigint[], %s::bytea[], %s::bigint[])"
+                         " ON CONFLICT (index_id, grp) DO UPDATE SET n = c.n + excluded.n",
+                         ([i for i, _ in counts], [g for _, g in counts], list(counts.values())))
+                tx.catalog_changed = True  # every node learns how far writes keep the records
+                if len(rows) < BUILD_CHUNK:
+                    tx.q("UPDATE fb_indexes SET ready = true, filled_to = NULL WHERE id = %s", (ix.id,))
+                    publish(tx)
+                    return None
+                last = str(rows[-1][0])
+                tx.q("UPDATE fb_indexes SET filled_to = %s WHERE id = %s", (last, ix.id))
+                return last
 
-            last = self._write(chunk, numbered=False)
-            if last is None:
+            after = self._write(chunk, numbered=False)
+            if after is None:
                 return
-            after, first = last, False
 
     def drop_index(self, database: str, set_name: str, name: str, check: AccessCheck) -> None:
         def op(tx: Tx) -> None:
@@ -989,6 +1010,47 @@ def _discard_database(tx: Tx, db_id: int) -> None:
     tx.catalog_changed = True
     tx.q("UPDATE fb_databases SET name = NULL, dropped = true WHERE id = %s", (db_id,))
     tx.q("INSERT INTO fb_garbage VALUES ('database', %s) ON CONFLICT DO NOTHING", (db_id,))
+
+
+def _log_index(database: str, set_name: str, definition: IndexDef, tx: Tx) -> None:
+    tx.log(("create_index", database, set_name, definition))
+
+
+def copy_records(conn: Conn, indexes: Sequence[IndexRow], entries: Sequence[tuple[str, bytes]]
+                 ) -> list[tuple[int, int, bytes, bytes, str]]:
+    """COPYs the index records of (stored key, JSON) entries that have none yet; returns the
+    sortable ones, whose counts the caller keeps. The COPY text is made here and sent a slice
+    at a time, so PostgreSQL stores one slice while the next is computed (per row, psycopg's
+    writer would cost more than the record)."""
+    sortable: list[tuple[int, int, bytes, bytes, str]] = []
+    if not any(ix.kind == BASIC for ix in indexes):
+        for key, value in entries:
+            sortable.extend((*r, key) for r in _records(indexes, orjson.loads(value))[1])
+    else:
+        with conn.cursor().copy("COPY fb_basic FROM STDIN") as copy:
+            for start in range(0, len(entries), COPY_SLICE):
+                lines: list[str] = []
+                for key, value in entries[start : start + COPY_SLICE]:
+                    b, srt = _records(indexes, orjson.loads(value))
+                    if b:
+                        copied = _copy_text(key)
+                        lines.extend(f"{i}\t\\\\x{g.hex()}\t{copied}\n" for i, g in b)
+                    sortable.extend((*r, key) for r in srt)
+                copy.write("".join(lines))
+    if sortable:
+        with conn.cursor().copy("COPY fb_sorted FROM STDIN") as copy:
+            for start in range(0, len(sortable), COPY_SLICE):
+                copy.write("".join(f"{i}\t{f}\t\\\\x{g.hex()}\t\\\\x{o.hex()}\t{_copy_text(k)}\n"
+                                   for i, f, g, o, k in sortable[start : start + COPY_SLICE]))
+    return sortable
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def _copy_text(text: str) -> str:
+    """A value as COPY's text format writes it."""
+    return text.translate(_COPY_ESCAPES)
 
 
 def _discard_index(tx: Tx, index_id: int, unfinished: bool = False) -> None:
