@@ -25,6 +25,7 @@ from fuckbase.storage.postgresql.store import (
     _discard_database,
     api_key,
     copy_records,
+    copy_text,
     load_catalog,
     stored_key,
     translated,
@@ -155,12 +156,19 @@ class PgRestoreWriter:
         with self._step() as tx:
             sid = self._set(db, set_name)
             last = {key: raw for key, _, raw in entries}
-            with tx.conn.cursor().copy("COPY fb_incoming FROM STDIN") as copy:
-                for key, raw in last.items():
-                    copy.write_row((sid, stored_key(key), raw.decode()))
-            tx.q("INSERT INTO fb_entries SELECT * FROM fb_incoming ON CONFLICT (set_id, key)"
-                 " DO UPDATE SET value = excluded.value")
-            tx.q("TRUNCATE fb_incoming")
+            lines = "".join(f"{sid}\t{copy_text(stored_key(key))}\t{copy_text(raw.decode())}\n" for key, raw in last.items())
+            tx.q("SAVEPOINT fresh")
+            try:  # keys new to the set (a backup's): straight in
+                with tx.conn.cursor().copy("COPY fb_entries FROM STDIN") as copy:
+                    copy.write(lines)
+            except psycopg.errors.UniqueViolation:  # some were staged already (replayed changes)
+                tx.q("ROLLBACK TO SAVEPOINT fresh")
+                with tx.conn.cursor().copy("COPY fb_incoming FROM STDIN") as copy:
+                    copy.write(lines)
+                tx.q("INSERT INTO fb_entries SELECT * FROM fb_incoming ON CONFLICT (set_id, key)"
+                     " DO UPDATE SET value = excluded.value")
+                tx.q("TRUNCATE fb_incoming")
+            tx.q("RELEASE SAVEPOINT fresh")
 
     def delete(self, db: Any, set_name: str, keys: Sequence[str]) -> None:
         sid = db.sets.get(set_name)

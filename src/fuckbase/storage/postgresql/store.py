@@ -1033,14 +1033,14 @@ def copy_records(conn: Conn, indexes: Sequence[IndexRow], entries: Sequence[tupl
                 for key, value in entries[start : start + COPY_SLICE]:
                     b, srt = _records(indexes, orjson.loads(value))
                     if b:
-                        copied = _copy_text(key)
+                        copied = copy_text(key)
                         lines.extend(f"{i}\t\\\\x{g.hex()}\t{copied}\n" for i, g in b)
                     sortable.extend((*r, key) for r in srt)
                 copy.write("".join(lines))
     if sortable:
         with conn.cursor().copy("COPY fb_sorted FROM STDIN") as copy:
             for start in range(0, len(sortable), COPY_SLICE):
-                copy.write("".join(f"{i}\t{f}\t\\\\x{g.hex()}\t\\\\x{o.hex()}\t{_copy_text(k)}\n"
+                copy.write("".join(f"{i}\t{f}\t\\\\x{g.hex()}\t\\\\x{o.hex()}\t{copy_text(k)}\n"
                                    for i, f, g, o, k in sortable[start : start + COPY_SLICE]))
     return sortable
 
@@ -1048,7 +1048,7 @@ def copy_records(conn: Conn, indexes: Sequence[IndexRow], entries: Sequence[tupl
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
-def _copy_text(text: str) -> str:
+def copy_text(text: str) -> str:
     """A value as COPY's text format writes it."""
     return text.translate(_COPY_ESCAPES)
 
