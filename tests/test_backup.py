@@ -141,6 +141,8 @@ CORRUPTIONS = {
     "key too long": b'{"name":"shop","sets":{"users":{"name":"users","data":{"' + b"k" * 1025 + b'":1}}}}',
     "bad index": b'{"name":"shop","indexes":{"i":{"name":"i","set_name":"users","field":5,"type":0}},"sets":{}}',
     "garbage": b"\x00\x01garbage",
+    "not utf-8": b'{"name":"shop","sets":{"users":{"name":"users","data":{"\xc0\x80":1}}}}',
+    "not utf-8, spread over lines": b'{\n "name": "shop",\n "sets": {"us\xc0\x80ers": {}}\n}',
     "empty file": b"",
     "json array": b"[]",
     "two databases": b'{"fuckbase_format":1,"databases":{}}',

@@ -261,14 +261,14 @@ class EventReader:
     def feed(self, chunk: bytes, out: list[Record]) -> None:
         try:
             self._coro.send(chunk)
-        except ijson.JSONError as exc:
+        except (ijson.JSONError, UnicodeDecodeError) as exc:  # the C parser raises the latter for bad UTF-8
             raise BackupInvalid(f"unparsable JSON: {_first_line(exc)}") from None
         self._consume(out)
 
     def finish(self, out: list[Record]) -> None:
         try:
             self._coro.close()
-        except ijson.JSONError as exc:
+        except (ijson.JSONError, UnicodeDecodeError) as exc:
             raise BackupInvalid(f"unparsable or truncated JSON: {_first_line(exc)}") from None
         self._consume(out)
         if not self._seen_root:
