@@ -127,7 +127,8 @@ class ServerProcess:
 # the HTTP suites that run against both backends: every server a test starts there shares
 # one PostgreSQL database, as the nodes of one deployment do
 BOTH_BACKENDS = {"test_api", "test_http", "test_batch", "test_hostile", "test_contract", "test_client", "test_backup",
-                 "test_client_backups", "test_cli", "test_fuzz", "test_smoke", "test_readme"}
+                 "test_client_backups", "test_cli", "test_fuzz", "test_smoke", "test_readme", "test_encryption",
+                 "test_backup_s3", "test_continuous"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -142,6 +143,18 @@ def server_backend(request: pytest.FixtureRequest) -> str | None:
     if getattr(request, "param", "lmdb") == "postgresql":
         return str(request.getfixturevalue("pg_url"))
     return None
+
+
+@pytest.fixture
+def own_storage(server_backend: str | None, request: pytest.FixtureRequest) -> Callable[[], list[str]]:
+    """The extra arguments of a server with storage of its own (make_server's all share the
+    test's PostgreSQL database): a new database on PostgreSQL; its new data dir on LMDB."""
+    def args() -> list[str]:
+        if server_backend is None:
+            return []
+        return ["--storage", request.getfixturevalue("postgres").new_database()]
+
+    return args
 
 
 def stored_bytes(srv: ServerProcess) -> bytes:

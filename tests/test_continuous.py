@@ -246,13 +246,16 @@ def test_a_lost_node_is_rebuilt_from_the_bucket_with_every_write_older_than_a_se
           f"{len(acked)} acknowledged in all, the last {killed_at - newest:.3f}s before the kill")
 
 
-def test_a_second_node_on_the_same_bucket_is_refused(shipping: ServerProcess, make_server: Any,
+def test_a_second_node_on_the_same_bucket_is_refused(shipping: ServerProcess, make_server: Any, own_storage: Any,
                                                      s3: SeaweedS3) -> None:  # noqa: F811
+    """A node of other data (on PostgreSQL: another database; the nodes of one database take
+    turns at shipping) may not ship into a bucket another node ships to."""
     first = shipping
     first.ok("/create", {"name": "a"})
     t, _ = instant()
     wait_shipped(first, t)
-    second = make_server(s3_args(s3, first.bucket, continuous=True) + ["--backup-sync-interval", "0.2"])  # type: ignore[attr-defined]
+    second = make_server(own_storage() + s3_args(s3, first.bucket, continuous=True)  # type: ignore[attr-defined]
+                         + ["--backup-sync-interval", "0.2"])
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         info = second.ok("/server/info").get("continuous", {"state": ""})
