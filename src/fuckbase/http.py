@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, cast
@@ -397,10 +397,6 @@ class HttpProtocol(asyncio.Protocol):
     def close_if_idle(self) -> None:
         if not (self._outstanding or self._queue or self._in_request):
             self._close()
-
-
-def headers_block(pairs: Iterable[tuple[str, str]]) -> bytes:
-    return b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in pairs)
 
 
 def run_server(server: HttpServer, sock: Any, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractServer:

@@ -429,10 +429,6 @@ def writing(conn: Conn) -> Iterator[int]:
         conn.execute("COMMIT")
 
 
-def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    return [[r[i] for r in rows] for i in range(width)]
-
-
 @dataclass(frozen=True)
 class Target:
     """What a write found of its database and set (locked against drops and restores)."""
