@@ -59,7 +59,7 @@ def test_round_trip_in_any_chunking(size: int) -> None:
     ring = Keyring([NEW])
     sealed = encrypt(ring, data, rng)
     assert sealed.startswith(MAGIC) and sealed[len(MAGIC) : len(MAGIC) + 8] == key_id(NEW)
-    assert data[:64] not in sealed or size == 0
+    assert data[:64] not in sealed or size < 16  # a byte or two of random data may well occur in the ciphertext
     assert decrypt(ring, sealed, rng) == data
     assert open_sealed(ring, sealed) == data
 
