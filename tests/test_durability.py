@@ -222,7 +222,8 @@ def test_index_build_does_not_stall_other_requests(make_server: Any) -> None:
             answered += 1
     t.join()
     assert build["took"] > 0.2, build  # long enough for the check to mean something
-    assert answered > 20 and slowest < 0.1, (answered, slowest, build)
+    # stalled, a get would wait for the whole build; a shared machine may pause one for 0.1 s or more
+    assert answered > 20 and slowest < max(0.1, build["took"] / 4), (answered, slowest, build)
     assert srv.ok("/index/query", {"database": "big", "set": "s", "index": "e", "value": f"u{n - 1}@x"})["data"]["count"] == 1
 
 
