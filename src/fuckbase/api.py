@@ -22,6 +22,7 @@ import orjson
 from fuckbase import __version__
 from fuckbase.auth import AdminGuard, DatabaseGuard, body_credentials, make_db_auth
 from fuckbase.contract import (
+    BY_PATH,
     ENDPOINTS,
     MAX_KEY_BYTES,
     MAX_NAME_CHARS,
@@ -280,10 +281,9 @@ class Api:
         self.async_handlers: dict[str, AsyncHandler] = {
             e.path: checked(e, getattr(self, e.handler)) for e in ENDPOINTS if e.path in BACKUP_PATHS
         }
-        by_path = {e.path: e for e in ENDPOINTS}
         self.point_reads: dict[str, Callable[[dict[str, Any], Headers], PreparedRead]] = {
-            "/set/get": checked(by_path["/set/get"], self.prepare_get),
-            "/index/query": checked(by_path["/index/query"], self.prepare_query),
+            "/set/get": checked(BY_PATH["/set/get"], self.prepare_get),
+            "/index/query": checked(BY_PATH["/index/query"], self.prepare_query),
         }
 
     def _view_database(self, view: Any, body: dict[str, Any], headers: Headers) -> Database:

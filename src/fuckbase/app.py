@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -63,6 +63,7 @@ Redo = Callable[[NeedsVerification], Awaitable[Response]]
 
 
 Handler = Callable[[dict[str, Any], Any], bytes]
+T = TypeVar("T")
 
 
 class WriteGroup:
@@ -101,29 +102,23 @@ class WriteGroup:
         _answer(waiting, self._storage.end_group(), self._flush)
 
 
-class ThreadedWriteGroup:
-    """A remote backend's groups of writes (Storage.begin_group), run on a thread so that the
-    loop goes on meanwhile: while one group commits, the next gathers; then its handlers, its
-    queued writes and its commit all run on a thread, and the answers come back to the loop."""
+class _Batches(Generic[T]):
+    """Items gathered on the loop and run a batch at a time on a thread (`_run`), their
+    results settled back on the loop (`_settle`): a batch leaves at the end of the loop turn,
+    or, while one runs, once it has ended; what gathered meanwhile goes in the next. One batch
+    at a time per worker gave the most requests per second (bench/postgresql.py): batches grow
+    while one runs."""
 
-    MAX_WRITES = 1024  # per group
+    MAX = 256  # items per batch
 
-    def __init__(self, storage: Storage, threads: Executor, flush: Callable[[], Awaitable[None]] | None) -> None:
-        self._storage = storage
+    def __init__(self, threads: Executor) -> None:
         self._threads = threads
-        self._flush = flush
-        self._waiting: list[_Queued] = []
+        self._waiting: list[T] = []
         self._busy = False
         self._scheduled = False
 
-    def write(self, handler: Handler, body: dict[str, Any], headers: Any, done: Callable[[int], None],
-              redo: Redo) -> Response | Pending:
-        pending = Pending(joinable=True)
-        self._waiting.append(_Queued(handler, body, headers, pending, done, redo))
-        self._schedule()
-        return pending
-
-    def _schedule(self) -> None:
+    def _add(self, item: T) -> None:
+        self._waiting.append(item)
         if not self._scheduled and not self._busy:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._send)
@@ -132,23 +127,54 @@ class ThreadedWriteGroup:
         self._scheduled = False
         if self._busy or not self._waiting:
             return
-        batch, self._waiting = self._waiting[: self.MAX_WRITES], self._waiting[self.MAX_WRITES :]
+        batch, self._waiting = self._waiting[: self.MAX], self._waiting[self.MAX :]
         self._busy = True
-        calls = [(q.handler, q.body, q.headers) for q in batch]
-        job = asyncio.get_running_loop().run_in_executor(self._threads, self._run, calls)
-        job.add_done_callback(partial(self._committed, batch))
+        job = asyncio.get_running_loop().run_in_executor(self._threads, self._run, batch)
+        job.add_done_callback(partial(self._ended, batch))
 
-    def _run(self, calls: list[tuple[Handler, dict[str, Any], Any]]) -> tuple[list[Response | NeedsVerification],
-                                                                             list[int], list[BaseException | None]]:
+    def _ended(self, batch: list[T], job: asyncio.Future[Any]) -> None:
+        self._busy = False
+        if self._waiting:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
+        self._settle(batch, job)
+
+    def _run(self, batch: list[T]) -> Any:
+        raise NotImplementedError
+
+    def _settle(self, batch: list[T], job: asyncio.Future[Any]) -> None:
+        raise NotImplementedError
+
+
+class ThreadedWriteGroup(_Batches["_Queued"]):
+    """A remote backend's groups of writes (Storage.begin_group), run on a thread so that the
+    loop goes on meanwhile: while one group commits, the next gathers; then its handlers, its
+    queued writes and its commit all run on a thread, and the answers come back to the loop."""
+
+    MAX = 1024
+
+    def __init__(self, storage: Storage, threads: Executor, flush: Callable[[], Awaitable[None]] | None) -> None:
+        super().__init__(threads)
+        self._storage = storage
+        self._flush = flush
+
+    def write(self, handler: Handler, body: dict[str, Any], headers: Any, done: Callable[[int], None],
+              redo: Redo) -> Response | Pending:
+        pending = Pending(joinable=True)
+        self._add(_Queued(handler, body, headers, pending, done, redo))
+        return pending
+
+    def _run(self, batch: list[_Queued]) -> tuple[list[Response | NeedsVerification], list[int],
+                                                   list[BaseException | None]]:
         """On the thread: the handlers (their writes queued in the group), then the commit."""
         responses: list[Response | NeedsVerification] = []
         counts: list[int] = []
         self._storage.begin_group()
         try:
-            for handler, body, headers in calls:
+            for q in batch:
                 before = self._storage.queued_writes()
                 try:
-                    responses.append(run_handler(handler, body, headers))
+                    responses.append(run_handler(q.handler, q.body, q.headers))
                 except NeedsVerification as unverified:
                     responses.append(unverified)
                 counts.append(self._storage.queued_writes() - before)
@@ -156,10 +182,7 @@ class ThreadedWriteGroup:
             outcomes = self._storage.end_group()
         return responses, counts, outcomes
 
-    def _committed(self, batch: list[_Queued], job: asyncio.Future[Any]) -> None:
-        self._busy = False
-        if self._waiting:
-            self._schedule()
+    def _settle(self, batch: list[_Queued], job: asyncio.Future[Any]) -> None:
         try:
             responses, counts, outcomes = job.result()
         except Exception:
@@ -221,49 +244,26 @@ def _flushed(flush: asyncio.Future[None], answers: list[tuple[_Deferred, Respons
     _settle(answers)
 
 
-class ReadGroup:
-    """A remote backend's point reads go to it many at once (Storage.fetch), like writes: a
-    read waits for the end of the loop turn, or, while a fetch is running, for it to end; the
-    reads that gathered meanwhile then share one round trip. One fetch at a time per worker
-    gave the most reads per second (bench/postgresql.py): batches grow while one runs."""
-
-    MAX_READS = 256  # per fetch
-    IN_FLIGHT = 1
+class ReadGroup(_Batches[tuple[PointRead, Callable[[Any], None]]]):
+    """A remote backend's point reads go to it many at once (Storage.fetch), like writes:
+    the reads that gathered while the previous fetch ran share one round trip."""
 
     def __init__(self, storage: Storage, threads: Executor) -> None:
+        super().__init__(threads)
         self._storage = storage
-        self._threads = threads
-        self._busy = 0
-        self._waiting: list[tuple[PointRead, Callable[[Any], None]]] = []
-        self._scheduled = False
 
     def fetch(self, read: PointRead, done: Callable[[Any], None]) -> None:
         """Calls `done` on the loop with the read's result (or what it raised, as a value)."""
-        self._waiting.append((read, done))
-        self._schedule()
+        self._add((read, done))
 
-    def _schedule(self) -> None:
-        if not self._scheduled and self._busy < self.IN_FLIGHT:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._send)
+    def _run(self, batch: list[tuple[PointRead, Callable[[Any], None]]]) -> list[Any]:
+        return self._storage.fetch([read for read, _ in batch])
 
-    def _send(self) -> None:
-        self._scheduled = False
-        loop = asyncio.get_running_loop()
-        while self._waiting and self._busy < self.IN_FLIGHT:
-            batch, self._waiting = self._waiting[: self.MAX_READS], self._waiting[self.MAX_READS :]
-            self._busy += 1
-            job = loop.run_in_executor(self._threads, self._storage.fetch, [read for read, _ in batch])
-            job.add_done_callback(partial(self._fetched, batch))
-
-    def _fetched(self, batch: list[tuple[PointRead, Callable[[Any], None]]], job: asyncio.Future[list[Any]]) -> None:
-        self._busy -= 1
+    def _settle(self, batch: list[tuple[PointRead, Callable[[Any], None]]], job: asyncio.Future[Any]) -> None:
         failure = job.exception()
         results = [failure] * len(batch) if failure is not None else job.result()
         for (_, done), result in zip(batch, results, strict=True):
             done(result)
-        if self._waiting:
-            self._schedule()
 
 
 class _Deferred:

@@ -233,7 +233,7 @@ class PgRestoreWriter:
             raise
         with self._step() as tx:
             tx.log(("restore", sorted(str(n) for n in names), replace_all))
-            tx.finish(True)  # and commits
+            tx.finish()  # and commits
         self._release()
 
     def _swap(self, replace_all: bool, check: Callable[[Database], None] | None, staged_ids: list[int],

@@ -131,6 +131,31 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE fb_indexes ADD COLUMN filled_to text COLLATE "C";
     DELETE FROM fb_group_counts c USING fb_indexes i WHERE i.id = c.index_id AND i.kind = 'basic';
+    -- the end of every write: the set counts, then, when it did something (ops > 0), the next
+    -- sequence number and the change, when a consumer retains changes
+    DROP FUNCTION fb_commit(bigint[], bigint[], bigint[], bytea[], bigint[], double precision, int, bytea,
+                            boolean, boolean);
+    CREATE FUNCTION fb_commit(set_ids bigint[], set_deltas bigint[], at double precision, ops int, rec bytea,
+                              catalog_changed boolean)
+    RETURNS bigint LANGUAGE plpgsql AS $$
+    DECLARE
+        s bigint;
+    BEGIN
+        IF catalog_changed THEN
+            UPDATE fb_state SET catalog = catalog + 1 WHERE id = 1;
+        END IF;
+        INSERT INTO fb_set_counts AS c (set_id, n)
+            SELECT u.i, u.d FROM unnest(set_ids, set_deltas) AS u(i, d)
+            ON CONFLICT (set_id) DO UPDATE SET n = c.n + excluded.n;
+        IF ops = 0 THEN
+            RETURN NULL;
+        END IF;
+        UPDATE fb_state SET seq = seq + 1 WHERE id = 1 RETURNING seq INTO s;
+        IF EXISTS (SELECT 1 FROM fb_consumers) THEN
+            INSERT INTO fb_changes VALUES (s, at, ops, rec);
+        END IF;
+        RETURN s;
+    END $$;
     CREATE FUNCTION fb_write(w json) RETURNS void LANGUAGE plpgsql AS $$
     BEGIN
         INSERT INTO fb_entries SELECT (r->>0)::bigint, r->>1, r->2 FROM json_array_elements(w->'puts') AS r

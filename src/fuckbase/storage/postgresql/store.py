@@ -81,10 +81,11 @@ COPY_SLICE = 500  # index records computed and sent at a time
 BUILD_LOCK_SQL = "SELECT {op}(hashtextextended('fuckbase:build:' || %s, 0))"  # held while an index is built
 RECLAIM_CHUNK = 10_000  # rows housekeeping deletes per statement
 STATEMENT_TIMEOUT_MS = 60_000
-# Sessions run with enable_seqscan=off: every statement here reaches its rows through an
+# Sessions run with enable_seqscan off: every statement here reaches its rows through an
 # index, and a plan cached while a table was small (a new database) must not go on scanning
 # it whole once it grew (until the next ANALYZE: 800 µs a put were measured so). Restores
 # scan their staging table, which has no index, and turn it back on for their transaction.
+SESSION_OPTIONS = "-c statement_timeout={timeout_ms} -c enable_seqscan=off"
 
 
 class _RawJson(Loader):
@@ -271,6 +272,8 @@ SELECT q.i - 1, CASE WHEN q.r->>2 = 'true' THEN e.value END
   FROM json_array_elements(%s::json) WITH ORDINALITY AS q(r, i)
   JOIN fb_entries e ON e.set_id = (q.r->>0)::bigint AND e.key = (q.r->>1) COLLATE "C"
 """
+
+
 @dataclass
 class _Touched:
     """An entry a transaction changed: its value before the transaction and now (MISSING: absent)."""
@@ -389,20 +392,19 @@ class Tx:
         if changes is not None:
             self.q("SELECT fb_write(%s::json)", (changes,))
 
-    def finish(self, numbered: bool) -> int | None:
+    def finish(self) -> int | None:
         """The transaction's end, in one round trip: its pending entries and index records,
-        the set counts, its sequence number (and change), and the commit."""
-        numbered = numbered or bool(self.ops)  # a write that logged something is a numbered commit
+        the set counts, and the commit; numbered (its sequence number and change) when it
+        logged what it did — writes that only prepare or fill an index are not."""
         changes = self._changes(entries=True)
         sets = sorted((k, v) for k, v in self.set_deltas.items() if v)
         now = time.time()
-        record = orjson.dumps({"t": now, "n": len(self.ops), "ops": self.ops}) if numbered else b""
+        record = orjson.dumps({"t": now, "n": len(self.ops), "ops": self.ops}) if self.ops else b""
         cur = psycopg.ClientCursor(self.conn)
         cur.execute(("SELECT fb_write(%s::json); " if changes is not None else "")
-                    + "SELECT fb_commit(%s::bigint[], %s::bigint[], '{}', '{}', '{}', %s, %s, %s, %s, %s); COMMIT",
+                    + "SELECT fb_commit(%s::bigint[], %s::bigint[], %s, %s, %s, %s); COMMIT",
                     ([changes] if changes is not None else [])
-                    + [[k for k, _ in sets], [v for _, v in sets], now, len(self.ops), record, numbered,
-                       self.catalog_changed])
+                    + [[k for k, _ in sets], [v for _, v in sets], now, len(self.ops), record, self.catalog_changed])
         if changes is not None:
             cur.nextset()
         row = cur.fetchone()
@@ -517,7 +519,7 @@ class PostgresStorage:
         self.pool: ConnectionPool[Conn] = ConnectionPool(
             url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout, configure=_configure,
             kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout)),
-                    "options": f"-c statement_timeout={statement_timeout_ms} -c enable_seqscan=off"},
+                    "options": SESSION_OPTIONS.format(timeout_ms=statement_timeout_ms)},
             name="fuckbase")
         self._groups = threading.local()
         self.catalogs = CatalogCache()
@@ -540,7 +542,7 @@ class PostgresStorage:
         with translated(), self.pool.connection() as conn:
             yield conn
 
-    def _write(self, op: Callable[[Tx], Any], *, numbered: bool = True, savepoint: bool = False,
+    def _write(self, op: Callable[[Tx], Any], *, savepoint: bool = False,
                entry: tuple[str, str, str] | None = None) -> Any:
         """Runs a write as its own transaction, or queues it in this thread's open group;
         `savepoint`: it may fail after changing something (in a group, it then runs under
@@ -555,7 +557,7 @@ class PostgresStorage:
         with self._conn() as conn, writing(conn) as version:
             tx = Tx(conn, self.catalogs, version)
             result = op(tx)
-            tx.finish(numbered)
+            tx.finish()
         return result
 
     # -- groups
@@ -606,7 +608,7 @@ class PostgresStorage:
                         continue
                     tx.absorb(child)
                     results.append(None)
-                tx.finish(True)
+                tx.finish()
         except StorageError as exc:
             return [exc] * len(group.queue)
         return results
@@ -767,13 +769,13 @@ class PostgresStorage:
             tx.catalog_changed = True  # writes from now on keep it current, as far as it is filled
             return int(row[2])
 
-        set_id = self._write(define, numbered=False)
+        set_id = self._write(define)
         ix = IndexRow(index_id, definition.field, definition.kind, tuple(definition.sort_fields), False)
         try:
             self._fill_index(set_id, ix, definition.name, partial(_log_index, database, set_name, definition))
         except BaseException:
             with contextlib.suppress(StorageError):
-                self._write(lambda tx: _discard_index(tx, index_id, unfinished=True), numbered=False)
+                self._write(lambda tx: _discard_index(tx, index_id, unfinished=True))
             raise
         with self._conn() as conn:  # the planner learns the new records' spread (else it may sort a page)
             conn.execute("ANALYZE fb_basic, fb_sorted, fb_group_counts")
@@ -806,7 +808,7 @@ class PostgresStorage:
                 tx.q("UPDATE fb_indexes SET filled_to = %s WHERE id = %s", (last, ix.id))
                 return last
 
-            after = self._write(chunk, numbered=False)
+            after = self._write(chunk)
             if after is None:
                 return
 
@@ -923,7 +925,7 @@ class PostgresStorage:
                 if row is not None and row[0]:  # nobody builds it: its builder died
                     conn.execute(BUILD_LOCK_SQL.format(op="pg_advisory_unlock"), (index_id,))
                     log.warning("dropping index %d: the process building it died", index_id)
-                    self._write(partial(_discard_index, index_id=index_id, unfinished=True), numbered=False)
+                    self._write(partial(_discard_index, index_id=index_id, unfinished=True))
             conn.execute("DELETE FROM fb_changes WHERE seq <= coalesce((SELECT min(acked) FROM fb_consumers),"
                          " (SELECT seq FROM fb_state WHERE id = 1))")
             garbage = conn.execute("SELECT kind, id FROM fb_garbage ORDER BY kind, id LIMIT 1").fetchone()
