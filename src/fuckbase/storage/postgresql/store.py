@@ -85,7 +85,9 @@ STATEMENT_TIMEOUT_MS = 60_000
 # index, and a plan cached while a table was small (a new database) must not go on scanning
 # it whole once it grew (until the next ANALYZE: 800 µs a put were measured so). Restores
 # scan their staging table, which has no index, and turn it back on for their transaction.
-SESSION_OPTIONS = "-c statement_timeout={timeout_ms} -c enable_seqscan=off"
+# JIT off: with seqscan off, a statement that must scan a small table (housekeeping's) costs
+# over jit_above_cost, and compiling it took ~100 ms of CPU each time, every second.
+SESSION_OPTIONS = "-c statement_timeout={timeout_ms} -c enable_seqscan=off -c jit=off"
 
 
 class _RawJson(Loader):
