@@ -176,6 +176,9 @@ class Catalog:
     def names(self) -> list[str]:
         return sorted(self.databases)
 
+    def has_indexes(self, set_id: int) -> bool:
+        return bool(self.indexes.get(set_id))
+
 
 # every named database with its sets and indexes: [[set id, name, [[index id, name, field,
 # kind, sort fields, ready], ...]], ...]
@@ -276,6 +279,10 @@ SELECT q.i - 1, CASE WHEN q.r->>2 = 'true' THEN e.value END
 """
 
 
+def read_ahead_param(wanted: Sequence[EntryKey], values: Callable[[int], bool]) -> str:
+    return orjson.dumps([[sid, key, values(sid)] for sid, key in wanted]).decode()
+
+
 @dataclass
 class _Touched:
     """An entry a transaction changed: its value before the transaction and now (MISSING: absent)."""
@@ -318,11 +325,13 @@ class Tx:
     def read_ahead(self, entries: Sequence[EntryKey], values: Callable[[int], bool]) -> None:
         """Reads the entries not known yet in one statement; their values only for the sets
         where `values(set id)` (the sets with indexes), else just whether they exist."""
-        wanted = list(dict.fromkeys(e for e in entries if self.current(e) is UNKNOWN))
-        if not wanted:
-            return
-        asked = [[sid, key, values(sid)] for sid, key in wanted]
-        for i, value in self.q(READ_AHEAD_SQL, (orjson.dumps(asked).decode(),)).fetchall():
+        wanted = [e for e in dict.fromkeys(entries) if self.current(e) is UNKNOWN]
+        if wanted:
+            self.took(wanted, self.q(READ_AHEAD_SQL, (read_ahead_param(wanted, values),)).fetchall())
+
+    def took(self, wanted: Sequence[EntryKey], rows: Sequence[tuple[Any, ...]]) -> None:
+        """What READ_AHEAD_SQL answered for `wanted`: the others are absent."""
+        for i, value in rows:
             self.known[wanted[i]] = PRESENT if value is None else value
         for e in wanted:
             self.known.setdefault(e, None)
@@ -414,17 +423,24 @@ class Tx:
 
 
 @contextlib.contextmanager
-def writing(conn: Conn) -> Iterator[int]:
-    """A write transaction; yields the catalog version it sees. It takes the sequence row
-    first: writers on every node run one at a time from there to their commit (which numbering
-    needs anyway), so none waits for a lock another holds while that one waits for its,
-    whatever keys a group of writes touches, and the catalog cannot change under it; the same
-    statement begins the transaction, so this costs no round trip."""
-    cur = conn.execute("BEGIN; SELECT catalog FROM fb_state WHERE id = 1 FOR UPDATE")
+def writing(conn: Conn, then: tuple[bytes, str] | None = None) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:
+    """A write transaction; yields the catalog version it sees, and the rows of `then` (a
+    query and its one parameter, run once the lock is held). It takes the sequence row first:
+    writers on every node run one at a time from there to their commit (which numbering needs
+    anyway), so none waits for a lock another holds while that one waits for its, whatever
+    keys a group of writes touches, and the catalog cannot change under it; the same round
+    trip begins the transaction and runs `then`."""
+    begin = b"BEGIN; SELECT catalog FROM fb_state WHERE id = 1 FOR UPDATE"
+    if then is None:
+        cur = conn.execute(begin)
+    else:
+        cur = psycopg.ClientCursor(conn)
+        cur.execute(begin + b"; " + then[0], (then[1],))
     cur.nextset()
     row = cur.fetchone()
+    rows = cur.fetchall() if then is not None and cur.nextset() else []
     try:
-        yield int(row[0]) if row else 0
+        yield (int(row[0]) if row else 0), rows
     except BaseException:
         with contextlib.suppress(psycopg.Error):
             conn.execute("ROLLBACK")
@@ -556,7 +572,7 @@ class PostgresStorage:
             if entry is not None:
                 group.entries.append(entry)
             return None
-        with self._conn() as conn, writing(conn) as version:
+        with self._conn() as conn, writing(conn) as (version, _):
             tx = Tx(conn, self.catalogs, version)
             result = op(tx)
             tx.finish()
@@ -586,10 +602,16 @@ class PostgresStorage:
             return []
         results: list[BaseException | None] = []
         try:
-            with self._conn() as conn, writing(conn) as version:
+            catalog = self.catalogs.newest
+            wanted = _known_entries(catalog, group.entries) if catalog is not None else []
+            then = (READ_AHEAD_SQL, read_ahead_param(wanted, catalog.has_indexes)) if catalog and wanted else None
+            with self._conn() as conn, writing(conn, then) as (version, ahead):
                 tx = Tx(conn, self.catalogs, version)
-                if len(group.entries) > 1:
-                    _read_ahead(tx, group.entries)
+                if then is not None and catalog is not None and catalog.version == version:
+                    tx.took(wanted, ahead)
+                elif group.entries:  # the catalog moved: read again, by its new ids
+                    catalog = self.catalogs.at(conn, version)
+                    tx.read_ahead(_known_entries(catalog, group.entries), catalog.has_indexes)
                 for op, savepoint in group.queue:
                     child = tx.nested()
                     try:
@@ -962,16 +984,15 @@ class _Group:
     entries: list[tuple[str, str, str]] = field(default_factory=list)  # (database, set, key) of its puts and deletes
 
 
-def _read_ahead(tx: Tx, entries: Sequence[tuple[str, str, str]]) -> None:
-    """The entries of a group's puts and deletes, in sets the cached catalog knows."""
-    catalog = tx.catalogs.at(tx.conn, tx.version)
+def _known_entries(catalog: Catalog, entries: Sequence[tuple[str, str, str]]) -> list[EntryKey]:
+    """The entries of a group's puts and deletes in the sets `catalog` knows, once each."""
     wanted: list[EntryKey] = []
     for database, set_name, key in entries:
         db = catalog.databases.get(database)
         sid = db.set_ids.get(set_name) if db is not None else None
         if sid is not None:
             wanted.append((sid, stored_key(key)))
-    tx.read_ahead(wanted, lambda sid: bool(catalog.indexes.get(sid)))
+    return list(dict.fromkeys(wanted))
 
 
 def _put(tx: Tx, t: Target, key: str, value: Any, raw: bytes) -> None:
