@@ -881,13 +881,19 @@ def test_automatic_backups_with_retention(make_server: Any, s3: SeaweedS3, fresh
     def automatic() -> list[str]:
         return [b["name"] for b in srv.ok("/backup/list", {})["backups"] if b["name"] not in manual]
 
+    def holding(i: int) -> str | None:
+        """The newest automatic backup, once it is a new one holding the write just made (one
+        the scheduler took just before that write may come first)."""
+        a = automatic()
+        if not a or a[0] in seen:
+            return None
+        sets = json.loads(get_object(s3, fresh_bucket, a[0]))["databases"]["shop"]["sets"]
+        return a[0] if sets.get("s", {}).get("data", {}).get(f"k{i}") == i else None
+
     seen: list[str] = []
     for i in range(3):
         srv.ok("/set/put", {"database": "shop", "set": "s", "key": f"k{i}", "value": i})
-        newest = wait_for(lambda: (a := automatic()) and a[0] not in seen and a[0], 10, f"automatic backup {i}")
-        seen.append(newest)
-        # the new one holds the write just made
-        assert json.loads(get_object(s3, fresh_bucket, newest))["databases"]["shop"]["sets"]["s"]["data"][f"k{i}"] == i
+        seen.append(wait_for(lambda i=i: holding(i), 10, f"automatic backup {i}"))
     assert len(set(seen)) == 3
     wait_for(lambda: len(automatic()) == 2, 10, "retention to delete the oldest automatic backups")
     listed = srv.ok("/backup/list", {})["backups"]
