@@ -1070,8 +1070,10 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\
 
 
 def copy_text(text: str) -> str:
-    """A value as COPY's text format writes it."""
-    return text.translate(_COPY_ESCAPES)
+    """A value as COPY's text format writes it (translate is slow: most text needs nothing)."""
+    if "\\" in text or "\n" in text or "\t" in text or "\r" in text:
+        return text.translate(_COPY_ESCAPES)
+    return text
 
 
 def _discard_index(tx: Tx, index_id: int, unfinished: bool = False) -> None:
