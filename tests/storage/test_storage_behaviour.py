@@ -679,3 +679,19 @@ def test_housekeeping_during_a_restore_keeps_what_is_staged(storage: Storage, re
         assert get(again, "d", "s", "lost") is None
     finally:
         again.close()
+
+
+def test_a_restore_keeps_keys_and_values_with_every_character(storage: Storage) -> None:
+    """Backslashes, tabs, newlines, carriage returns and NULs in keys and values come back as
+    they went in, and are found by their index."""
+    keys = ["plain", "back\\slash", "tab\there", "new\nline", "carriage\rreturn", "nul\x00key", "all\\\t\n\r\x00\x01"]
+    w = storage.restore_writer()
+    db = w.add_database()
+    db.name = "d"
+    w.add_index(db, "s", IndexDef("e", "e"))
+    raws = {k: orjson.dumps({"e": k, "pad": "\\\t"}) + b"\n\t " for k in keys}  # JSON whitespace around it too
+    w.write(db, "s", [(k, orjson.loads(raw), raw) for k, raw in raws.items()])
+    w.commit(replace_all=False)
+    for k, raw in raws.items():
+        assert fetched(storage, Get("d", "s", k, allow_all)) == raw
+        assert lookup(storage, "d", "s", "e", k) == [k]
