@@ -431,15 +431,15 @@ def writing(conn: Conn, then: tuple[bytes, str] | None = None) -> Iterator[tuple
     keys a group of writes touches, and the catalog cannot change under it; the same round
     trip begins the transaction and runs `then`."""
     begin = b"BEGIN; SELECT catalog FROM fb_state WHERE id = 1 FOR UPDATE"
-    if then is None:
-        cur = conn.execute(begin)
-    else:
-        cur = psycopg.ClientCursor(conn)
-        cur.execute(begin + b"; " + then[0], (then[1],))
-    cur.nextset()
-    row = cur.fetchone()
-    rows = cur.fetchall() if then is not None and cur.nextset() else []
     try:
+        if then is None:
+            cur = conn.execute(begin)
+        else:
+            cur = psycopg.ClientCursor(conn)
+            cur.execute(begin + b"; " + then[0], (then[1],))
+        cur.nextset()
+        row = cur.fetchone()
+        rows = cur.fetchall() if then is not None and cur.nextset() else []
         yield (int(row[0]) if row else 0), rows
     except BaseException:
         with contextlib.suppress(psycopg.Error):
