@@ -65,7 +65,7 @@ class PgSnapshot:
             cur.execute("SELECT key, value FROM fb_entries WHERE set_id = %s ORDER BY key", (db.set_ids[set_name],))
             while rows := cur.fetchmany(ENTRY_CHUNK):  # by the chunk: a row at a time costs more than the row
                 for key, value in rows:
-                    yield (api_key(key) if "\x01" in key else key), value
+                    yield api_key(key), value
 
     def sequence(self) -> int:
         return self._sequence

@@ -279,7 +279,7 @@ SELECT q.i - 1, CASE WHEN q.r->>2 = 'true' THEN e.value END
 """
 
 
-def read_ahead_param(wanted: Sequence[EntryKey], values: Callable[[int], bool]) -> str:
+def _read_ahead_param(wanted: Sequence[EntryKey], values: Callable[[int], bool]) -> str:
     return orjson.dumps([[sid, key, values(sid)] for sid, key in wanted]).decode()
 
 
@@ -327,7 +327,7 @@ class Tx:
         where `values(set id)` (the sets with indexes), else just whether they exist."""
         wanted = [e for e in dict.fromkeys(entries) if self.current(e) is UNKNOWN]
         if wanted:
-            self.took(wanted, self.q(READ_AHEAD_SQL, (read_ahead_param(wanted, values),)).fetchall())
+            self.took(wanted, self.q(READ_AHEAD_SQL, (_read_ahead_param(wanted, values),)).fetchall())
 
     def took(self, wanted: Sequence[EntryKey], rows: Sequence[tuple[Any, ...]]) -> None:
         """What READ_AHEAD_SQL answered for `wanted`: the others are absent."""
@@ -604,14 +604,15 @@ class PostgresStorage:
         try:
             catalog = self.catalogs.newest
             wanted = _known_entries(catalog, group.entries) if catalog is not None else []
-            then = (READ_AHEAD_SQL, read_ahead_param(wanted, catalog.has_indexes)) if catalog and wanted else None
+            then = (READ_AHEAD_SQL, _read_ahead_param(wanted, catalog.has_indexes)) \
+                if catalog is not None and wanted else None
             with self._conn() as conn, writing(conn, then) as (version, ahead):
                 tx = Tx(conn, self.catalogs, version)
-                if then is not None and catalog is not None and catalog.version == version:
-                    tx.took(wanted, ahead)
-                elif group.entries:  # the catalog moved: read again, by its new ids
+                if catalog is None or catalog.version != version:  # it moved: read again, by its new ids
                     catalog = self.catalogs.at(conn, version)
                     tx.read_ahead(_known_entries(catalog, group.entries), catalog.has_indexes)
+                elif then is not None:
+                    tx.took(wanted, ahead)
                 for op, savepoint in group.queue:
                     child = tx.nested()
                     try:
