@@ -68,6 +68,7 @@ from fuckbase.storage.values import (
     group_token,
     indexed_text,
     is_truncated,
+    match_text,
     sort_rank,
     sort_token,
 )
@@ -1043,27 +1044,35 @@ def copy_records(conn: Conn, indexes: Sequence[IndexRow], entries: Sequence[tupl
     """COPYs the index records of (stored key, JSON) entries that have none yet; returns the
     sortable ones, whose counts the caller keeps. The COPY text is made here and sent a slice
     at a time, so PostgreSQL stores one slice while the next is computed (per row, psycopg's
-    writer would cost more than the record)."""
+    writer would cost more than the record). Builds and restores spend most of their Python
+    time here: basic records are made inline, not through `_records`."""
+    basic = [(ix.id, ix.field) for ix in indexes if ix.kind == BASIC]
+    others = [ix for ix in indexes if ix.kind != BASIC]
     sortable: list[tuple[int, int, bytes, bytes, str]] = []
-    if not any(ix.kind == BASIC for ix in indexes):
-        for key, value in entries:
-            sortable.extend((*r, key) for r in _records(indexes, orjson.loads(value))[1])
-    else:
-        with conn.cursor().copy("COPY fb_basic FROM STDIN") as copy:
-            for start in range(0, len(entries), COPY_SLICE):
-                lines: list[str] = []
-                for key, value in entries[start : start + COPY_SLICE]:
-                    b, srt = _records(indexes, orjson.loads(value))
-                    if b:
-                        copied = copy_text(key)
-                        lines.extend(f"{i}\t\\\\x{g.hex()}\t{copied}\n" for i, g in b)
-                    sortable.extend((*r, key) for r in srt)
+    with contextlib.ExitStack() as stack:
+        copy = stack.enter_context(conn.cursor().copy("COPY fb_basic FROM STDIN")) if basic else None
+        for start in range(0, len(entries), COPY_SLICE):
+            lines: list[str] = []
+            for key, raw in entries[start : start + COPY_SLICE]:
+                value = orjson.loads(raw)
+                if type(value) is not dict:
+                    continue  # no field to index
+                copied: str | None = None
+                for index_id, name in basic:
+                    if name in value:
+                        field_value = value[name]
+                        text = field_value if type(field_value) is str else match_text(field_value)
+                        copied = copy_text(key) if copied is None else copied
+                        lines.append(f"{index_id}\t\\\\x{group_token(text).hex()}\t{copied}\n")
+                if others:
+                    sortable.extend((*r, key) for r in _records(others, value)[1])
+            if copy is not None and lines:
                 copy.write("".join(lines))
     if sortable:
-        with conn.cursor().copy("COPY fb_sorted FROM STDIN") as copy:
+        with conn.cursor().copy("COPY fb_sorted FROM STDIN") as sorted_copy:
             for start in range(0, len(sortable), COPY_SLICE):
-                copy.write("".join(f"{i}\t{f}\t\\\\x{g.hex()}\t\\\\x{o.hex()}\t{copy_text(k)}\n"
-                                   for i, f, g, o, k in sortable[start : start + COPY_SLICE]))
+                sorted_copy.write("".join(f"{i}\t{f}\t\\\\x{g.hex()}\t\\\\x{o.hex()}\t{copy_text(k)}\n"
+                                          for i, f, g, o, k in sortable[start : start + COPY_SLICE]))
     return sortable
 
 
