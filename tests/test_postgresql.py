@@ -379,3 +379,36 @@ def test_an_index_build_whose_process_dies_is_dropped_by_housekeeping(pg_url: st
         assert len(found) == len(range(3, 60_000, 7))
     finally:
         storage.close()
+
+
+def test_a_restore_leaves_no_records_of_what_its_replay_dropped(pg_url: str) -> None:
+    """Records made while a restore stages follow its replayed drops: a dropped index and a
+    removed database take theirs along, and the survivors' records are exactly their entries'."""
+    storage = PostgresStorage(pg_url)
+    try:
+        w = storage.restore_writer()
+        db = w.add_database()
+        db.name = "d"
+        w.add_index(db, "s", IndexDef("e", "e"))
+        w.add_index(db, "s", IndexDef("by", "e", SORTABLE, ("n",)))
+        w.add_index(db, "s", IndexDef("dropped", "e", SORTABLE, ("n",)))
+        w.write(db, "s", [(f"k{i}", v, orjson.dumps(v)) for i in range(100) for v in [{"e": i % 3, "n": i}]])
+        w.write(db, "s", [(f"k{i}", v, orjson.dumps(v)) for i in range(50) for v in [{"e": "moved", "n": -i}]])
+        w.delete(db, "s", [f"k{i}" for i in range(90, 100)])
+        w.drop_index(db, "s", "dropped")
+        gone = w.add_database()
+        gone.name = "gone"
+        w.add_index(gone, "s", IndexDef("e", "e"))
+        w.write(gone, "s", [("a", {"e": 1}, b'{"e":1}')])
+        w.remove_database(gone)
+        w.commit(replace_all=False)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM fb_basic").fetchone() == (90,)
+            assert conn.execute("SELECT count(*) FROM fb_sorted").fetchone() == (90,)
+        (moved,) = storage.fetch([Lookup("d", "s", "e", "moved", allow_all)])
+        assert sorted(e.key for e in moved) == sorted(f"k{i}" for i in range(50))
+        with storage.read() as view:
+            p = view.page(view.database("d"), "s", "by", "0", [("n", False)], 0, 100)
+        assert (p.total, [e.key for e in p.entries]) == (13, [f"k{i}" for i in range(51, 90, 3)])
+    finally:
+        storage.close()

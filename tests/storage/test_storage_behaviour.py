@@ -552,6 +552,7 @@ def test_changes_replayed_on_a_staged_restore(storage: Storage) -> None:
     db.name = "d"
     w.add_index(db, "s", IndexDef("e", "e"))
     w.add_index(db, "s", IndexDef("srt", "e", SORTABLE, ("n",)))
+    w.add_index(db, "s", IndexDef("kept", "e"))
     w.write(db, "s", [(f"k{i}", {"e": i % 2, "n": i}, orjson.dumps({"e": i % 2, "n": i})) for i in range(6)])
     w.delete(db, "s", ["k0", "k3", "missing"])
     w.write(db, "s", [("k1", {"e": 0, "n": 9}, b'{"e":0,"n":9}')])  # a replaced value moves in the indexes
@@ -567,8 +568,10 @@ def test_changes_replayed_on_a_staged_restore(storage: Storage) -> None:
     with storage.read() as view:
         assert view.database_names() == ["d"]
         d = view.database("d")
-        assert set(d.sets["s"].indexes) == {"srt"}
+        assert set(d.sets["s"].indexes) == {"srt", "kept"}
         assert view.key_counts() == {"d": 4}
+    assert lookup(storage, "d", "s", "kept", "0") == ["k1", "k2", "k4"]
+    assert lookup(storage, "d", "s", "kept", "1") == ["k5"]
     assert storage.fetch([Get("d", "s", "k0", allow_all), Get("d", "s", "k1", allow_all)]) == [None, b'{"e":0,"n":9}']
     assert page(storage, "srt", "0", [("n", False)]) == (3, ["k2", "k4", "k1"])
     assert page(storage, "srt", "1", [("n", True)]) == (1, ["k5"])

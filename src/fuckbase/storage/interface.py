@@ -276,7 +276,8 @@ class RestoreWriter(Protocol):
         """Raises ValueError when the set already has an index of that name."""
 
     def write(self, db: StagedDatabase, set_name: str, entries: Sequence[tuple[str, Any, bytes]]) -> None:
-        """Stores (key, value, JSON) entries; a repeated key keeps its last value."""
+        """Stores (key, value, JSON) entries; a repeated key keeps its last value. A backend
+        may store them while the caller goes on: a failure then surfaces at the next call."""
 
     def delete(self, db: StagedDatabase, set_name: str, keys: Sequence[str]) -> None:
         """Removes staged entries (and their index records); keys not staged are skipped.

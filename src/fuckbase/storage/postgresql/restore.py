@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,14 +19,18 @@ import psycopg
 
 from fuckbase.storage.interface import Credentials, Database, IndexDef, StorageError
 from fuckbase.storage.postgresql.store import (
+    COPY_SLICE,
     Conn,
     IndexRow,
     PgDatabase,
+    RecordMaker,
     Tx,
     _discard_database,
     api_key,
+    copy_basic,
     copy_records,
     copy_text,
+    delete_records,
     load_catalog,
     stored_key,
     translated,
@@ -87,32 +92,84 @@ class PgStagedDatabase:
     indexes: dict[str, dict[str, IndexRow]] = field(default_factory=dict)  # by set, by name
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
+class _Staging:
+    """One write's entries and their index records as COPY text, made on the caller's thread
+    while the writer's thread stores the previous write. A repeated key keeps its last value."""
+
+    def __init__(self, set_id: int, entries: Sequence[tuple[str, Any, bytes]], kept: tuple[IndexRow, ...]) -> None:
+        last = {stored_key(key): (value, raw) for key, value, raw in entries}
+        items = list(last.items())
+        self.set_id, self.keys, self.kept = set_id, list(last), kept
+        self.maker = RecordMaker(kept, load=_same)
+        self.slices: list[str] = []
+        self.basic: list[str] = []
+        for start in range(0, len(items), COPY_SLICE):
+            part = items[start : start + COPY_SLICE]
+            self.slices.append("".join(f"{set_id}\t{copy_text(key)}\t{copy_text(raw.decode())}\n"
+                                       for key, (_, raw) in part))
+            if kept:
+                self.basic.extend(self.maker.basic_lines([(key, value) for key, (value, _) in part]))
+
+    def copy_entries(self, conn: Conn) -> None:
+        with conn.cursor().copy("COPY fb_entries FROM STDIN") as copy:
+            for text in self.slices:
+                copy.write(text)
+
+    def copy_records(self, conn: Conn) -> None:
+        if self.basic:
+            copy_basic(conn, self.basic)
+        self.maker.copy_sortable(conn)
+
+
 class PgRestoreWriter:
     """Stages in one open transaction; `commit` swaps and commits, `abort` rolls back.
 
-    Entries arrive by COPY; index records and counts are built once, at the commit, from the
-    entries staged by then, so replayed puts, deletes and dropped indexes cost nothing extra."""
+    Entries arrive by COPY, with the records of the indexes their set had before its first
+    entry (a backup defines them first), made from the values the reader parsed already;
+    replayed puts and deletes move those records as they go. An index defined on a set that
+    has entries already gets its records at the commit, from the entries staged by then; the
+    counts are aggregated then too."""
 
     def __init__(self, storage: PostgresStorage) -> None:
         self._pool = storage.pool
         with translated():
             self._conn: Conn = self._pool.getconn()
             self._conn.execute("BEGIN; SET LOCAL enable_seqscan = on")
-            self._conn.execute("CREATE TEMPORARY TABLE fb_incoming (set_id bigint, key text, value json)"
-                               " ON COMMIT DROP")
         self._tx = Tx(self._conn, storage.catalogs, 0)
         self._tx.catalog_changed = True  # whatever it stages is looked up, never taken from a cache
         self._dbs: list[PgStagedDatabase] = []
+        self._filled: set[int] = set()  # sets that have entries staged
+        self._deferred: set[int] = set()  # indexes whose records are made at the commit
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="fb-restore")
+        self._in_flight: Future[None] | None = None
         self._done = False
+
+    def _settled(self) -> None:
+        """Waits for the write in flight; its failure (which rolled the restore back) is raised
+        here, to the next caller."""
+        if self._in_flight is not None:
+            pending, self._in_flight = self._in_flight, None
+            pending.result()
 
     @contextlib.contextmanager
     def _step(self) -> Iterator[Tx]:
+        """Every step but a write's waits for the write in flight first."""
+        self._settled()
+        with self._guarded() as tx:
+            yield tx
+
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[Tx]:
         """A failure rolls the whole restore back: nothing it staged survives it."""
         try:
             with translated():
                 yield self._tx
         except BaseException:
-            self.abort()
+            self._rollback()
             raise
 
     def add_database(self) -> PgStagedDatabase:
@@ -138,6 +195,7 @@ class PgRestoreWriter:
             self._set(db, name)
 
     def add_index(self, db: Any, set_name: str, definition: IndexDef) -> None:
+        self._settled()
         if definition.name in db.indexes.get(set_name, {}):
             raise ValueError(f"index {definition.name!r} is defined twice")
         with self._step() as tx:
@@ -148,55 +206,85 @@ class PgRestoreWriter:
             assert row is not None
             db.indexes[set_name][definition.name] = IndexRow(int(row[0]), definition.field, definition.kind,
                                                               tuple(definition.sort_fields))
+            if sid in self._filled:
+                self._deferred.add(int(row[0]))
+
+    def _kept(self, db: PgStagedDatabase, set_name: str) -> tuple[IndexRow, ...]:
+        """The set's indexes whose records move with every staged change."""
+        return tuple(ix for ix in db.indexes.get(set_name, {}).values() if ix.id not in self._deferred)
 
     def write(self, db: Any, set_name: str, entries: Sequence[tuple[str, Any, bytes]]) -> None:
-        """A repeated key keeps its last value."""
+        """Made into COPY text here, stored on a thread of the writer's while the caller reads
+        and makes the next ones (PostgreSQL's work and ours overlap); one write is in flight
+        at a time."""
         if not entries:
             return
-        with self._step() as tx:
-            sid = self._set(db, set_name)
-            last = {key: raw for key, _, raw in entries}
-            lines = "".join(f"{sid}\t{copy_text(stored_key(key))}\t{copy_text(raw.decode())}\n" for key, raw in last.items())
+        sid = db.sets.get(set_name)
+        if sid is None:
+            with self._step():
+                sid = self._set(db, set_name)
+        self._filled.add(sid)
+        staging = _Staging(sid, entries, self._kept(db, set_name))
+        self._settled()
+        self._in_flight = self._writer.submit(self._store, staging)
+
+    def _store(self, staging: _Staging) -> None:
+        with self._guarded() as tx:
             tx.q("SAVEPOINT fresh")
             try:  # keys new to the set (a backup's): straight in
-                with tx.conn.cursor().copy("COPY fb_entries FROM STDIN") as copy:
-                    copy.write(lines)
+                staging.copy_entries(tx.conn)
             except psycopg.errors.UniqueViolation:  # some were staged already (replayed changes)
                 tx.q("ROLLBACK TO SAVEPOINT fresh")
-                with tx.conn.cursor().copy("COPY fb_incoming FROM STDIN") as copy:
-                    copy.write(lines)
-                tx.q("INSERT INTO fb_entries SELECT * FROM fb_incoming ON CONFLICT (set_id, key)"
-                     " DO UPDATE SET value = excluded.value")
-                tx.q("TRUNCATE fb_incoming")
+                replaced = tx.q("DELETE FROM fb_entries WHERE set_id = %s AND key = ANY(%s) RETURNING key, value",
+                                (staging.set_id, staging.keys)).fetchall()
+                staging.copy_entries(tx.conn)
+                if staging.kept:
+                    delete_records(tx.conn, staging.kept, replaced)
             tx.q("RELEASE SAVEPOINT fresh")
+            staging.copy_records(tx.conn)
 
     def delete(self, db: Any, set_name: str, keys: Sequence[str]) -> None:
+        self._settled()
         sid = db.sets.get(set_name)
         if sid is None or not keys:
             return
         with self._step() as tx:
-            tx.q("DELETE FROM fb_entries WHERE set_id = %s AND key = ANY(%s)", (sid, [stored_key(k) for k in keys]))
+            gone = tx.q("DELETE FROM fb_entries WHERE set_id = %s AND key = ANY(%s) RETURNING key, value",
+                        (sid, [stored_key(k) for k in keys])).fetchall()
+            kept = self._kept(db, set_name)
+            if kept:
+                delete_records(tx.conn, kept, gone)
 
     def drop_index(self, db: Any, set_name: str, name: str) -> None:
+        self._settled()
         ix = db.indexes.get(set_name, {}).pop(name, None)
         if ix is None:
             return
         with self._step() as tx:
             tx.q("DELETE FROM fb_indexes WHERE id = %s", (ix.id,))
+            self._forget_records([ix.id])
+
+    def _forget_records(self, index_ids: list[int]) -> None:
+        kept = [i for i in index_ids if i not in self._deferred]
+        if kept:
+            self._tx.q("DELETE FROM fb_basic WHERE index_id = ANY(%s)", (kept,))
+            self._tx.q("DELETE FROM fb_sorted WHERE index_id = ANY(%s)", (kept,))
 
     def remove_database(self, db: Any) -> None:
         with self._step() as tx:
+            self._forget_records([ix.id for by_name in db.indexes.values() for ix in by_name.values()])
             tx.q("DELETE FROM fb_entries WHERE set_id = ANY(%s)", (list(db.sets.values()),))
             tx.q("DELETE FROM fb_databases WHERE id = %s", (db.id,))
         self._dbs.remove(db)
 
     def _build(self) -> None:
-        """The index records of every staged set's final entries, then the counts, by COPY
-        and aggregates: memory stays flat however many entries there are."""
+        """The records of the indexes defined after their set's first entry, from the final
+        entries, then the counts, by COPY and aggregates: memory stays flat however many
+        entries there are."""
         tx = self._tx
         for db in self._dbs:
             for set_name, sid in db.sets.items():
-                indexes = tuple(db.indexes[set_name].values())
+                indexes = tuple(ix for ix in db.indexes[set_name].values() if ix.id in self._deferred)
                 if indexes:
                     self._index_set(sid, indexes)
             sets = list(db.sets.values())
@@ -217,6 +305,7 @@ class PgRestoreWriter:
     def commit(self, replace_all: bool, check: Callable[[Database], None] | None = None) -> None:
         """Takes the sequence row (as every write does), checks what the swap replaces,
         renames, numbers, commits."""
+        self._settled()
         names = [db.name for db in self._dbs]
         if any(n is None for n in names):
             self.abort()
@@ -256,6 +345,11 @@ class PgRestoreWriter:
                  (db.name, orjson.dumps(dict(db.auth)).decode() if db.auth else None, db.id))
 
     def abort(self) -> None:
+        with contextlib.suppress(Exception):  # a failed write in flight rolled back already
+            self._settled()
+        self._rollback()
+
+    def _rollback(self) -> None:
         if not self._done:
             with contextlib.suppress(psycopg.Error, StorageError):
                 self._conn.execute("ROLLBACK")
@@ -264,4 +358,5 @@ class PgRestoreWriter:
     def _release(self) -> None:
         if not self._done:
             self._done = True
+            self._writer.shutdown(wait=False)
             self._pool.putconn(self._conn)

@@ -1039,41 +1039,83 @@ def _log_index(database: str, set_name: str, definition: IndexDef, tx: Tx) -> No
     tx.log(("create_index", database, set_name, definition))
 
 
+class RecordMaker:
+    """Makes the index records of (stored key, value) entries: basic ones as COPY lines,
+    sortable ones kept (`sortable`) for their counts. `load` gives a value from what an entry
+    holds: by default JSON text. Builds and restores spend most of their Python time here:
+    basic records are made inline, not through `_records`."""
+
+    def __init__(self, indexes: Sequence[IndexRow], load: Callable[[Any], Any] = orjson.loads) -> None:
+        self.basic = [(ix.id, ix.field) for ix in indexes if ix.kind == BASIC]
+        self._others = [ix for ix in indexes if ix.kind != BASIC]
+        self._load = load
+        self.sortable: list[tuple[int, int, bytes, bytes, str]] = []
+
+    def basic_lines(self, entries: Sequence[tuple[str, Any]]) -> list[str]:
+        lines: list[str] = []
+        for key, held in entries:
+            value = self._load(held)
+            if type(value) is not dict:
+                continue  # no field to index
+            copied: str | None = None
+            for index_id, name in self.basic:
+                if name in value:
+                    field_value = value[name]
+                    text = field_value if type(field_value) is str else match_text(field_value)
+                    copied = copy_text(key) if copied is None else copied
+                    lines.append(f"{index_id}\t\\\\x{group_token(text).hex()}\t{copied}\n")
+            if self._others:
+                self.sortable.extend((*r, key) for r in _records(self._others, value)[1])
+        return lines
+
+    def copy_sortable(self, conn: Conn) -> None:
+        if self.sortable:
+            with conn.cursor().copy("COPY fb_sorted FROM STDIN") as copy:
+                for start in range(0, len(self.sortable), COPY_SLICE):
+                    copy.write("".join(f"{i}\t{f}\t\\\\x{g.hex()}\t\\\\x{o.hex()}\t{copy_text(k)}\n"
+                                       for i, f, g, o, k in self.sortable[start : start + COPY_SLICE]))
+
+
+def copy_basic(conn: Conn, lines: Sequence[str]) -> None:
+    with conn.cursor().copy("COPY fb_basic FROM STDIN") as copy:
+        for start in range(0, len(lines), COPY_SLICE):
+            copy.write("".join(lines[start : start + COPY_SLICE]))
+
+
 def copy_records(conn: Conn, indexes: Sequence[IndexRow], entries: Sequence[tuple[str, bytes]]
                  ) -> list[tuple[int, int, bytes, bytes, str]]:
     """COPYs the index records of (stored key, JSON) entries that have none yet; returns the
-    sortable ones, whose counts the caller keeps. The COPY text is made here and sent a slice
-    at a time, so PostgreSQL stores one slice while the next is computed (per row, psycopg's
-    writer would cost more than the record). Builds and restores spend most of their Python
-    time here: basic records are made inline, not through `_records`."""
-    basic = [(ix.id, ix.field) for ix in indexes if ix.kind == BASIC]
-    others = [ix for ix in indexes if ix.kind != BASIC]
-    sortable: list[tuple[int, int, bytes, bytes, str]] = []
+    sortable ones, whose counts the caller keeps. The COPY text is sent a slice at a time, so
+    PostgreSQL stores one slice while the next is made (per row, psycopg's writer would cost
+    more than the record)."""
+    maker = RecordMaker(indexes)
     with contextlib.ExitStack() as stack:
-        copy = stack.enter_context(conn.cursor().copy("COPY fb_basic FROM STDIN")) if basic else None
+        copy = stack.enter_context(conn.cursor().copy("COPY fb_basic FROM STDIN")) if maker.basic else None
         for start in range(0, len(entries), COPY_SLICE):
-            lines: list[str] = []
-            for key, raw in entries[start : start + COPY_SLICE]:
-                value = orjson.loads(raw)
-                if type(value) is not dict:
-                    continue  # no field to index
-                copied: str | None = None
-                for index_id, name in basic:
-                    if name in value:
-                        field_value = value[name]
-                        text = field_value if type(field_value) is str else match_text(field_value)
-                        copied = copy_text(key) if copied is None else copied
-                        lines.append(f"{index_id}\t\\\\x{group_token(text).hex()}\t{copied}\n")
-                if others:
-                    sortable.extend((*r, key) for r in _records(others, value)[1])
+            lines = maker.basic_lines(entries[start : start + COPY_SLICE])
             if copy is not None and lines:
                 copy.write("".join(lines))
-    if sortable:
-        with conn.cursor().copy("COPY fb_sorted FROM STDIN") as sorted_copy:
-            for start in range(0, len(sortable), COPY_SLICE):
-                sorted_copy.write("".join(f"{i}\t{f}\t\\\\x{g.hex()}\t\\\\x{o.hex()}\t{copy_text(k)}\n"
-                                          for i, f, g, o, k in sortable[start : start + COPY_SLICE]))
-    return sortable
+    maker.copy_sortable(conn)
+    return maker.sortable
+
+
+def delete_records(conn: Conn, indexes: Sequence[IndexRow], entries: Sequence[tuple[str, bytes]]) -> None:
+    """Deletes the index records of (stored key, JSON) entries."""
+    basic: list[tuple[int, bytes, str]] = []
+    sortable: list[tuple[int, int, bytes, bytes, str]] = []
+    for key, value in entries:
+        b, srt = _records(indexes, orjson.loads(value))
+        basic.extend((*r, key) for r in b)
+        sortable.extend((*r, key) for r in srt)
+    with conn.cursor() as cur:
+        if basic:
+            cur.execute("DELETE FROM fb_basic b USING unnest(%s::bigint[], %s::bytea[], %s::text[]) AS r(i, g, k)"
+                        " WHERE b.index_id = r.i AND b.grp = r.g AND b.key = r.k COLLATE \"C\"",
+                        [list(c) for c in zip(*basic, strict=True)])
+        if sortable:
+            cur.execute("DELETE FROM fb_sorted s USING unnest(%s::bigint[], %s::smallint[], %s::bytea[], %s::bytea[],"
+                        " %s::text[]) AS r(i, f, g, o, k) WHERE s.index_id = r.i AND s.field = r.f AND s.grp = r.g"
+                        " AND s.sort = r.o AND s.key = r.k COLLATE \"C\"", [list(c) for c in zip(*sortable, strict=True)])
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
