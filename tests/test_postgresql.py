@@ -412,3 +412,28 @@ def test_a_restore_leaves_no_records_of_what_its_replay_dropped(pg_url: str) -> 
         assert (p.total, [e.key for e in p.entries]) == (13, [f"k{i}" for i in range(51, 90, 3)])
     finally:
         storage.close()
+
+
+def test_a_staged_write_that_fails_on_its_thread_fails_the_next_call_and_rolls_the_restore_back(pg_url: str) -> None:
+    """Restore writes are stored while the reader goes on: PostgreSQL refusing one (here a key
+    too long for a B-tree entry) surfaces at the next call, and nothing of the restore stays."""
+    import secrets
+
+    from fuckbase.storage import StorageError
+
+    storage = PostgresStorage(pg_url)
+    try:
+        storage.create_database("d", None)
+        w = storage.restore_writer()
+        db = w.add_database()
+        db.name = "d"
+        w.write(db, "s", [("fine", 1, b"1")])
+        w.write(db, "s", [(secrets.token_hex(6000), 2, b"2")])  # returns: the failure comes later
+        with pytest.raises(StorageError):
+            w.commit(replace_all=False)
+        w.abort()  # what a caller does after any failure: nothing more to undo
+        with storage.read() as view:
+            assert view.database("d").sets == {}
+        assert storage.pool.get_stats()["pool_available"] == storage.pool.get_stats()["pool_size"]
+    finally:
+        storage.close()
