@@ -92,10 +92,6 @@ class PgStagedDatabase:
     indexes: dict[str, dict[str, IndexRow]] = field(default_factory=dict)  # by set, by name
 
 
-def _same(value: Any) -> Any:
-    return value
-
-
 class _Staging:
     """One write's entries and their index records as COPY text, made on the caller's thread
     while the writer's thread stores the previous write. A repeated key keeps its last value."""
@@ -104,7 +100,7 @@ class _Staging:
         last = {stored_key(key): (value, raw) for key, value, raw in entries}
         items = list(last.items())
         self.set_id, self.keys, self.kept = set_id, list(last), kept
-        self.maker = RecordMaker(kept, load=_same)
+        self.maker = RecordMaker(kept)
         self.slices: list[str] = []
         self.basic: list[str] = []
         for start in range(0, len(items), COPY_SLICE):

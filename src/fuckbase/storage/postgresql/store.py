@@ -1040,21 +1040,18 @@ def _log_index(database: str, set_name: str, definition: IndexDef, tx: Tx) -> No
 
 
 class RecordMaker:
-    """Makes the index records of (stored key, value) entries: basic ones as COPY lines,
-    sortable ones kept (`sortable`) for their counts. `load` gives a value from what an entry
-    holds: by default JSON text. Builds and restores spend most of their Python time here:
-    basic records are made inline, not through `_records`."""
+    """Makes the index records of (stored key, parsed value) entries: basic ones as COPY
+    lines, sortable ones kept (`sortable`) for their counts. Builds and restores spend most of
+    their Python time here: basic records are made inline, not through `_records`."""
 
-    def __init__(self, indexes: Sequence[IndexRow], load: Callable[[Any], Any] = orjson.loads) -> None:
+    def __init__(self, indexes: Sequence[IndexRow]) -> None:
         self.basic = [(ix.id, ix.field) for ix in indexes if ix.kind == BASIC]
         self._others = [ix for ix in indexes if ix.kind != BASIC]
-        self._load = load
         self.sortable: list[tuple[int, int, bytes, bytes, str]] = []
 
     def basic_lines(self, entries: Sequence[tuple[str, Any]]) -> list[str]:
         lines: list[str] = []
-        for key, held in entries:
-            value = self._load(held)
+        for key, value in entries:
             if type(value) is not dict:
                 continue  # no field to index
             copied: str | None = None
@@ -1092,7 +1089,7 @@ def copy_records(conn: Conn, indexes: Sequence[IndexRow], entries: Sequence[tupl
     with contextlib.ExitStack() as stack:
         copy = stack.enter_context(conn.cursor().copy("COPY fb_basic FROM STDIN")) if maker.basic else None
         for start in range(0, len(entries), COPY_SLICE):
-            lines = maker.basic_lines(entries[start : start + COPY_SLICE])
+            lines = maker.basic_lines([(key, orjson.loads(raw)) for key, raw in entries[start : start + COPY_SLICE]])
             if copy is not None and lines:
                 copy.write("".join(lines))
     maker.copy_sortable(conn)
