@@ -128,7 +128,7 @@ class ServerProcess:
 # one PostgreSQL database, as the nodes of one deployment do
 BOTH_BACKENDS = {"test_api", "test_http", "test_batch", "test_hostile", "test_contract", "test_client", "test_backup",
                  "test_client_backups", "test_cli", "test_fuzz", "test_smoke", "test_readme", "test_backup_s3",
-                 "test_encryption"}
+                 "test_encryption", "test_continuous"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

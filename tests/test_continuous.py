@@ -16,20 +16,26 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ServerProcess
+from pgserver import pg_url, postgres  # noqa: F401
 from s3server import SeaweedS3, fresh_bucket, s3  # noqa: F401
 from test_backup_s3 import get_object, object_keys, original_database, put_object, s3_args
 
+from fuckbase.backup import BackupService
 from fuckbase.continuous import (
     DatabaseHistory,
     Generation,
     Retention,
     SegmentObject,
+    Shipper,
     SnapshotObject,
     database_ranges,
     expired,
     ranges,
+    restore_to,
+    timeline,
 )
-from fuckbase.storage import Change
+from fuckbase.objectstore import LocalObjectStore
+from fuckbase.storage import Change, Storage, allow_all
 
 SEGMENTS = r"continuous/.*/segments/"
 
@@ -588,3 +594,36 @@ def test_each_database_has_its_own_range_from_the_history() -> None:
     assert spans["c"] == [(30.0, 69.999)] and spans["x"] == [(80.0, 100.0)]
     gen.history.events[1]["t"] = 30.0004  # created within a millisecond: restorable from the next one
     assert database_ranges({gen.name: gen})["c"][0][0] == 30.001
+
+
+async def test_a_drop_a_snapshot_holds_before_shipping_saw_it_ends_the_database_at_the_drop(
+        storage: Storage, tmp_path: Path) -> None:
+    """The shipper's rounds and snapshots race the writes: a drop committed after a round
+    shipped and before the next snapshot began is dated by its own commit, not by the
+    snapshot, so the database's last restorable instant is before the drop and restores."""
+    backups = BackupService(storage, LocalObjectStore(tmp_path / "bucket"), spool_dir=tmp_path)
+    shipper = Shipper(storage, backups, tmp_path, tmp_path)
+    backups.shipped = shipper.shipped
+    await shipper._start()  # the first snapshot
+    storage.create_database("other", None)
+    storage.create_set("other", "s", allow_all)
+    storage.put("other", "s", "k", "v", b'"v"', allow_all)
+    await shipper._ship()
+    storage.drop_database("other", allow_all)
+    dropped = time.time()  # the drop's own time is a little before
+    time.sleep(0.05)
+    await shipper._snapshot()  # holds the drop, which no round has shipped yet
+    await shipper._ship()
+
+    gens = await timeline(backups.store, shipper.shipped(), histories=True)
+    spans = database_ranges(gens)["other"]
+    last = spans[-1][1]
+    assert last < dropped, (spans, dropped)
+    restored = await restore_to(backups, last, "other", "other_last", None)
+    assert restored["databases"] == ["other_last"]
+    snapshot = storage.snapshot()
+    try:
+        db = next(d for d in snapshot.databases() if d.name == "other_last")
+        assert list(snapshot.entries(db, "s")) == [("k", b'"v"')]
+    finally:
+        snapshot.close()

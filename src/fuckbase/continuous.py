@@ -1053,7 +1053,13 @@ class Shipper:
         self.status.count("put", 3)  # the upload (one or more parts), its check and its sidecar
         base = await self.backups.write_base(name_of)
         self._snapshot_entries = base.entries
-        if self._history.note_snapshot(base.sequence, base.taken, base.databases):
+        noted = False
+        if self._history.names is not None and base.sequence > self._shipped:
+            # commits the snapshot holds that no round has shipped: their creations and drops
+            # are noted first, at their own times, or the snapshot's list would date them
+            logged = self._logged(self._shipped, base.sequence)
+            noted = any(await asyncio.to_thread(lambda: [self._history.note(chunk) for chunk in logged]))
+        if self._history.note_snapshot(base.sequence, base.taken, base.databases) or noted:
             await self._put_history()
         self.status.window.setdefault("earliest", rfc3339(base.taken))
         self.status.window["latest"] = max(self.status.window.get("latest", ""), rfc3339(base.taken))
