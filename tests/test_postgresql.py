@@ -361,15 +361,21 @@ def test_an_index_build_whose_process_dies_is_dropped_by_housekeeping(pg_url: st
         for i in range(0, len(rows), 5000):
             storage.batch("d", "s", rows[i : i + 5000], allow_all)
         builder = subprocess.Popen([sys.executable, "-c", BUILDER, pg_url])
-        with psycopg.connect(pg_url, autocommit=True) as conn:
+        with psycopg.connect(pg_url, autocommit=True) as conn, psycopg.connect(pg_url, autocommit=True) as writer:
             deadline = time.monotonic() + 30
-            while not conn.execute("SELECT 1 FROM fb_basic LIMIT 1").fetchone():  # the build has begun
+            while True:  # until the build has begun, then hold it between two ranges (writers wait)
+                writer.execute("BEGIN")
+                writer.execute("SELECT 1 FROM fb_state WHERE id = 1 FOR UPDATE")
+                if writer.execute("SELECT 1 FROM fb_basic LIMIT 1").fetchone():
+                    break
+                writer.execute("ROLLBACK")
                 assert time.monotonic() < deadline and builder.poll() is None
                 time.sleep(0.02)
             storage.maintain()  # a live builder's index stays
             assert conn.execute("SELECT count(*) FROM fb_indexes WHERE NOT ready").fetchone() == (1,)
             builder.kill()
             builder.wait()
+            writer.execute("ROLLBACK")
             while storage.maintain():
                 pass
             assert conn.execute("SELECT count(*) FROM fb_indexes").fetchone() == (0,)
