@@ -186,6 +186,63 @@ MIGRATIONS: list[str] = [
             ON CONFLICT (index_id, grp) DO UPDATE SET n = c.n + excluded.n;
     END $$;
     """,
+    # version 3: fb_write with each part a parameter of its own (NULL: none), the same arrays
+    # as version 2's: PostgreSQL parses each part once and skips the absent ones, where
+    # `w->'part'` parsed the whole write once per part. Version 2's fb_write stays for nodes
+    # of the previous release still running during an upgrade. fb_read_ahead: what a group of
+    # writes reads first ([[set id, key, whether the value is wanted], ...]: the position of
+    # each entry found, with its value when wanted), in a function so that its plan is kept.
+    """
+    CREATE FUNCTION fb_read_ahead(wanted json) RETURNS TABLE (pos bigint, found json) LANGUAGE plpgsql STABLE AS $$
+    BEGIN
+        RETURN QUERY
+        SELECT q.i - 1, CASE WHEN q.r->>2 = 'true' THEN e.value END
+          FROM json_array_elements(wanted) WITH ORDINALITY AS q(r, i)
+          JOIN fb_entries e ON e.set_id = (q.r->>0)::bigint AND e.key = (q.r->>1) COLLATE "C";
+    END $$;
+    CREATE FUNCTION fb_write(puts json, deletes json, add_basic json, del_basic json, add_sorted json,
+                             del_sorted json)
+    RETURNS void LANGUAGE plpgsql AS $$
+    BEGIN
+        IF puts IS NOT NULL THEN
+            INSERT INTO fb_entries SELECT (r->>0)::bigint, r->>1, r->2 FROM json_array_elements(puts) AS r
+                ON CONFLICT (set_id, key) DO UPDATE SET value = excluded.value;
+        END IF;
+        IF deletes IS NOT NULL THEN
+            DELETE FROM fb_entries e USING json_array_elements(deletes) AS r
+             WHERE e.set_id = (r->>0)::bigint AND e.key = (r->>1) COLLATE "C";
+        END IF;
+        IF del_basic IS NOT NULL THEN
+            DELETE FROM fb_basic b USING json_array_elements(del_basic) AS r
+             WHERE b.index_id = (r->>0)::bigint AND b.grp = decode(r->>1, 'hex') AND b.key = (r->>2) COLLATE "C";
+        END IF;
+        IF add_basic IS NOT NULL THEN
+            INSERT INTO fb_basic SELECT (r->>0)::bigint, decode(r->>1, 'hex'), r->>2
+              FROM json_array_elements(add_basic) AS r
+                ON CONFLICT DO NOTHING;
+        END IF;
+        IF add_sorted IS NULL AND del_sorted IS NULL THEN
+            RETURN;
+        END IF;
+        WITH gone AS (
+            DELETE FROM fb_sorted s USING json_array_elements(del_sorted) AS r
+             WHERE s.index_id = (r->>0)::bigint AND s.field = (r->>1)::smallint AND s.grp = decode(r->>2, 'hex')
+               AND s.sort = decode(r->>3, 'hex') AND s.key = (r->>4) COLLATE "C"
+            RETURNING s.index_id, s.grp, s.field
+        ), came AS (
+            INSERT INTO fb_sorted SELECT (r->>0)::bigint, (r->>1)::smallint, decode(r->>2, 'hex'), decode(r->>3, 'hex'),
+                                         r->>4
+              FROM json_array_elements(add_sorted) AS r
+            ON CONFLICT DO NOTHING RETURNING index_id, grp, field
+        ), moved AS (
+            SELECT index_id, grp, -1 AS d FROM gone WHERE field = 0
+            UNION ALL SELECT index_id, grp, 1 FROM came WHERE field = 0
+        )
+        INSERT INTO fb_group_counts AS c (index_id, grp, n)
+        SELECT index_id, grp, sum(d) FROM moved GROUP BY index_id, grp HAVING sum(d) <> 0
+            ON CONFLICT (index_id, grp) DO UPDATE SET n = c.n + excluded.n;
+    END $$;
+    """,
 ]
 
 VERSION = len(MIGRATIONS)

@@ -273,11 +273,7 @@ UNKNOWN = _Unknown()
 PRESENT = b"?"  # an entry read ahead without its value (its set has no index to keep)
 
 # entries read ahead: [[set id, stored key, with its value], ...] -> (position, value or NULL)
-READ_AHEAD_SQL = b"""
-SELECT q.i - 1, CASE WHEN q.r->>2 = 'true' THEN e.value END
-  FROM json_array_elements(%s::json) WITH ORDINALITY AS q(r, i)
-  JOIN fb_entries e ON e.set_id = (q.r->>0)::bigint AND e.key = (q.r->>1) COLLATE "C"
-"""
+READ_AHEAD_SQL = b"SELECT * FROM fb_read_ahead(%s::json)"
 
 
 def _read_ahead_param(wanted: Sequence[EntryKey], values: Callable[[int], bool]) -> str:
@@ -386,23 +382,24 @@ class Tx:
             into["add_sorted"] += [[i, f, g.hex(), o.hex(), key] for i, f, g, o in ns if (i, f, g, o) not in os_]
         self.touched.clear()
 
-    def _changes(self, entries: bool) -> str | None:
-        """fb_write's argument: the index records moved so far, and (`entries`) the pending
-        entries; None when there is nothing to write."""
+    def _changes(self, entries: bool) -> list[str | None] | None:
+        """fb_write's arguments, a JSON array per part (None: nothing of it): the index records
+        moved so far, and (`entries`) the pending entries; None when there is nothing to write."""
         w: dict[str, list[Any]] = {"del_basic": [], "add_basic": [], "del_sorted": [], "add_sorted": []}
         self._records_moved(w)
         if entries and self.pending:
             w["puts"] = [[sid, key, orjson.Fragment(raw)] for (sid, key), raw in self.pending.items() if raw is not None]
             w["deletes"] = [[sid, key] for (sid, key), raw in self.pending.items() if raw is None]
             self.pending.clear()
-        w = {k: v for k, v in w.items() if v}
-        return orjson.dumps(w).decode() if w else None
+        if not any(w.values()):
+            return None
+        return [orjson.dumps(w[part]).decode() if w.get(part) else None for part in WRITE_PARTS]
 
     def write_index_records(self) -> None:
         """Writes the index records of what was touched so far (before a savepoint, say)."""
         changes = self._changes(entries=False)
         if changes is not None:
-            self.q("SELECT fb_write(%s::json)", (changes,))
+            self.q(WRITE_SQL, changes)
 
     def finish(self) -> int | None:
         """The transaction's end, in one round trip: its pending entries and index records,
@@ -413,14 +410,18 @@ class Tx:
         now = time.time()
         record = orjson.dumps({"t": now, "n": len(self.ops), "ops": self.ops}) if self.ops else b""
         cur = psycopg.ClientCursor(self.conn)
-        cur.execute(("SELECT fb_write(%s::json); " if changes is not None else "")
+        cur.execute((WRITE_SQL + "; " if changes is not None else "")
                     + "SELECT fb_commit(%s::bigint[], %s::bigint[], %s, %s, %s, %s); COMMIT",
-                    ([changes] if changes is not None else [])
-                    + [[k for k, _ in sets], [v for _, v in sets], now, len(self.ops), record, self.catalog_changed])
+                    (changes or []) + [[k for k, _ in sets], [v for _, v in sets], now, len(self.ops), record,
+                                       self.catalog_changed])
         if changes is not None:
             cur.nextset()
         row = cur.fetchone()
         return None if row is None or row[0] is None else int(row[0])
+
+
+WRITE_PARTS = ("puts", "deletes", "add_basic", "del_basic", "add_sorted", "del_sorted")  # fb_write's parameters
+WRITE_SQL = "SELECT fb_write(" + ", ".join(["%s::json"] * len(WRITE_PARTS)) + ")"
 
 
 @contextlib.contextmanager
