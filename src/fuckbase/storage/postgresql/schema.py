@@ -191,8 +191,16 @@ MIGRATIONS: list[str] = [
     # `w->'part'` parsed the whole write once per part. Version 2's fb_write stays for nodes
     # of the previous release still running during an upgrade. fb_read_ahead: what a group of
     # writes reads first ([[set id, key, whether the value is wanted], ...]: the position of
-    # each entry found, with its value when wanted), in a function so that its plan is kept.
+    # each entry found, with its value when wanted), and fb_lock, the sequence row every write
+    # takes first (returning the catalog version), in functions so that their plans are kept.
     """
+    CREATE FUNCTION fb_lock() RETURNS bigint LANGUAGE plpgsql AS $$
+    DECLARE
+        version bigint;
+    BEGIN
+        SELECT catalog INTO version FROM fb_state WHERE id = 1 FOR UPDATE;
+        RETURN version;
+    END $$;
     CREATE FUNCTION fb_read_ahead(wanted json) RETURNS TABLE (pos bigint, found json) LANGUAGE plpgsql STABLE AS $$
     BEGIN
         RETURN QUERY

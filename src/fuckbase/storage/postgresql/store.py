@@ -432,7 +432,7 @@ def writing(conn: Conn, then: tuple[bytes, str] | None = None) -> Iterator[tuple
     anyway), so none waits for a lock another holds while that one waits for its, whatever
     keys a group of writes touches, and the catalog cannot change under it; the same round
     trip begins the transaction and runs `then`."""
-    begin = b"BEGIN; SELECT catalog FROM fb_state WHERE id = 1 FOR UPDATE"
+    begin = b"BEGIN; SELECT fb_lock()"
     try:
         if then is None:
             cur = conn.execute(begin)
