@@ -3,6 +3,7 @@ restores to any instant, a lost node rebuilt from the bucket, and every way the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -611,7 +612,7 @@ async def test_a_drop_a_snapshot_holds_before_shipping_saw_it_ends_the_database_
     await shipper._ship()
     storage.drop_database("other", allow_all)
     dropped = time.time()  # the drop's own time is a little before
-    time.sleep(0.05)
+    await asyncio.sleep(0.05)
     await shipper._snapshot()  # holds the drop, which no round has shipped yet
     await shipper._ship()
 

@@ -862,8 +862,7 @@ class Shipper:
             await self._snapshot()
         shipped = self.status.shipped_sequence
         if self._history.sequence < shipped:  # stored segments whose catalog changes it may lack
-            logged = self._logged(max(self._history.sequence, self._compacted), shipped)
-            if any(await asyncio.to_thread(lambda: [self._history.note(chunk) for chunk in logged])):
+            if await self._note_logged(max(self._history.sequence, self._compacted), shipped):
                 await self._put_history()
         if self._small:
             await self._compact()
@@ -912,6 +911,12 @@ class Shipper:
                 return
             yield chunk
             pos = chunk[-1].sequence
+
+    async def _note_logged(self, after: int, upto: int) -> bool:
+        """The history takes in the creations, drops and restores of the local log's changes in
+        (after, upto]; True when it changed."""
+        logged = self._logged(after, upto)
+        return any(await asyncio.to_thread(lambda: [self._history.note(chunk) for chunk in logged]))
 
     async def _put_history(self) -> None:
         self.status.count("put")
@@ -1053,12 +1058,9 @@ class Shipper:
         self.status.count("put", 3)  # the upload (one or more parts), its check and its sidecar
         base = await self.backups.write_base(name_of)
         self._snapshot_entries = base.entries
-        noted = False
-        if self._history.names is not None and base.sequence > self._shipped:
-            # commits the snapshot holds that no round has shipped: their creations and drops
-            # are noted first, at their own times, or the snapshot's list would date them
-            logged = self._logged(self._shipped, base.sequence)
-            noted = any(await asyncio.to_thread(lambda: [self._history.note(chunk) for chunk in logged]))
+        # commits the snapshot holds that no round has shipped: their creations and drops are
+        # noted first, at their own times, or the snapshot's list would date them
+        noted = self._history.names is not None and await self._note_logged(self._shipped, base.sequence)
         if self._history.note_snapshot(base.sequence, base.taken, base.databases) or noted:
             await self._put_history()
         self.status.window.setdefault("earliest", rfc3339(base.taken))

@@ -274,6 +274,8 @@ PRESENT = b"?"  # an entry read ahead without its value (its set has no index to
 
 # entries read ahead: [[set id, stored key, with its value], ...] -> (position, value or NULL)
 READ_AHEAD_SQL = b"SELECT * FROM fb_read_ahead(%s::json)"
+WRITE_PARTS = ("puts", "deletes", "add_basic", "del_basic", "add_sorted", "del_sorted")  # fb_write's parameters
+WRITE_SQL = "SELECT fb_write(" + ", ".join(["%s::json"] * len(WRITE_PARTS)) + ")"
 
 
 def _read_ahead_param(wanted: Sequence[EntryKey], values: Callable[[int], bool]) -> str:
@@ -418,10 +420,6 @@ class Tx:
             cur.nextset()
         row = cur.fetchone()
         return None if row is None or row[0] is None else int(row[0])
-
-
-WRITE_PARTS = ("puts", "deletes", "add_basic", "del_basic", "add_sorted", "del_sorted")  # fb_write's parameters
-WRITE_SQL = "SELECT fb_write(" + ", ".join(["%s::json"] * len(WRITE_PARTS)) + ")"
 
 
 @contextlib.contextmanager
