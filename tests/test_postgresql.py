@@ -18,7 +18,7 @@ from conftest import ServerProcess
 from pgserver import PostgresServer, running_postgres
 from s3server import fresh_bucket, s3  # noqa: F401
 
-from fuckbase.storage import SORTABLE, Get, IndexDef, Lookup, Put, SetNotFound, allow_all
+from fuckbase.storage import BASIC, SORTABLE, Credentials, Get, IndexDef, Lookup, Put, SetNotFound, allow_all
 from fuckbase.storage.postgresql import PostgresStorage, SchemaTooNew
 from fuckbase.storage.postgresql.schema import MIGRATIONS, VERSION
 from fuckbase.storage.postgresql.store import FETCH_SQL, PointReads, page_sql
@@ -201,6 +201,40 @@ def test_postgresql_stopped_and_started_again_under_load(make_server: Any, own_p
     assert node.post("/set/get", {"database": "d", "set": "s", "key": "k0"}).status_code == 200
     for key, value in acked.items():
         assert node.ok("/set/get", {"database": "d", "set": "s", "key": key})["data"] == value
+
+
+def test_a_group_whose_entry_another_node_wrote_meanwhile_runs_again_under_the_sequence_row(pg_url: str) -> None:
+    """A group's writes run before it takes the sequence row; here another node writes the
+    same entry in between (from inside the group's access check): the group must see that
+    and run again under the row, so the index loses the other node's record, not a stale one."""
+    a, b = PostgresStorage(pg_url), PostgresStorage(pg_url)
+    try:
+        a.create_database("d", None)
+        a.create_set("d", "s", allow_all)
+        a.create_index("d", "s", IndexDef("g", "g", BASIC), allow_all)
+        a.put("d", "s", "k", {"g": "one"}, b'{"g":"one"}', allow_all)
+        checks: list[Credentials | None] = []
+
+        def meanwhile(auth: Credentials | None) -> None:
+            checks.append(auth)
+            if len(checks) == 1:
+                b.put("d", "s", "k", {"g": "two"}, b'{"g":"two"}', allow_all)
+
+        a.begin_group()
+        a.put("d", "s", "k", {"g": "three"}, b'{"g":"three"}', meanwhile)
+        a.put("d", "s", "j", {"g": "three"}, b'{"g":"three"}', allow_all)
+        assert a.end_group() == [None, None]
+        assert len(checks) == 2  # before the row, then again under it
+        found = a.fetch([Lookup("d", "s", "g", g, allow_all) for g in ("one", "two", "three")])
+        assert [[e.key for e in f] for f in found] == [[], [], ["j", "k"]]
+        assert a.fetch([Get("d", "s", "k", allow_all)]) == [b'{"g":"three"}']
+        with a.read() as view:
+            assert view.key_counts() == {"d": 2}
+        replanned = next(f for f in a.figures() if f.name == "write_groups_replanned")
+        assert replanned.samples == [({}, 1)]
+    finally:
+        a.close()
+        b.close()
 
 
 def test_a_database_of_the_first_schema_is_migrated_and_one_of_a_newer_release_refused(pg_url: str) -> None:

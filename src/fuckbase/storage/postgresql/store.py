@@ -82,6 +82,7 @@ COPY_SLICE = 500  # index records computed and sent at a time
 BUILD_LOCK_SQL = "SELECT {op}(hashtextextended('fuckbase:build:' || %s, 0))"  # held while an index is built
 RECLAIM_CHUNK = 10_000  # rows housekeeping deletes per statement
 STATEMENT_TIMEOUT_MS = 60_000
+GROUPS_UNDER_THE_ROW_AFTER_A_MOVE = 16  # contended entries: planning again and again wastes the work
 # Sessions run with enable_seqscan off: every statement here reaches its rows through an
 # index, and a plan cached while a table was small (a new database) must not go on scanning
 # it whole once it grew (until the next ANALYZE: 800 µs a put were measured so). Restores
@@ -274,6 +275,9 @@ PRESENT = b"?"  # an entry read ahead without its value (its set has no index to
 
 # entries read ahead: [[set id, stored key, with its value], ...] -> (position, value or NULL)
 READ_AHEAD_SQL = b"SELECT * FROM fb_read_ahead(%s::json)"
+# the same before the sequence row is taken, with the catalog version and each row's version
+PEEK_SQL = b"SELECT catalog FROM fb_state WHERE id = 1; SELECT * FROM fb_peek(%s::json)"
+LOCK_UNCHANGED_SQL = "SELECT fb_lock_unchanged(%s, %s::json)"
 WRITE_PARTS = ("puts", "deletes", "add_basic", "del_basic", "add_sorted", "del_sorted")  # fb_write's parameters
 WRITE_SQL = "SELECT fb_write(" + ", ".join(["%s::json"] * len(WRITE_PARTS)) + ")"
 
@@ -294,17 +298,25 @@ class _Touched:
 EntryKey = tuple[int, str]  # (set id, stored key)
 
 
+class _NeedsLock(Exception):
+    """A write of a group run before its transaction began needs a statement of its own."""
+
+
 class Tx:
     """One write transaction: the ops it logs, the entries it touched, the counts it moves.
 
     Entries whose values it read ahead (`read_ahead`) are written at the end, all at once
-    (`pending`): a group of writes or a batch costs a few statements, not one per entry."""
+    (`pending`): a group of writes or a batch costs a few statements, not one per entry.
+    A `planned` one runs before its transaction begins, on what was read ahead alone: a
+    write that needs a statement raises _NeedsLock."""
 
-    def __init__(self, conn: Conn, catalogs: CatalogCache, version: int, parent: Tx | None = None) -> None:
+    def __init__(self, conn: Conn, catalogs: CatalogCache, version: int, parent: Tx | None = None,
+                 planned: bool = False) -> None:
         self.conn = conn
         self.catalogs = catalogs
         self.version = version  # of the catalog as the transaction began
         self.parent = parent
+        self.planned = planned
         self.catalog_changed = False
         self.ops: list[Any] = []
         self.touched: dict[EntryKey, _Touched] = {}
@@ -330,19 +342,21 @@ class Tx:
 
     def took(self, wanted: Sequence[EntryKey], rows: Sequence[tuple[Any, ...]]) -> None:
         """What READ_AHEAD_SQL answered for `wanted`: the others are absent."""
-        for i, value in rows:
+        for i, value, *_ in rows:
             self.known[wanted[i]] = PRESENT if value is None else value
         for e in wanted:
             self.known.setdefault(e, None)
 
     def q(self, sql: str | bytes, params: Sequence[Any] | dict[str, Any] | None = None) -> psycopg.Cursor[tuple[Any, ...]]:
+        if self.planned:
+            raise _NeedsLock
         return self.conn.execute(sql, params)
 
     def log(self, op: Any) -> None:
         self.ops.append(op)
 
     def nested(self) -> Tx:
-        return Tx(self.conn, self.catalogs, self.version, parent=self)
+        return Tx(self.conn, self.catalogs, self.version, parent=self, planned=self.planned)
 
     def touch(self, set_id: int, key: str, indexes: Sequence[IndexRow], before: Any, after: Any) -> None:
         seen = self.touched.get((set_id, key))
@@ -403,20 +417,23 @@ class Tx:
         if changes is not None:
             self.q(WRITE_SQL, changes)
 
-    def finish(self) -> int | None:
+    def finish(self, begin: tuple[str, list[Any]] | None = None) -> int | None:
         """The transaction's end, in one round trip: its pending entries and index records,
         the set counts, and the commit; numbered (its sequence number and change) when it
-        logged what it did — writes that only prepare or fill an index are not."""
+        logged what it did — writes that only prepare or fill an index are not. `begin`
+        (a statement and its parameters): the transaction begins in the same round trip
+        and runs it first (a planned one's taking of the sequence row)."""
         changes = self._changes(entries=True)
         sets = sorted((k, v) for k, v in self.set_deltas.items() if v)
         now = time.time()
         record = orjson.dumps({"t": now, "n": len(self.ops), "ops": self.ops}) if self.ops else b""
         cur = psycopg.ClientCursor(self.conn)
-        cur.execute((WRITE_SQL + "; " if changes is not None else "")
+        cur.execute(("BEGIN; " + begin[0] + "; " if begin is not None else "")
+                    + (WRITE_SQL + "; " if changes is not None else "")
                     + "SELECT fb_commit(%s::bigint[], %s::bigint[], %s, %s, %s, %s); COMMIT",
-                    (changes or []) + [[k for k, _ in sets], [v for _, v in sets], now, len(self.ops), record,
-                                       self.catalog_changed])
-        if changes is not None:
+                    (begin[1] if begin is not None else []) + (changes or [])
+                    + [[k for k, _ in sets], [v for _, v in sets], now, len(self.ops), record, self.catalog_changed])
+        for _ in range((2 if begin is not None else 0) + (changes is not None)):
             cur.nextset()
         row = cur.fetchone()
         return None if row is None or row[0] is None else int(row[0])
@@ -540,6 +557,8 @@ class PostgresStorage:
                     "options": SESSION_OPTIONS.format(timeout_ms=statement_timeout_ms)},
             name="fuckbase")
         self._groups = threading.local()
+        self._groups_under_the_row = 0  # groups to run under the sequence row before planning again
+        self.moved_under_groups = 0  # planned groups whose entries moved before they took the row
         self.catalogs = CatalogCache()
         self._leading: dict[str, Conn] = {}  # a connection per role asked for
         self._held: set[str] = set()  # the roles whose lock those hold
@@ -600,42 +619,70 @@ class PostgresStorage:
         self._groups.open = None
         if not group.queue:
             return []
-        results: list[BaseException | None] = []
         try:
-            catalog = self.catalogs.newest
-            wanted = _known_entries(catalog, group.entries) if catalog is not None else []
-            then = (READ_AHEAD_SQL, _read_ahead_param(wanted, catalog.has_indexes)) \
-                if catalog is not None and wanted else None
-            with self._conn() as conn, writing(conn, then) as (version, ahead):
-                tx = Tx(conn, self.catalogs, version)
-                if catalog is None or catalog.version != version:  # it moved: read again, by its new ids
-                    catalog = self.catalogs.at(conn, version)
-                    tx.read_ahead(_known_entries(catalog, group.entries), catalog.has_indexes)
-                elif then is not None:
-                    tx.took(wanted, ahead)
-                for op, savepoint in group.queue:
-                    child = tx.nested()
-                    try:
-                        if savepoint:
-                            tx.write_index_records()  # the child's records change from these
-                            with conn.transaction():
-                                op(child)
-                                child.write_index_records()
-                        else:
-                            op(child)
-                    except StorageError as exc:
-                        results.append(exc)
-                        continue
-                    except psycopg.Error:
-                        raise
-                    except Exception as exc:  # noqa: BLE001 (an access check's refusal, say)
-                        results.append(exc)
-                        continue
-                    tx.absorb(child)
-                    results.append(None)
-                tx.finish()
+            with self._conn() as conn:
+                results = self._planned_group(conn, group)
+                return results if results is not None else self._locked_group(conn, group)
         except StorageError as exc:
             return [exc] * len(group.queue)
+
+    def _planned_group(self, conn: Conn, group: _Group) -> list[BaseException | None] | None:
+        """The group's writes done before the sequence row is taken, on entries read without
+        it, then written, checked and committed in one round trip: the writers of every node
+        hold the row for that round trip only. None when the writes need statements of their
+        own (a new set, a batch), or when what they read moved meanwhile (a few groups after
+        that go straight to the row); the group is then to run under the row."""
+        catalog = self.catalogs.newest
+        if self._groups_under_the_row > 0:
+            self._groups_under_the_row -= 1
+            return None
+        if catalog is None or any(savepoint for _, savepoint in group.queue):
+            return None
+        wanted = _known_entries(catalog, group.entries)
+        if not wanted:
+            return None
+        cur = psycopg.ClientCursor(conn)
+        cur.execute(PEEK_SQL, (_read_ahead_param(wanted, catalog.has_indexes),))
+        row = cur.fetchone()
+        cur.nextset()
+        rows = cur.fetchall()
+        if row is None or int(row[0]) != catalog.version:
+            return None
+        tx = Tx(conn, self.catalogs, catalog.version, planned=True)
+        tx.took(wanted, rows)
+        versions: dict[int, str] = {i: version for i, _, version in rows}
+        seen = orjson.dumps([[sid, key, versions.get(i)] for i, (sid, key) in enumerate(wanted)]).decode()
+        try:
+            results = _run_writes(tx, group.queue)
+        except _NeedsLock:
+            return None
+        try:
+            tx.finish(begin=(LOCK_UNCHANGED_SQL, [catalog.version, seen]))
+        except BaseException as exc:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+            if not isinstance(exc, psycopg.errors.SerializationFailure):
+                raise
+            self.moved_under_groups += 1
+            self._groups_under_the_row = GROUPS_UNDER_THE_ROW_AFTER_A_MOVE
+            return None
+        return results
+
+    def _locked_group(self, conn: Conn, group: _Group) -> list[BaseException | None]:
+        """The group's writes in a transaction that takes the sequence row first."""
+        catalog = self.catalogs.newest
+        wanted = _known_entries(catalog, group.entries) if catalog is not None else []
+        then = (READ_AHEAD_SQL, _read_ahead_param(wanted, catalog.has_indexes)) \
+            if catalog is not None and wanted else None
+        with writing(conn, then) as (version, ahead):
+            tx = Tx(conn, self.catalogs, version)
+            if catalog is None or catalog.version != version:  # it moved: read again, by its new ids
+                catalog = self.catalogs.at(conn, version)
+                tx.read_ahead(_known_entries(catalog, group.entries), catalog.has_indexes)
+            elif then is not None:
+                tx.took(wanted, ahead)
+            results = _run_writes(tx, group.queue)
+            tx.finish()
         return results
 
     # -- catalog
@@ -909,6 +956,8 @@ class PostgresStorage:
             Figure("pool_waiting", "Requests waiting for a connection", "gauge", [({}, stats.get("requests_waiting", 0))]),
             Figure("errors", "PostgreSQL errors met, by kind", "counter",
                    [({"kind": kind}, n) for kind, n in sorted(ERRORS.items())]),
+            Figure("write_groups_replanned", "Groups of writes run again under the sequence row: what they"
+                   " had read moved before they took it", "counter", [({}, self.moved_under_groups)]),
         ]
 
     def lead(self, role: str) -> bool:
@@ -983,6 +1032,31 @@ class PostgresStorage:
 class _Group:
     queue: list[tuple[Callable[[Tx], Any], bool]] = field(default_factory=list)  # (write, savepoint)
     entries: list[tuple[str, str, str]] = field(default_factory=list)  # (database, set, key) of its puts and deletes
+
+
+def _run_writes(tx: Tx, queue: Sequence[tuple[Callable[[Tx], Any], bool]]) -> list[BaseException | None]:
+    """Runs a group's writes in order in `tx`, each in a nested one that `tx` takes in when it
+    succeeds; a batch (`savepoint`) under a savepoint of its own too. Returns each one's
+    failure (None: done); a failure of PostgreSQL itself fails them all."""
+    results: list[BaseException | None] = []
+    for op, savepoint in queue:
+        child = tx.nested()
+        try:
+            if savepoint:
+                tx.write_index_records()  # the child's records change from these
+                with tx.conn.transaction():
+                    op(child)
+                    child.write_index_records()
+            else:
+                op(child)
+        except (psycopg.Error, _NeedsLock):
+            raise
+        except Exception as exc:  # noqa: BLE001 (a storage error or an access check's refusal)
+            results.append(exc)
+            continue
+        tx.absorb(child)
+        results.append(None)
+    return results
 
 
 def _known_entries(catalog: Catalog, entries: Sequence[tuple[str, str, str]]) -> list[EntryKey]:
