@@ -351,6 +351,37 @@ def test_a_lookup_and_a_sorted_page_are_index_scans(pg_url: str) -> None:
         storage.close()
 
 
+def test_a_writes_lookups_of_its_entries_are_index_lookups_even_when_planned_on_a_small_table(pg_url: str) -> None:
+    """Sessions keep their plans; one made while the entries table was small must still look
+    each entry up, not join the whole table (a hash or merge join over it, as PostgreSQL picks
+    for a few rows, read every entry at every write once the table grew). auto_explain shows
+    the plans run inside the functions, in the storage's own sessions."""
+    storage = PostgresStorage(pg_url, pool_size=1)  # one session: the one auto_explain is loaded in
+    try:
+        storage.create_database("d", None)
+        storage.create_set("d", "s", allow_all)
+        storage.put("d", "s", "k", 1, b"1", allow_all)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("ANALYZE")
+        plans: list[str] = []
+        with storage.pool.connection() as conn:
+            conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+            conn.execute("LOAD 'auto_explain'")
+            conn.execute("SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
+                         " SET client_min_messages = log")
+        storage.begin_group()
+        storage.put("d", "s", "k", 2, b"2", allow_all)
+        storage.put("d", "s", "j", 3, b"3", allow_all)
+        storage.delete("d", "s", "k", allow_all)
+        assert storage.end_group() == [None, None, None]
+        nested = [p for p in plans if "fb_entries" in p]
+        assert any("json_array_elements" in p for p in nested), plans
+        for plan in nested:
+            assert "Hash Join" not in plan and "Merge Join" not in plan, plan
+    finally:
+        storage.close()
+
+
 def test_continuous_backup_and_point_in_time_restore_on_postgresql(make_server: Any, pg_url: str, s3: Any,  # noqa: F811
                                                                    fresh_bucket: str) -> None:  # noqa: F811
     from test_backup_s3 import s3_args

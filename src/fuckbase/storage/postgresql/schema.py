@@ -251,35 +251,25 @@ MIGRATIONS: list[str] = [
             ON CONFLICT (index_id, grp) DO UPDATE SET n = c.n + excluded.n;
     END $$;
     """,
-    # version 4: the functions that look up or delete the rows a write names, element by
-    # element of a JSON array, plan only nested loops of index lookups: the plan a session
-    # keeps was sometimes a merge join over a whole table (chosen while the table was small,
-    # or while the array's size was guessed), which made each group of writes read every
-    # entry (650 µs a put were measured so). And a group of writes may read its entries
-    # before it takes the sequence row and do its work meanwhile, then check under the row
-    # that nothing it read moved: fb_peek is fb_read_ahead with each entry's row version
-    # (xmin) besides; fb_lock_unchanged takes the row like fb_lock and fails with
-    # serialization_failure when the catalog version or any entry's row version
+    # version 4: a group of writes may read its entries before it takes the sequence row and
+    # do its work meanwhile, then check under the row that nothing it read moved: fb_peek is
+    # fb_read_ahead with each entry's row version (xmin) besides (fb_read_ahead stays for
+    # nodes of the previous release); fb_lock_unchanged takes the row with fb_lock and fails
+    # with serialization_failure when the catalog version or any entry's row version
     # ([[set id, key, xmin or NULL: absent], ...]) is not what was read.
     """
-    ALTER FUNCTION fb_read_ahead(json) SET enable_mergejoin = off SET enable_hashjoin = off;
-    ALTER FUNCTION fb_write(json, json, json, json, json, json) SET enable_mergejoin = off
-        SET enable_hashjoin = off;
-    ALTER FUNCTION fb_write(json) SET enable_mergejoin = off SET enable_hashjoin = off;
     CREATE FUNCTION fb_peek(wanted json) RETURNS TABLE (pos bigint, found json, version text)
-    LANGUAGE plpgsql STABLE SET enable_mergejoin = off SET enable_hashjoin = off AS $$
+    LANGUAGE plpgsql STABLE AS $$
     BEGIN
         RETURN QUERY
         SELECT q.i - 1, CASE WHEN q.r->>2 = 'true' THEN e.value END, e.xmin::text
           FROM json_array_elements(wanted) WITH ORDINALITY AS q(r, i)
           JOIN fb_entries e ON e.set_id = (q.r->>0)::bigint AND e.key = (q.r->>1) COLLATE "C";
     END $$;
-    CREATE FUNCTION fb_lock_unchanged(seen_catalog bigint, seen json) RETURNS bigint LANGUAGE plpgsql
-    SET enable_mergejoin = off SET enable_hashjoin = off AS $$
+    CREATE FUNCTION fb_lock_unchanged(seen_catalog bigint, seen json) RETURNS bigint LANGUAGE plpgsql AS $$
     DECLARE
-        version bigint;
+        version bigint := fb_lock();
     BEGIN
-        SELECT catalog INTO version FROM fb_state WHERE id = 1 FOR UPDATE;
         IF version <> seen_catalog OR EXISTS (
             SELECT 1 FROM json_array_elements(seen) AS q(r)
               LEFT JOIN fb_entries e ON e.set_id = (q.r->>0)::bigint AND e.key = (q.r->>1) COLLATE "C"

@@ -83,13 +83,16 @@ BUILD_LOCK_SQL = "SELECT {op}(hashtextextended('fuckbase:build:' || %s, 0))"  # 
 RECLAIM_CHUNK = 10_000  # rows housekeeping deletes per statement
 STATEMENT_TIMEOUT_MS = 60_000
 GROUPS_UNDER_THE_ROW_AFTER_A_MOVE = 16  # contended entries: planning again and again wastes the work
-# Sessions run with enable_seqscan off: every statement here reaches its rows through an
-# index, and a plan cached while a table was small (a new database) must not go on scanning
-# it whole once it grew (until the next ANALYZE: 800 µs a put were measured so). Restores
-# scan their staging table, which has no index, and turn it back on for their transaction.
+# Sessions run with enable_seqscan off, and merge and hash joins off: every statement here
+# reaches its rows through an index, one lookup per row it names, and a plan cached while a
+# table was small (a new database) must not go on scanning it whole once it grew (until the
+# next ANALYZE: 800 µs a put were measured so, and 650 µs with a kept merge join of a group's
+# JSON array of entries with the whole entries table). Restores scan their staging table,
+# which has no index, and turn seqscan back on for their transaction.
 # JIT off: with seqscan off, a statement that must scan a small table (housekeeping's) costs
 # over jit_above_cost, and compiling it took ~100 ms of CPU each time, every second.
-SESSION_OPTIONS = "-c statement_timeout={timeout_ms} -c enable_seqscan=off -c jit=off"
+SESSION_OPTIONS = ("-c statement_timeout={timeout_ms} -c enable_seqscan=off -c enable_mergejoin=off"
+                   " -c enable_hashjoin=off -c jit=off")
 
 
 class _RawJson(Loader):
@@ -273,10 +276,10 @@ class _Unknown:
 UNKNOWN = _Unknown()
 PRESENT = b"?"  # an entry read ahead without its value (its set has no index to keep)
 
-# entries read ahead: [[set id, stored key, with its value], ...] -> (position, value or NULL)
-READ_AHEAD_SQL = b"SELECT * FROM fb_read_ahead(%s::json)"
-# the same before the sequence row is taken, with the catalog version and each row's version
-PEEK_SQL = b"SELECT catalog FROM fb_state WHERE id = 1; SELECT * FROM fb_peek(%s::json)"
+# entries read ahead: [[set id, stored key, with its value], ...] -> (position, value or NULL,
+# row version); before the sequence row is taken, after the catalog version (PEEK_SQL)
+READ_AHEAD_SQL = b"SELECT * FROM fb_peek(%s::json)"
+PEEK_SQL = b"SELECT catalog FROM fb_state WHERE id = 1; " + READ_AHEAD_SQL
 LOCK_UNCHANGED_SQL = "SELECT fb_lock_unchanged(%s, %s::json)"
 WRITE_PARTS = ("puts", "deletes", "add_basic", "del_basic", "add_sorted", "del_sorted")  # fb_write's parameters
 WRITE_SQL = "SELECT fb_write(" + ", ".join(["%s::json"] * len(WRITE_PARTS)) + ")"
@@ -342,7 +345,7 @@ class Tx:
 
     def took(self, wanted: Sequence[EntryKey], rows: Sequence[tuple[Any, ...]]) -> None:
         """What READ_AHEAD_SQL answered for `wanted`: the others are absent."""
-        for i, value, *_ in rows:
+        for i, value, _ in rows:
             self.known[wanted[i]] = PRESENT if value is None else value
         for e in wanted:
             self.known.setdefault(e, None)
@@ -558,7 +561,7 @@ class PostgresStorage:
             name="fuckbase")
         self._groups = threading.local()
         self._groups_under_the_row = 0  # groups to run under the sequence row before planning again
-        self.moved_under_groups = 0  # planned groups whose entries moved before they took the row
+        self.replanned_groups = 0  # planned groups whose entries moved before they took the row
         self.catalogs = CatalogCache()
         self._leading: dict[str, Conn] = {}  # a connection per role asked for
         self._held: set[str] = set()  # the roles whose lock those hold
@@ -632,10 +635,10 @@ class PostgresStorage:
         hold the row for that round trip only. None when the writes need statements of their
         own (a new set, a batch), or when what they read moved meanwhile (a few groups after
         that go straight to the row); the group is then to run under the row."""
-        catalog = self.catalogs.newest
         if self._groups_under_the_row > 0:
             self._groups_under_the_row -= 1
             return None
+        catalog = self.catalogs.newest
         if catalog is None or any(savepoint for _, savepoint in group.queue):
             return None
         wanted = _known_entries(catalog, group.entries)
@@ -663,7 +666,7 @@ class PostgresStorage:
                 conn.execute("ROLLBACK")
             if not isinstance(exc, psycopg.errors.SerializationFailure):
                 raise
-            self.moved_under_groups += 1
+            self.replanned_groups += 1
             self._groups_under_the_row = GROUPS_UNDER_THE_ROW_AFTER_A_MOVE
             return None
         return results
@@ -957,7 +960,7 @@ class PostgresStorage:
             Figure("errors", "PostgreSQL errors met, by kind", "counter",
                    [({"kind": kind}, n) for kind, n in sorted(ERRORS.items())]),
             Figure("write_groups_replanned", "Groups of writes run again under the sequence row: what they"
-                   " had read moved before they took it", "counter", [({}, self.moved_under_groups)]),
+                   " had read moved before they took it", "counter", [({}, self.replanned_groups)]),
         ]
 
     def lead(self, role: str) -> bool:
