@@ -8,8 +8,8 @@ a process (restarts, kill -9, timeouts, framing) stays with the subprocess tests
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -41,19 +41,25 @@ class AppTransport(httpx.AsyncBaseTransport):
                               headers={"content-type": response.content_type.decode()})
 
 
-@asynccontextmanager
-async def in_process(path: Path, admin: tuple[str, str] = ("", "")) -> AsyncIterator[httpx.AsyncClient]:
-    """An httpx client whose requests run through a fresh server's App on data under `path`."""
+@contextmanager
+def in_process_app(path: Path, admin: tuple[str, str] = ("", "")) -> Iterator[App]:
+    """A fresh server's App (and the job process's JobServer it forwards to) on data under `path`."""
     storage = LmdbStorage(path / "store", primary=True)
     guard = AdminGuard(*admin)
     backups = BackupService(storage, LocalObjectStore(path / "backups"), spool_dir=path)
     jobs = JobServer(Api(storage, guard, DatabaseGuard(inline=True), dict, backups), threads=2)
     tallies = Tallies(path / "tallies.bin", (*BY_PATH, *GET_PATHS, "other"))
-    app = App(Api(storage, guard, DatabaseGuard(inline=False), dict), Metrics(tallies, path), None, {},
-              jobs.run, WriteGroup(storage, None), None)
     try:
-        async with httpx.AsyncClient(transport=AppTransport(app), base_url="http://in-process") as client:
-            yield client
+        yield App(Api(storage, guard, DatabaseGuard(inline=False), dict), Metrics(tallies, path), None, {},
+                  jobs.run, WriteGroup(storage, None), None)
     finally:
         jobs.close()
         storage.close()
+
+
+@asynccontextmanager
+async def in_process(path: Path, admin: tuple[str, str] = ("", "")) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client whose requests run through a fresh server's App on data under `path`."""
+    with in_process_app(path, admin) as app:
+        async with httpx.AsyncClient(transport=AppTransport(app), base_url="http://in-process") as client:
+            yield client

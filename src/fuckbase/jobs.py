@@ -185,6 +185,7 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
     from fuckbase.continuous import Retention, Shipper, stop_logging_changes
     from fuckbase.metrics import BACKEND_FIGURES, Published, publish_backend_figures
     from fuckbase.objectstore import open_store
+    from fuckbase.server import settle_heap
 
     settings = rt.settings
     loop = uvloop.new_event_loop()
@@ -242,6 +243,7 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
                 raise SystemExit(2)
         listener = await server.serve(rt.jobs_address)
         report({"backup_target": backups.target})
+        settle_heap()
         interval = settings.effective_backup_interval
 
         def duties() -> list[Coroutine[Any, Any, None]]:

@@ -33,6 +33,7 @@ from fuckbase.metrics import (
     gauge,
     publish_backend_figures,
 )
+from fuckbase.server import settle_heap
 from fuckbase.storage import Storage, StorageError
 
 if TYPE_CHECKING:
@@ -166,6 +167,7 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
     tasks = [loop.create_task(publish_backend_figures(storage.figures, Published(rt.run_dir, f"{BACKEND_FIGURES}worker-{slot}")))]
     if access_log is not None:
         tasks.append(loop.create_task(access_log.run()))
+    settle_heap()
     loop.run_until_complete(stopping.wait())
     listener.close()
     server.close_idle()
