@@ -290,7 +290,7 @@ def _redone(pending: Pending, done: Callable[[int], None], task: asyncio.Future[
 def _settle(answers: list[tuple[_Deferred, Response]]) -> None:
     for d, response in answers:
         d.done(response.status)
-        d.pending.resolve(response)
+    Pending.resolve_all([(d.pending, response) for d, response in answers])
 
 
 def _error_response(exc: BaseException) -> Response:

@@ -123,6 +123,17 @@ class Pending:
         if callback is not None:
             callback()
 
+    @staticmethod
+    def resolve_all(answers: list[tuple[Pending, Response]]) -> None:
+        """Resolves them all before any callback runs: a connection waiting for several of
+        them finds them all ready at once."""
+        for pending, response in answers:
+            pending.response = response
+        for pending, _ in answers:
+            callback, pending._callback = pending._callback, None
+            if callback is not None:
+                callback()
+
     def wait(self) -> asyncio.Future[Response]:
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
 
@@ -191,6 +202,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body_size = 0
         self._head_size = 0
         self._queue: deque[tuple[Request | Response, bool]] = deque()
+        self._out: list[bytes] = []  # answers written in this event, not sent yet
         self._outstanding: deque[tuple[Pending, bool]] = deque()  # answers not written yet, in order
         self._only_joinable = False  # every outstanding answer waits for the same group commit
         self._running = False
@@ -289,17 +301,17 @@ class HttpProtocol(asyncio.Protocol):
             result = self._server.dispatch(request)
             if isinstance(result, Response):
                 self._write(result, keep_alive)
+                self._send()
                 return
             self._only_joinable = result.joinable
             self._outstanding.append((result, keep_alive))
             result.then(self._run_queue)
             return
         self._queue.append((request, keep_alive))
+        self._run_queue()  # a write after writes joins their group commit now
         if len(self._queue) > MAX_QUEUED and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
-        if not self._outstanding:
-            self._run_queue()
 
     def _too_large(self) -> Response:
         return error_response(
@@ -319,6 +331,7 @@ class HttpProtocol(asyncio.Protocol):
             self._advance()
         finally:
             self._running = False
+            self._send()
 
     def _advance(self) -> None:
         server = self._server
@@ -355,13 +368,22 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.resume_reading()
 
     def _write(self, response: Response, keep_alive: bool) -> None:
-        transport = self._transport
-        if transport is None or self._closing:
+        """Adds the answer to what goes out at the end of this event (`_send`): pipelined
+        answers that became ready together leave in one write, not one each."""
+        if self._transport is None or self._closing:
             return
-        transport.write(response.head(not keep_alive) + (b"" if response.head_only else response.body))
-        self._last_activity = time.monotonic()
+        self._out.append(response.head(not keep_alive) + (b"" if response.head_only else response.body))
         if not keep_alive:
             self._close()
+
+    def _send(self) -> None:
+        out = self._out
+        if not out:
+            return
+        if self._transport is not None and not self._closing:
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._last_activity = time.monotonic()
+        out.clear()
 
     def _refuse(self, response: Response) -> None:
         """A framing error: the requests before it are answered first, then this, then we close."""
@@ -377,6 +399,7 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.pause_reading()
 
     def _close(self) -> None:
+        self._send()
         self._closing = True
         if self._transport is not None:
             self._transport.close()
