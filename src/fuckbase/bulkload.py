@@ -66,8 +66,9 @@ def import_lines(lines: Iterable[bytes], url: str, database: str, set_name: str,
         batch: list[bytes] = []
         keys: set[str] = set()
         first_line = 1
+        read = 0  # bytes not yet reported to `progress` (once a batch: a call per line cost more than parsing it)
         for number, line in enumerate(lines, 1):
-            progress(len(line))
+            read += len(line)
             if not line.strip():
                 continue
             key, op = encode_line(line, number)
@@ -75,8 +76,11 @@ def import_lines(lines: Iterable[bytes], url: str, database: str, set_name: str,
             keys.add(key)
             count += 1
             if len(batch) >= batch_size:
+                progress(read)
+                read = 0
                 send(batch, keys, first_line)
                 batch, keys, first_line = [], set(), number + 1
+        progress(read)
         if batch:
             send(batch, keys, first_line)
         for future, _ in in_flight:
