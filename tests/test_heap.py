@@ -1,7 +1,7 @@
 """Requests leave no reference cycles behind.
 
 Workers collect the youngest generation far less often than Python's default
-(`server.settle_heap`): that is cheap only while what a request allocates dies by its reference
+(`fuckbase.heap.settle`): that is cheap only while what a request allocates dies by its reference
 count. A request path that starts making cycles would make every worker's memory swing by
 thousands of objects between collections; this test names it instead.
 """

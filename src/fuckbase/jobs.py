@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from fuckbase import heap
 from fuckbase.api import Api, error_for
 from fuckbase.app import parse_body, run_handler
 from fuckbase.backup import BackupStats
@@ -103,6 +104,8 @@ class JobServer:
             response = error_response(500, ErrorCode.INTERNAL_ERROR, "internal error")
         if not writer.is_closing():
             writer.write(_frame({"id": msg["id"], "status": response.status}, response.body))
+        if len(self._tasks) == 1:  # this one: no other long operation is under way
+            heap.give_back()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -185,7 +188,6 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
     from fuckbase.continuous import Retention, Shipper, stop_logging_changes
     from fuckbase.metrics import BACKEND_FIGURES, Published, publish_backend_figures
     from fuckbase.objectstore import open_store
-    from fuckbase.server import settle_heap
 
     settings = rt.settings
     loop = uvloop.new_event_loop()
@@ -243,7 +245,7 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
                 raise SystemExit(2)
         listener = await server.serve(rt.jobs_address)
         report({"backup_target": backups.target})
-        settle_heap()
+        heap.settle()
         interval = settings.effective_backup_interval
 
         def duties() -> list[Coroutine[Any, Any, None]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import gc
 import logging
 import os
 import secrets
@@ -30,6 +29,7 @@ from typing import TextIO
 
 import orjson
 
+from fuckbase import heap
 from fuckbase.config import Settings
 from fuckbase.storage import Storage
 
@@ -39,7 +39,6 @@ STARTUP_WAIT = 3.0  # seconds to wait for the lock and port of a process that is
 STOP_WAIT = 20.0  # seconds a child gets to finish after SIGTERM
 RESPAWN_LIMIT = 5  # deaths of one kind of child within RESPAWN_WINDOW before giving up
 RESPAWN_WINDOW = 60.0
-YOUNG_COLLECTION_THRESHOLD = 10_000  # net allocations between collections of the youngest generation
 _SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
@@ -153,33 +152,10 @@ def die_with(parent: int) -> None:
         os._exit(1)
 
 
-def settle_heap() -> None:
-    """Called by a child once it is ready to serve. Requests make almost no reference cycles
-    (what they allocate dies by its reference count), yet with Python's default thresholds a
-    burst of objects alive at once (pipelined puts waiting for their group commit, a batch's
-    operations, a restore's parsed chunk) set off a young collection every 700 allocations that
-    walked them all and promoted them, up to full collections of the whole heap: a quarter to a
-    third of a worker's CPU under pipelined puts. What start-up built lives as long as the
-    process: frozen, no collection walks it again."""
-    gc.freeze()
-    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, 10, 10)
-
-
-def _few_malloc_arenas() -> None:
-    """glibc gives every thread that allocates its own arena and keeps what it frees there:
-    a restore whose chunks run on a few pool threads grew private memory by 100 MB per 500k
-    entries that way. Two arenas keep it flat; the children inherit the setting."""
-    m_arena_max = -8
-    try:
-        ctypes.CDLL(None).mallopt(m_arena_max, 2)
-    except (OSError, AttributeError):
-        pass  # not glibc
-
-
 def run(settings: Settings) -> None:
     """Validate, lock the data dir, bind, start the children; serve until SIGTERM/SIGINT."""
     settings.validate()
-    _few_malloc_arenas()
+    heap.tune_malloc()
     stream = log_stream(settings)
     setup_logging(settings, stream)
     lock_data_dir(settings.data_dir)

@@ -14,7 +14,7 @@ import orjson
 import uvloop
 from prometheus_client.core import Metric
 
-from fuckbase import openapi
+from fuckbase import heap, openapi
 from fuckbase.accesslog import AccessLog
 from fuckbase.api import Api
 from fuckbase.app import App, ReadGroup, ThreadedWriteGroup, WriteGroup
@@ -33,7 +33,6 @@ from fuckbase.metrics import (
     gauge,
     publish_backend_figures,
 )
-from fuckbase.server import settle_heap
 from fuckbase.storage import Storage, StorageError
 
 if TYPE_CHECKING:
@@ -167,7 +166,7 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
     tasks = [loop.create_task(publish_backend_figures(storage.figures, Published(rt.run_dir, f"{BACKEND_FIGURES}worker-{slot}")))]
     if access_log is not None:
         tasks.append(loop.create_task(access_log.run()))
-    settle_heap()
+    heap.settle()
     loop.run_until_complete(stopping.wait())
     listener.close()
     server.close_idle()
