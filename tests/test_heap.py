@@ -1,20 +1,24 @@
-"""Requests leave no reference cycles behind.
+"""How the server's processes hold memory (`fuckbase.heap`).
 
-Workers collect the youngest generation far less often than Python's default
-(`fuckbase.heap.settle`): that is cheap only while what a request allocates dies by its reference
-count. A request path that starts making cycles would make every worker's memory swing by
-thousands of objects between collections; this test names it instead.
+- Requests leave no reference cycles behind. Workers collect the youngest generation far less
+  often than Python's default: that is cheap only while what a request allocates dies by its
+  reference count. A request path that starts making cycles would make every worker's memory
+  swing by thousands of objects between collections; the first test names it instead.
+- The allocator keeps freed memory for reuse while a long operation runs, and the job process
+  gives it back once the operation has ended.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from conftest import ServerProcess
 from inprocess import in_process_app
 
 from fuckbase.app import App
@@ -71,3 +75,32 @@ async def test_requests_make_no_reference_cycles(app: App) -> None:
             assert gc.collect() == 0, f"{name}: {REPEATS} requests left cycles behind"
     finally:
         gc.enable()
+
+
+def _anonymous_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssAnon")
+
+
+def _job_process(srv: ServerProcess) -> int:
+    assert srv.proc is not None
+    children = [int(c) for task in Path(f"/proc/{srv.proc.pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    return min(children)  # forked first, before the workers
+
+
+def test_the_job_process_gives_back_what_a_restore_freed(server: ServerProcess) -> None:
+    server.ok("/create", {"name": "big"})
+    for start in range(0, 200_000, 20_000):
+        ops = [{"op": "put", "key": f"k{i}", "value": {"email": f"user{i}@example.com", "n": i, "pad": "x" * 100}}
+               for i in range(start, start + 20_000)]
+        server.ok("/set/batch", {"database": "big", "set": "users", "operations": ops}, timeout=60)
+    name = server.ok("/backup/create", {"database": "big"}, timeout=120)["backup_name"]
+    job = _job_process(server)
+    before = _anonymous_kib(job)
+    server.ok("/backup/restore", {"backup_name": name}, timeout=120)
+    time.sleep(0.5)
+    grown = _anonymous_kib(job) - before
+    assert grown < 16 * 1024, f"the job process kept {grown} KiB after a restore"

@@ -12,46 +12,41 @@ import gc
 KEPT_FREE_BYTES = 64 << 20
 HEAP_BUFFER_BYTES = 32 << 20  # glibc's own upper bound for this setting
 YOUNG_COLLECTION_THRESHOLD = 10_000  # net allocations between collections of the youngest generation
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt options
 
 
-def _libc() -> ctypes.CDLL | None:
+def _glibc(function: str, *args: int) -> None:
+    """Calls one of glibc's allocator functions; elsewhere (musl, macOS) the defaults stay."""
     try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
+        getattr(ctypes.CDLL(None), function)(*args)
+    except (OSError, AttributeError):
+        pass
 
 
-def tune_malloc() -> None:
-    """glibc's allocator, set once in the `fuckbase` process for every child (fork keeps it):
-    - Two arenas. glibc gives every thread that allocates its own arena and keeps what it frees
-      there: a restore whose chunks run on a few pool threads grew private memory by 100 MB per
-      500k entries that way.
-    - Freed memory kept for reuse, up to KEPT_FREE_BYTES a heap, and buffers up to
-      HEAP_BUFFER_BYTES taken from the heap rather than mapped one by one. By default glibc gave
-      back a heap's free top beyond 128 KiB and mapped every buffer over it afresh, so a
-      restore's chunks were faulted in again page by page: a 1M-entry restore took 1.5 to 2.6 s
-      from run to run, up to a third of it in the kernel (370k page faults; 35k with these).
-      What a long operation leaves free is given back when it ends (`give_back`)."""
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    libc = _libc()
-    try:
-        if libc is not None:
-            libc.mallopt(m_arena_max, 2)
-            libc.mallopt(m_trim_threshold, KEPT_FREE_BYTES)
-            libc.mallopt(m_mmap_threshold, HEAP_BUFFER_BYTES)
-    except AttributeError:
-        pass  # not glibc
+def few_arenas() -> None:
+    """Two arenas for the C allocator, set once in the `fuckbase` process for every child (fork
+    keeps it). glibc gives every thread that allocates its own arena and keeps what it frees
+    there: a restore whose chunks run on a few pool threads grew private memory by 100 MB per
+    500k entries that way."""
+    _glibc("mallopt", M_ARENA_MAX, 2)
+
+
+def keep_freed_memory() -> None:
+    """For the job process, whose long operations allocate and free large amounts over and over:
+    freed memory is kept for reuse, up to KEPT_FREE_BYTES a heap, and buffers up to
+    HEAP_BUFFER_BYTES come from the heap rather than being mapped one by one. By default glibc
+    gave back a heap's free top beyond 128 KiB and mapped every large buffer afresh, so a
+    restore's chunks were faulted in again page by page: a 1M-entry restore took 1.5 to 2.6 s
+    from run to run, up to a third of it in the kernel (370k page faults; 35k with these).
+    What an operation leaves free is given back when it ends (`give_back`)."""
+    _glibc("mallopt", M_TRIM_THRESHOLD, KEPT_FREE_BYTES)
+    _glibc("mallopt", M_MMAP_THRESHOLD, HEAP_BUFFER_BYTES)
 
 
 def give_back() -> None:
     """Returns the free memory the allocator kept to the system: once a long operation (a
     restore, an index build, a backup) has ended, what it freed is not needed soon."""
-    libc = _libc()
-    try:
-        if libc is not None:
-            libc.malloc_trim(0)
-    except AttributeError:
-        pass  # not glibc
+    _glibc("malloc_trim", 0)
 
 
 def settle() -> None:

@@ -190,6 +190,7 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
     from fuckbase.objectstore import open_store
 
     settings = rt.settings
+    heap.keep_freed_memory()
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
 

@@ -155,7 +155,7 @@ def die_with(parent: int) -> None:
 def run(settings: Settings) -> None:
     """Validate, lock the data dir, bind, start the children; serve until SIGTERM/SIGINT."""
     settings.validate()
-    heap.tune_malloc()
+    heap.few_arenas()
     stream = log_stream(settings)
     setup_logging(settings, stream)
     lock_data_dir(settings.data_dir)
