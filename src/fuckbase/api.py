@@ -230,7 +230,10 @@ class PreparedRead:
     def finish(self, result: Any) -> bytes:
         """The body for what `Storage.fetch` gave; raises what the read raised."""
         if isinstance(result, BaseException):
-            raise result
+            try:
+                raise result
+            finally:
+                del result  # the traceback holds this frame: no cycle through it
         return self.answer(result)
 
 

@@ -568,7 +568,7 @@ class _Group:
                         except lmdb.Error:
                             raise
                         except Exception as exc:  # refused before it changed anything
-                            outcomes.append(exc)
+                            outcomes.append(exc.with_traceback(None))  # its frames hold `outcomes`: no cycle
                             continue
                         outcomes.append(None)
                         continue
@@ -583,7 +583,7 @@ class _Group:
                         raise
                     except Exception as exc:  # this write refused: the others go on
                         child.abort()
-                        outcomes.append(exc)
+                        outcomes.append(exc.with_traceback(None))
                         continue
                     group.adopt(w)
                     outcomes.append(None)
