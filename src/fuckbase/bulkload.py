@@ -20,7 +20,7 @@ import orjson
 from fuckbase.client import Client, FuckBaseError
 
 PUT_HEAD = b'{"op":"put",'
-IN_FLIGHT = 3
+IN_FLIGHT = 4  # measured on 1M entries: 3 was ~7 % slower, 6 no faster
 
 
 @dataclass
