@@ -119,9 +119,7 @@ class Pending:
 
     def resolve(self, response: Response) -> None:
         self.response = response
-        callback, self._callback = self._callback, None
-        if callback is not None:
-            callback()
+        self._notify()
 
     @staticmethod
     def resolve_all(answers: list[tuple[Pending, Response]]) -> None:
@@ -130,9 +128,12 @@ class Pending:
         for pending, response in answers:
             pending.response = response
         for pending, _ in answers:
-            callback, pending._callback = pending._callback, None
-            if callback is not None:
-                callback()
+            pending._notify()
+
+    def _notify(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
 
     def wait(self) -> asyncio.Future[Response]:
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
