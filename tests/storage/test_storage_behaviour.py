@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -282,6 +283,55 @@ def test_batch_is_all_or_nothing(storage: Storage) -> None:
     with pytest.raises(BatchKeyNotFound):
         storage.batch("d", "new", [Delete("k")], allow_all)
     assert storage.batch("d", "s", [], allow_all) == 0
+
+
+def test_a_batch_leaves_what_its_operations_one_by_one_leave(storage: Storage) -> None:
+    """Random batches (distinct puts only, which an engine may write in bulk, or puts and
+    deletes that repeat keys) against the same operations as single writes: the same values,
+    matches, pages and counts after every batch."""
+    rnd = random.Random(8)
+    keys = [f"k{i}" for i in range(40)] + ["é" * 300, "x" * 500, "y" * 480]
+    values = [{"e": "x", "n": 1}, {"e": "y", "n": 2.5}, {"e": "x"}, {"e": "z", "n": "a"}, {"n": 3},
+              {"e": 30, "n": None}, {"e": None}, 5, "x", [1], {"e": "y", "n": True}]
+    for db in ("batched", "single"):
+        storage.create_database(db, None)
+        storage.create_set(db, "s", allow_all)
+        storage.create_index(db, "s", IndexDef("e", "e"), allow_all)
+        storage.create_index(db, "s", IndexDef("by_n", "e", SORTABLE, ("n",)), allow_all)
+    present: set[str] = set()
+    for round_ in range(30):
+        ops: list[Put | Delete] = []
+        if round_ % 2 == 0:
+            for key in rnd.sample(keys, rnd.randint(1, 25)):
+                value = rnd.choice(values)
+                ops.append(Put(key, value, orjson.dumps(value)))
+                present.add(key)
+        else:
+            for _ in range(rnd.randint(1, 25)):
+                if present and rnd.random() < 0.3:
+                    key = rnd.choice(sorted(present))
+                    ops.append(Delete(key))
+                    present.discard(key)
+                else:
+                    key, value = rnd.choice(keys), rnd.choice(values)
+                    ops.append(Put(key, value, orjson.dumps(value)))
+                    present.add(key)
+        assert storage.batch("batched", "s", ops, allow_all) == len(ops)
+        for op in ops:
+            if isinstance(op, Put):
+                storage.put("single", "s", op.key, op.value, op.raw, allow_all)
+            else:
+                storage.delete("single", "s", op.key, allow_all)
+        for key in keys:
+            assert get(storage, "batched", "s", key) == get(storage, "single", "s", key), key
+        for text in ("x", "y", "z", "30", "null"):
+            assert lookup(storage, "batched", "s", "e", text) == lookup(storage, "single", "s", "e", text)
+            for desc in (False, True):
+                assert (page(storage, "by_n", text, [("n", desc)], db="batched")
+                        == page(storage, "by_n", text, [("n", desc)], db="single"))
+        with storage.read() as view:
+            counts = view.key_counts()
+        assert counts["batched"] == counts["single"] == len(present)
 
 
 # ------------------------------------------------------------------ indexes

@@ -302,17 +302,20 @@ class LmdbStorage:
                     raise BatchKeyNotFound(ops[0].key, 0)
                 st = w.add_set(db, set_name)
             logging = w.logging
-            failed = len(ops)
-            # in key order, stable: neighbouring keys share pages, and the operations on one
-            # key keep their order, so the outcome is the same as one after the other
-            for i in sorted(range(len(ops)), key=lambda i: ops[i].key):
-                o = ops[i]
-                if isinstance(o, Put):
-                    w.put(st, o.key, o.value, o.raw)
-                elif not w.delete(st, o.key):
-                    failed = min(failed, i)
-            if failed < len(ops):
-                raise BatchKeyNotFound(ops[failed].key, failed)
+            if _distinct_short_puts(ops):
+                w.put_many(st, sorted(cast("list[Put]", ops), key=_key_of_op))
+            else:
+                failed = len(ops)
+                # in key order, stable: neighbouring keys share pages, and the operations on one
+                # key keep their order, so the outcome is the same as one after the other
+                for i in sorted(range(len(ops)), key=lambda i: ops[i].key):
+                    o = ops[i]
+                    if isinstance(o, Put):
+                        w.put(st, o.key, o.value, o.raw)
+                    elif not w.delete(st, o.key):
+                        failed = min(failed, i)
+                if failed < len(ops):
+                    raise BatchKeyNotFound(ops[failed].key, failed)
             if logging:  # in the order they were given
                 for o in ops:
                     if isinstance(o, Put):
@@ -719,6 +722,32 @@ class Writer:
             for ix in st.indexes:
                 self._reindex(ix, kb, old_value, value)
 
+    def put_many(self, st: SetState, puts: Sequence[Put]) -> None:
+        """Puts of distinct keys short enough to be inline, in key order: the values they
+        replace are found, and the new ones written, by one cursor's multi-key calls, which
+        leaves Python only the index records to make."""
+        prefix = st.prefix + b"k"
+        keys = [prefix + p.key.encode() for p in puts]
+        cur = self.txn.cursor(db=self._data)
+        replaced = dict(cur.getmulti(keys))
+        cur.putmulti(zip(keys, [p.raw for p in puts], strict=True))
+        self._count(st.count_key, len(keys) - len(replaced))
+        if not st.indexes:
+            return
+        records: list[tuple[bytes, bytes, bytes | None]] = []
+        start = len(prefix)
+        for dk, p in zip(keys, puts, strict=True):
+            before = replaced.get(dk)
+            kb = dk[start:]
+            if before is None:
+                for ix in st.indexes:
+                    _index_records(ix, kb, p.value, records)
+            else:
+                old_value = orjson.loads(before)
+                for ix in st.indexes:
+                    self._reindex(ix, kb, old_value, p.value)
+        self._insert_records(records)
+
     def delete(self, st: SetState, key: str) -> bool:
         s, txn = self.storage, self.txn
         old = txn.pop(K.data_key(st.prefix, key), db=s.data)
@@ -1004,6 +1033,17 @@ class View:
                 K.count_of(txn.get(K.set_count_key(st.prefix), db=counts)) for st in db.states.values()
             )
         return out
+
+
+def _distinct_short_puts(ops: Sequence[BatchOp]) -> bool:
+    """Whether a batch can take `Writer.put_many`: puts only, no key twice, all keys inline."""
+    if not all(type(o) is Put for o in ops) or len({o.key for o in ops}) < len(ops):
+        return False
+    return all(len(o.key) <= K.INLINE_KEY_MAX // 4 or len(o.key.encode()) <= K.INLINE_KEY_MAX for o in ops)
+
+
+def _key_of_op(op: BatchOp) -> str:
+    return op.key
 
 
 def _index_records(ix: IndexState, kb: bytes, value: Any, out: list[tuple[bytes, bytes, bytes | None]]) -> None:
