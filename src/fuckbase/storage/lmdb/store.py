@@ -17,8 +17,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -302,8 +303,8 @@ class LmdbStorage:
                     raise BatchKeyNotFound(ops[0].key, 0)
                 st = w.add_set(db, set_name)
             logging = w.logging
-            if _distinct_short_puts(ops):
-                w.put_many(st, sorted(cast("list[Put]", ops), key=_key_of_op))
+            if all(type(o) is Put for o in ops) and len({o.key for o in ops}) == len(ops):
+                w.put_many(st, sorted(cast("list[Put]", ops), key=_KEY_OF_OP))
             else:
                 failed = len(ops)
                 # in key order, stable: neighbouring keys share pages, and the operations on one
@@ -723,30 +724,36 @@ class Writer:
                 self._reindex(ix, kb, old_value, value)
 
     def put_many(self, st: SetState, puts: Sequence[Put]) -> None:
-        """Puts of distinct keys short enough to be inline, in key order: the values they
-        replace are found, and the new ones written, by one cursor's multi-key calls, which
-        leaves Python only the index records to make."""
+        """Puts of distinct keys, in key order. Those with inline keys (all but the longest) are
+        written in bulk: the values they replace are found, and the new ones written, by one
+        cursor's multi-key calls, and the new entries' index records made in one pass."""
+        encoded = [p.key.encode() for p in puts]
+        if encoded and max(map(len, encoded)) > K.INLINE_KEY_MAX:  # stored apart: one by one
+            for p, kb in zip(puts, encoded, strict=True):
+                if len(kb) > K.INLINE_KEY_MAX:
+                    self.put(st, p.key, p.value, p.raw)
+            inline = [i for i, kb in enumerate(encoded) if len(kb) <= K.INLINE_KEY_MAX]
+            puts, encoded = [puts[i] for i in inline], [encoded[i] for i in inline]
+        if not puts:
+            return
         prefix = st.prefix + b"k"
-        keys = [prefix + p.key.encode() for p in puts]
+        keys = [prefix + kb for kb in encoded]
         cur = self.txn.cursor(db=self._data)
         replaced = dict(cur.getmulti(keys))
         cur.putmulti(zip(keys, [p.raw for p in puts], strict=True))
         self._count(st.count_key, len(keys) - len(replaced))
         if not st.indexes:
             return
-        records: list[tuple[bytes, bytes, bytes | None]] = []
-        start = len(prefix)
-        for dk, p in zip(keys, puts, strict=True):
+        new = []
+        for dk, kb, p in zip(keys, encoded, puts, strict=True):
             before = replaced.get(dk)
-            kb = dk[start:]
             if before is None:
-                for ix in st.indexes:
-                    _index_records(ix, kb, p.value, records)
+                new.append((kb, p.value))
             else:
                 old_value = orjson.loads(before)
                 for ix in st.indexes:
                     self._reindex(ix, kb, old_value, p.value)
-        self._insert_records(records)
+        self._insert_records(*_records_of_new(st.indexes, new))
 
     def delete(self, st: SetState, key: str) -> bool:
         s, txn = self.storage, self.txn
@@ -805,52 +812,40 @@ class Writer:
         done, or None at the end of the set. Records already present are left as they are."""
         cur = self.txn.cursor(db=self.storage.data)
         last = None
-        n = 0
-        records: list[tuple[bytes, bytes, bytes | None]] = []
-        basic = [(ix.prefix, ix.definition.field) for ix in indexes if ix.basic]
-        sortable = [ix for ix in indexes if not ix.basic]
-        loads, append, long_group = orjson.loads, records.append, K.GROUP_INLINE_MAX
+        entries: list[tuple[bytes, Any]] = []
+        loads, add = orjson.loads, entries.append
         if cur.set_range(start):
             prefix = st.prefix
             for lkey, stored in cur:
-                if not lkey.startswith(prefix) or n >= limit:
+                if not lkey.startswith(prefix) or len(entries) >= limit:
                     break
-                if lkey[8] == 0x6B and len(lkey) <= 9 + K.TOKEN_KEY_MAX:  # "k": the key inline, short
-                    kb, value = lkey[9:], loads(stored)
-                    for ix_prefix, f in basic:  # the common case, inline
-                        if type(value) is dict and f in value:
-                            v = value[f]
-                            tb = (v if type(v) is str else match_text(v)).encode()
-                            if len(tb) <= long_group:
-                                append((ix_prefix + len(tb).to_bytes(2, "big") + tb + kb, b"", None))
-                            else:
-                                append((ix_prefix + K.group_token(tb.decode()) + kb, b"", None))
-                    for ix in sortable:
-                        _index_records(ix, kb, value, records)
+                if lkey[8] == 0x6B:  # "k": the key inline
+                    add((lkey[9:], loads(stored)))
                 else:
                     key, raw = K.decode_entry(lkey, stored)
-                    value = loads(raw)
-                    for ix in indexes:
-                        _index_records(ix, key.encode(), value, records)
-                last, n = lkey, n + 1
-        self._insert_records(records)
-        return last if n >= limit else None
+                    add((key.encode(), loads(raw)))
+                last = lkey
+        self._insert_records(*_records_of_new(indexes, entries))
+        return last if len(entries) >= limit else None
 
-    def _insert_records(self, records: list[tuple[bytes, bytes, bytes | None]]) -> None:
-        """Puts index records in key order (neighbours share pages); counts the new ones."""
-        records.sort()
-        put = self.txn.cursor(db=self.storage.index).put
-        deltas = self._deltas
-        for k, v, count_key in records:
+    def _insert_records(self, plain: list[tuple[bytes, bytes]], counted: list[tuple[bytes, bytes, bytes | None]]) -> None:
+        """Puts index records in key order (neighbours share pages), leaving those already
+        there as they are; counts the new ones of `counted` that add to a group's count."""
+        index = self.txn.cursor(db=self.storage.index)
+        if plain:
+            plain.sort()
+            index.putmulti(plain, overwrite=False)
+        counted.sort()
+        put, deltas = index.put, self._deltas
+        for k, v, count_key in counted:
             if put(k, v, overwrite=False) and count_key is not None:
                 deltas[count_key] = deltas.get(count_key, 0) + 1
 
     def stage(self, st: SetState, entries: Sequence[tuple[str, Any, bytes]]) -> None:
         """Bulk-writes restored entries into a staged set, which no one else writes."""
         cur = self.txn.cursor(db=self._data)
-        records: list[tuple[bytes, bytes, bytes | None]] = []
+        new: list[tuple[bytes, Any]] = []
         again = []
-        new = 0
         for key, value, raw in entries:
             kb = key.encode()
             if len(kb) <= K.INLINE_KEY_MAX:
@@ -860,11 +855,10 @@ class Writer:
             if not added:  # the backup repeats a key: the last one wins, as in JSON
                 again.append((key, value, raw))
                 continue
-            new += 1
-            for ix in st.indexes:
-                _index_records(ix, kb, value, records)
-        self._count(st.count_key, new)
-        self._insert_records(records)
+            new.append((kb, value))
+        self._count(st.count_key, len(new))
+        if st.indexes:
+            self._insert_records(*_records_of_new(st.indexes, new))
         for key, value, raw in again:
             self.put(st, key, value, raw)
 
@@ -1035,15 +1029,37 @@ class View:
         return out
 
 
-def _distinct_short_puts(ops: Sequence[BatchOp]) -> bool:
-    """Whether a batch can take `Writer.put_many`: puts only, no key twice, all keys inline."""
-    if not all(type(o) is Put for o in ops) or len({o.key for o in ops}) < len(ops):
-        return False
-    return all(len(o.key) <= K.INLINE_KEY_MAX // 4 or len(o.key.encode()) <= K.INLINE_KEY_MAX for o in ops)
+_KEY_OF_OP = itemgetter(0)  # a Put's or Delete's key
 
 
-def _key_of_op(op: BatchOp) -> str:
-    return op.key
+def _records_of_new(indexes: Sequence[IndexState], entries: Iterable[tuple[bytes, Any]]
+                    ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes, bytes | None]]]:
+    """The index records of entries (key bytes, value) not indexed yet: those of basic indexes
+    under short keys, most of a bulk write, made here inline; the others by `_index_records`,
+    with the group count each adds to."""
+    basic = [(ix.prefix, ix.definition.field) for ix in indexes if ix.basic]
+    sortable = [ix for ix in indexes if not ix.basic]
+    plain: list[tuple[bytes, bytes]] = []
+    counted: list[tuple[bytes, bytes, bytes | None]] = []
+    add, long_group = plain.append, K.GROUP_INLINE_MAX
+    for kb, value in entries:
+        if type(value) is not dict:
+            continue  # no field to index
+        if len(kb) > K.TOKEN_KEY_MAX:
+            for ix in indexes:
+                _index_records(ix, kb, value, counted)
+            continue
+        for prefix, f in basic:
+            if f in value:
+                v = value[f]
+                tb = (v if type(v) is str else match_text(v)).encode()
+                if len(tb) <= long_group:
+                    add((prefix + len(tb).to_bytes(2, "big") + tb + kb, b""))
+                else:
+                    add((prefix + K.group_token(tb.decode()) + kb, b""))
+        for ix in sortable:
+            _index_records(ix, kb, value, counted)
+    return plain, counted
 
 
 def _index_records(ix: IndexState, kb: bytes, value: Any, out: list[tuple[bytes, bytes, bytes | None]]) -> None:
