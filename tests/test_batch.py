@@ -88,6 +88,10 @@ def test_import_a_jsonl_file(shop: ServerProcess, tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     lines = [json.dumps({"key": f"k{i}", "value": {"i": i}}) for i in range(12345)]
     lines.insert(100, "")
+    lines[200] = "  " + lines[200] + "  "  # leading and trailing blanks
+    lines[300] += "\r"  # a CRLF line end
+    lines[400] = json.dumps({"value": {"i": 399, "key": "not this"}, "key": "k399"})
+    lines[500] = json.dumps({"op": "put", "key": "k499", "value": {"i": 499}})
     lines.append(json.dumps({"op": "delete", "key": "k0"}))
     path.write_text("\n".join(lines) + "\n")
     cmd = [sys.executable, "-m", "fuckbase", "import", str(path), "--database", "shop", "--set", "users",
@@ -97,10 +101,17 @@ def test_import_a_jsonl_file(shop: ServerProcess, tmp_path: Path) -> None:
     assert "imported 12346 operations from 12346 lines" in done.stdout
     assert shop.ok("/set/get", {"database": "shop", "set": "users", "key": "k12344"})["data"] == {"i": 12344}
     assert shop.post("/set/get", {"database": "shop", "set": "users", "key": "k0"}).status_code == 404
+    assert shop.ok("/set/get", {"database": "shop", "set": "users", "key": "k199"})["data"] == {"i": 199}
+    assert shop.ok("/set/get", {"database": "shop", "set": "users", "key": "k399"})["data"] == {"i": 399, "key": "not this"}
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"key": "x1", "value": 1}\n{"key": "x2"}\n')
-    done = subprocess.run([*cmd[:4], str(bad), *cmd[5:]], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and 'line 2: a put needs a "value"' in done.stderr
+    for line, error in [('{"key": "x2"}', 'line 2: a put needs a "value"'),
+                        ('{"key": "x2", "value": ', "line 2: not JSON"),
+                        ("[1]", 'line 2: must be an object with a string "key"'),
+                        ('{"key": 5, "value": 1}', 'line 2: must be an object with a string "key"'),
+                        ('  {"value": 1}', 'line 2: must be an object with a string "key"')]:
+        bad.write_text('{"key": "x1", "value": 1}\n' + line + "\n")
+        done = subprocess.run([*cmd[:4], str(bad), *cmd[5:]], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and error in done.stderr, (line, done.stderr)
     assert shop.post("/set/get", {"database": "shop", "set": "users", "key": "x1"}).status_code == 404
     done = subprocess.run([*cmd[:6], "nope", *cmd[7:]], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "DB_NOT_FOUND" in done.stderr

@@ -67,12 +67,22 @@ def import_lines(lines: Iterable[bytes], url: str, database: str, set_name: str,
         keys: set[str] = set()
         first_line = 1
         read = 0  # bytes not yet reported to `progress` (once a batch: a call per line cost more than parsing it)
+        loads = orjson.loads
         for number, line in enumerate(lines, 1):
             read += len(line)
-            if not line.strip():
+            try:
+                op = loads(line)
+                key = op["key"]  # TypeError: not an object
+            except (orjson.JSONDecodeError, TypeError, KeyError):
+                op = key = None
+            if type(key) is str and line[:1] == b"{" and ("op" in op or "value" in op):
+                # the common line, checked here; it goes in unstripped ("\n" is JSON whitespace)
+                batch.append(line if "op" in op else PUT_HEAD + line[1:])
+            elif not line.strip():
                 continue
-            key, op = encode_line(line, number)
-            batch.append(op)
+            else:  # names what is wrong, or strips the line
+                key, encoded = encode_line(line, number)
+                batch.append(encoded)
             keys.add(key)
             count += 1
             if len(batch) >= batch_size:
