@@ -9,8 +9,10 @@ memory (ours: private/anonymous memory and the file mapping of every process sep
 restart until the index answers, sorted pages over 100k matches (offset 0 and 50,000), and
 backup and restore with RSS growth. Ours only: `fuckbase import` of the same entries, and
 /set/get latency (wrk, 4 connections) while an index build, a backup and a restore run, and
-at 2 connections with nothing else running. With `--rounds N` (N > 1) the pipelined load and
-our import are first run N times on fresh data dirs, the servers alternately, for their medians.
+at 2 connections with nothing else running (once its background work has settled). With
+`--rounds N` (N > 1) the pipelined load, our import, and the index build, backup and restore
+if asked for, are first run N times on fresh data dirs, the servers alternately, for their
+medians.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
-from compare import descendants  # noqa: E402
+from compare import cpu_seconds, descendants  # noqa: E402
 from load import post, value  # noqa: E402
 
 LUA = Path(__file__).parent / "lua"
@@ -158,9 +160,10 @@ def load(s: Server, keys: int) -> float:
     return took
 
 
-def index(s: Server, keys: int) -> None:
+def index(s: Server, keys: int) -> float:
     _, took = s.call("/index/create", {"database": "bench", "set": "users", "name": "email_index", "field": "email"})
     say(s.name, f"basic index creation on {keys} entries: {took:.2f} s")
+    return took
 
 
 def memory(s: Server, keys: int) -> None:
@@ -211,15 +214,16 @@ def sorted_pages(s: Server) -> None:
                         f"{statistics.median(times):.2f} ms, p99 {sorted(times)[int(len(times) * 0.99) - 1]:.2f} ms")
 
 
-def backup(s: Server) -> str:
+def backup(s: Server) -> tuple[str, float, float]:
+    """The backup's name, and the backup's and the restore's time."""
     with PeakRss(s.pid) as rss:
-        result, took = s.call("/backup/create", {"database": "bench"})
+        result, backup_took = s.call("/backup/create", {"database": "bench"})
     name = result.get("backup_name") or _latest(s)
-    say(s.name, f"backup to SeaweedFS: {took:.2f} s, memory {rss}")
+    say(s.name, f"backup to SeaweedFS: {backup_took:.2f} s, memory {rss}")
     with PeakRss(s.pid) as rss:
-        _, took = s.call("/backup/restore", {"backup_name": name})
-    say(s.name, f"restore from SeaweedFS: {took:.2f} s, memory {rss}")
-    return name
+        _, restore_took = s.call("/backup/restore", {"backup_name": name})
+    say(s.name, f"restore from SeaweedFS: {restore_took:.2f} s, memory {rss}")
+    return name, backup_took, restore_took
 
 
 def _latest(s: Server) -> str:
@@ -239,8 +243,23 @@ def wrk_get(s: Server, connections: int, seconds: float, keys: int) -> str:
             if m else out)
 
 
+def settled(s: Server, limit: float = 120) -> float:
+    """Waits until the server's processes together use under 5 % of a core over half a
+    second (a restore leaves the replaced data to reclaim, a load its changes to ship); the
+    seconds waited."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit:
+        before = cpu_seconds(s.pid)
+        time.sleep(0.5)
+        if cpu_seconds(s.pid) - before < 0.025:
+            break
+    return time.perf_counter() - started
+
+
 def latency(s: Server, keys: int, backup_name: str) -> None:
-    say(s.name, f"/set/get at 2 connections, nothing else running: {wrk_get(s, 2, 10, keys)}")
+    waited = settled(s)
+    say(s.name, f"/set/get at 2 connections, nothing else running (after {waited:.1f} s of background work): "
+                f"{wrk_get(s, 2, 10, keys)}")
     for what, path, body in [
         ("an index build", "/index/create", {"database": "bench", "set": "users", "name": "again", "field": "name"}),
         ("a backup", "/backup/create", {"database": "bench"}),
@@ -270,31 +289,42 @@ def import_file(s: Server, keys: int, work: Path) -> float:
     return took
 
 
-def alternated_loads(servers: list[Server], keys: int, rounds: int, work: Path, with_import: bool) -> None:
-    """The pipelined load (and our import after it) on fresh data dirs, the servers alternately,
-    `rounds` times: the medians, and the ratios to the baseline's load."""
-    took: dict[str, list[float]] = {s.name: [] for s in servers}
-    imports: list[float] = []
+def alternated_rounds(servers: list[Server], keys: int, rounds: int, work: Path, steps: set[str]) -> None:
+    """On fresh data dirs, the servers alternately, `rounds` times: the pipelined load, then
+    (ours) the import, then the index build, the backup and the restore when asked for: the
+    medians, and their ratios to the baseline's."""
+    took: dict[str, dict[str, list[float]]] = {s.name: {} for s in servers}
     for _ in range(rounds):
         for s in servers:
             shutil.rmtree(s.data, ignore_errors=True)
             s.start()
+            figures = took[s.name]
             try:
-                took[s.name].append(load(s, keys))
-                if s.name == "fuckbase" and with_import:
-                    imports.append(import_file(s, keys, work))
+                figures.setdefault("load", []).append(load(s, keys))
+                if s.name == "fuckbase" and "import" in steps:
+                    figures.setdefault("import", []).append(import_file(s, keys, work))
+                if "index" in steps:
+                    figures.setdefault("index", []).append(index(s, keys))
+                if "backup" in steps:
+                    _, backup_took, restore_took = backup(s)
+                    figures.setdefault("backup", []).append(backup_took)
+                    figures.setdefault("restore", []).append(restore_took)
             finally:
                 s.stop()
     for s in servers:
         shutil.rmtree(s.data, ignore_errors=True)
-    med = {name: statistics.median(t) for name, t in took.items()}
-    line = ", ".join(f"{name} {m:.1f} s" for name, m in med.items())
-    if "baseline" in med and "fuckbase" in med:
-        line += f"; ours {med['baseline'] / med['fuckbase']:.2f}x as fast"
-    print(f"pipelined load, medians of {rounds} alternated rounds: {line}", flush=True)
-    if imports and "baseline" in med:
-        print(f"import, median of {rounds}: {statistics.median(imports):.1f} s, "
-              f"{med['baseline'] / statistics.median(imports):.1f}x as fast as the baseline's pipelined load", flush=True)
+    med = {name: {what: statistics.median(t) for what, t in figures.items()} for name, figures in took.items()}
+    ours, theirs = med.get("fuckbase", {}), med.get("baseline", {})
+    for what in ("load", "index", "backup", "restore"):
+        if what not in ours and what not in theirs:
+            continue
+        line = ", ".join(f"{name} {m[what]:.2f} s" for name, m in med.items() if what in m)
+        if what in ours and what in theirs:
+            line += f"; ours {ours[what] / theirs[what]:.2f}x the baseline's time"
+        print(f"{what}, medians of {rounds} alternated rounds: {line}", flush=True)
+    if "import" in ours and "load" in theirs:
+        print(f"import, median of {rounds}: {ours['import']:.2f} s, "
+              f"{theirs['load'] / ours['import']:.1f}x as fast as the baseline's pipelined load", flush=True)
 
 
 def main() -> None:
@@ -304,7 +334,7 @@ def main() -> None:
     ap.add_argument("--only", default="load,index,memory,restart,sorted,backup,import,latency")
     ap.add_argument("--servers", default="fuckbase,baseline")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="with more than 1: first the pipelined load (and our import) alternately on fresh data, medians")
+                    help="with more than 1: first the load, import, index build, backup and restore alternately on fresh data, medians")
     args = ap.parse_args()
     steps = set(args.only.split(","))
     from s3server import SeaweedS3
@@ -326,7 +356,7 @@ def main() -> None:
             servers.append(Server(name, command, port, work / name, s3))
         print(f"machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; {args.keys} keys", flush=True)
         if args.rounds > 1 and "load" in steps:
-            alternated_loads(servers, args.keys, args.rounds, work, "import" in steps)
+            alternated_rounds(servers, args.keys, args.rounds, work, steps)
             steps -= {"load", "import"}  # measured; the steps left still load each server once
             if not steps:
                 return
@@ -343,7 +373,7 @@ def main() -> None:
                     index(s, args.keys)
                 if "sorted" in steps:
                     sorted_pages(s)
-                name = backup(s) if "backup" in steps or "latency" in steps else ""
+                name = backup(s)[0] if "backup" in steps or "latency" in steps else ""
                 if s.name == "fuckbase" and "import" in steps:
                     import_file(s, args.keys, work)
                 if s.name == "fuckbase" and "latency" in steps:
