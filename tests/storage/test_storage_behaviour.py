@@ -579,6 +579,29 @@ def test_restore_is_invisible_until_commit_and_atomic(storage: Storage) -> None:
         assert view.database_names() == ["only"]
 
 
+def test_a_restore_that_repeats_keys_keeps_the_last_value(storage: Storage) -> None:
+    """A backup is JSON: a key given twice keeps its last value, in one write of entries or
+    across writes, and the indexes and counts follow the value kept."""
+    w = storage.restore_writer()
+    db = w.add_database()
+    db.name = "d"
+    w.add_index(db, "s", IndexDef("e", "e"))
+    w.add_index(db, "s", IndexDef("by_n", "e", SORTABLE, ("n",)))
+    a, b = {"e": "a", "n": 1}, {"e": "b", "n": 2}
+    w.write(db, "s", [(f"k{i}", a, orjson.dumps(a)) for i in range(50)])
+    w.write(db, "s", [("k1", b, orjson.dumps(b)), ("new", a, orjson.dumps(a)), ("k2", b, orjson.dumps(b)),
+                      ("k2", a, orjson.dumps(a)), ("k3", b, orjson.dumps(b))])
+    w.write(db, "s", [("k3", a, orjson.dumps(a)), ("x" * 600, b, orjson.dumps(b)), ("x" * 600, a, orjson.dumps(a))])
+    w.commit(replace_all=True)
+    assert get(storage, "d", "s", "k1") == b and get(storage, "d", "s", "k2") == a and get(storage, "d", "s", "k3") == a
+    assert get(storage, "d", "s", "x" * 600) == a
+    assert lookup(storage, "d", "s", "e", "b") == ["k1"]
+    assert page(storage, "by_n", "b", [("n", False)]) == (1, ["k1"])
+    assert page(storage, "by_n", "a", [("n", False)], limit=1000)[0] == 51  # k0-k49 but k1, new, x…
+    with storage.read() as view:
+        assert view.key_counts() == {"d": 52}
+
+
 def test_an_aborted_restore_leaves_nothing(storage: Storage) -> None:
     storage.create_database("d", None)
     w = storage.restore_writer()
