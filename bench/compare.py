@@ -2,13 +2,17 @@
 
 Usage: .venv/bin/python bench/compare.py --baseline /path/to/fuckbase-go [--rounds 3] [--pinned]
        [--duration 10s] [--keys 100000] [--workers N] [--scripts get,put,query]
+       [--request-logs ours|both|neither]
 
 Both servers are started on fresh data dirs, preloaded with the same keys (value
 {"name","email","age"}) and one email index, then wrk (`-t2 -c64`) runs each script against
 them alternately (A B A B …, `--rounds` times). Printed per script: every run, the medians,
 the ratio ours/baseline, and the server CPU time per request (all its processes, from
 /proc/<pid>/stat before and after each run). `--pinned` puts each server on core 0
-(`taskset -c 0`) and wrk on core 1: a per-core figure.
+(`taskset -c 0`) and wrk on core 1: a per-core figure. `--request-logs`: which server writes
+a line per request (to /dev/null): ours (the default; ours logs by default, the original is
+run at `--log-level error`), both (each at its default: the original logs every request at
+info), or neither (ours with `--no-access-log`).
 """
 
 from __future__ import annotations
@@ -110,18 +114,22 @@ def main() -> None:
     ap.add_argument("--pinned", action="store_true")
     ap.add_argument("--workers", type=int, default=None, help="our --workers (default: ours)")
     ap.add_argument("--scripts", default="get,put,query")
+    ap.add_argument("--request-logs", choices=["ours", "both", "neither"], default="ours")
     args = ap.parse_args()
     ours_cmd = [sys.executable, "-m", "fuckbase", "--log-level", "info", "--log-file", os.devnull]
+    if args.request_logs == "neither":
+        ours_cmd.append("--no-access-log")
     if args.workers:
         ours_cmd += ["--workers", str(args.workers)]
+    baseline_cmd = [args.baseline] if args.request_logs == "both" else [args.baseline, "--log-level", "error"]
     servers = [
         Server("fuckbase", ours_cmd, 18701, args.pinned),
-        Server("baseline", [args.baseline, "--log-level", "error"], 18702, args.pinned),
+        Server("baseline", baseline_cmd, 18702, args.pinned),
     ]
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True,
                          text=True).stdout.strip()
     print(f"machine: {os.cpu_count()} cores, {cpu}; {time.strftime('%Y-%m-%d')}; "
-          f"{'pinned: servers on core 0, wrk on core 1' if args.pinned else 'unpinned'}")
+          f"{'pinned: servers on core 0, wrk on core 1' if args.pinned else 'unpinned'}; request logs: {args.request_logs}")
     try:
         for s in servers:
             asyncio.run(preload(s.url, args.keys))

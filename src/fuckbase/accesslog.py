@@ -14,8 +14,8 @@ import select
 import time
 from typing import TextIO
 
-FLUSH_INTERVAL = 0.01  # short: at 50k requests a second a batch formats in about 0.4 ms
-_MILLIS = [b".%03dZ" % i for i in range(1001)]
+FLUSH_INTERVAL = 0.01  # short: at 50k requests a second a batch (500 lines) formats in about 0.2 ms
+_MILLIS = [b".%03dZ" % i for i in range(1000)]
 
 
 class AccessLog:
@@ -33,29 +33,26 @@ class AccessLog:
         batch, self._pending = self._pending, []
         lines: list[bytes] = []
         append, middles = lines.append, self._middles
-        second, stamp = -1, b""
+        second = millisecond = -1
+        stamp = prefix = b""
         for ts, method, path, status, seconds in batch:
-            if int(ts) != second:
-                second = int(ts)
-                stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+            ms = int(ts * 1000)
+            if ms != millisecond:  # at load, a few dozen lines share each millisecond
+                millisecond = ms
+                if ms // 1000 != second:
+                    second = ms // 1000
+                    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+                prefix = stamp + _MILLIS[ms % 1000]
             middle = middles.get((method, path, status))
             if middle is None:
                 middle = middles[(method, path, status)] = f" access {method} {path} {status} ".encode("utf-8", "replace")
                 if len(middles) > 10_000:
                     middles.clear()
-            append(stamp + _MILLIS[int((ts - second) * 1000)] + middle + b"%dus\n" % (seconds * 1e6))
+            append(b"%b%b%dus\n" % (prefix, middle, seconds * 1e6))
         self._stream.flush()  # what logging wrote before goes first
         fd = self._stream.fileno()
-        chunk: list[bytes] = []
-        size = 0
-        for raw in lines:
-            if size + len(raw) > select.PIPE_BUF and chunk:
-                _write_all(fd, b"".join(chunk))
-                chunk, size = [], 0
-            chunk.append(raw)
-            size += len(raw)
-        if chunk:
-            _write_all(fd, b"".join(chunk))
+        for piece in pieces(b"".join(lines)):
+            _write_all(fd, piece)
 
     async def run(self) -> None:
         try:
@@ -66,7 +63,21 @@ class AccessLog:
             self.flush()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def pieces(data: bytes) -> list[memoryview]:
+    """`data`, whole lines, cut into writes of whole lines of at most PIPE_BUF bytes (a line
+    longer than that alone in its write)."""
+    view, out, start, size = memoryview(data), [], 0, len(data)
+    while start < size:
+        end = start + select.PIPE_BUF
+        if end < size:
+            cut = data.rfind(b"\n", start, end) + 1
+            end = cut if cut > start else (data.find(b"\n", end) + 1 or size)
+        out.append(view[start:end])
+        start = end
+    return out
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     while data:
         try:
             n = os.write(fd, data)
