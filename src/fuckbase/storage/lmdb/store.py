@@ -304,7 +304,7 @@ class LmdbStorage:
                 st = w.add_set(db, set_name)
             logging = w.logging
             if all(type(o) is Put for o in ops) and len({o.key for o in ops}) == len(ops):
-                w.put_many(st, sorted(cast("list[Put]", ops), key=_KEY_OF_OP))
+                w.put_many(st, sorted(cast("list[Put]", ops), key=itemgetter(0)))  # by key
             else:
                 failed = len(ops)
                 # in key order, stable: neighbouring keys share pages, and the operations on one
@@ -1029,9 +1029,6 @@ class View:
         return out
 
 
-_KEY_OF_OP = itemgetter(0)  # a Put's or Delete's key
-
-
 def _records_of_new(indexes: Sequence[IndexState], entries: Iterable[tuple[bytes, Any]]
                     ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes, bytes | None]]]:
     """The index records of entries (key bytes, value) not indexed yet: those of basic indexes
@@ -1041,7 +1038,7 @@ def _records_of_new(indexes: Sequence[IndexState], entries: Iterable[tuple[bytes
     sortable = [ix for ix in indexes if not ix.basic]
     plain: list[tuple[bytes, bytes]] = []
     counted: list[tuple[bytes, bytes, bytes | None]] = []
-    add, long_group = plain.append, K.GROUP_INLINE_MAX
+    add, group_token = plain.append, K.group_token
     for kb, value in entries:
         if type(value) is not dict:
             continue  # no field to index
@@ -1052,11 +1049,7 @@ def _records_of_new(indexes: Sequence[IndexState], entries: Iterable[tuple[bytes
         for prefix, f in basic:
             if f in value:
                 v = value[f]
-                tb = (v if type(v) is str else match_text(v)).encode()
-                if len(tb) <= long_group:
-                    add((prefix + len(tb).to_bytes(2, "big") + tb + kb, b""))
-                else:
-                    add((prefix + K.group_token(tb.decode()) + kb, b""))
+                add((prefix + group_token(v if type(v) is str else match_text(v)) + kb, b""))
         for ix in sortable:
             _index_records(ix, kb, value, counted)
     return plain, counted
