@@ -13,9 +13,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
 
@@ -219,8 +218,7 @@ def _entries_json(entries: list[Entry]) -> bytes:
     return b",".join([b'{"key":' + dumps(k) + b',"value":' + v + b"}" for k, v in entries])
 
 
-@dataclass(frozen=True, slots=True)
-class PreparedRead:
+class PreparedRead(NamedTuple):
     """A request answered by one point read: what to fetch, and how its result becomes the
     response body. A remote backend fetches the reads of many requests at once."""
 
@@ -244,7 +242,12 @@ def _got(key: str, raw: bytes | None) -> bytes:
 
 
 def _found(entries: list[Entry]) -> bytes:
-    return b'{"status":"success","data":{"count":%d,"data":[%s]}}' % (len(entries), _entries_json(entries))
+    # concatenated: bytes % formatting cost more than the rest of this answer (0.57 → 0.2 µs)
+    if len(entries) == 1:  # a lookup by a unique field
+        key, value = entries[0]
+        return b'{"status":"success","data":{"count":1,"data":[{"key":' + orjson.dumps(key) + b',"value":' + value + b"}]}}"
+    return (b'{"status":"success","data":{"count":' + str(len(entries)).encode() + b',"data":['
+            + _entries_json(entries) + b"]}}")
 
 
 def success(message: str | None = None, **fields: Any) -> bytes:

@@ -84,8 +84,7 @@ class Delete(NamedTuple):
 BatchOp = Put | Delete
 
 
-@dataclass(frozen=True, slots=True)
-class Get:
+class Get(NamedTuple):
     """A point read: one entry's JSON (None when the key is missing)."""
 
     database: str
@@ -94,13 +93,12 @@ class Get:
     check: AccessCheck
 
 
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """A point read: the entries whose field indexed by `index` reads `text`, by key."""
+class Lookup(NamedTuple):
+    """A point read: the entries whose field indexed by `index_name` reads `text`, by key."""
 
     database: str
     set_name: str
-    index: str
+    index_name: str
     text: str
     check: AccessCheck
 

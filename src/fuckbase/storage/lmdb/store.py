@@ -932,7 +932,7 @@ class View:
         try:
             if isinstance(read, Get):
                 return self.get(db, read.set_name, read.key)
-            return self.lookup(db, read.set_name, read.index, read.text)
+            return self.lookup(db, read.set_name, read.index_name, read.text)
         except NotFound as exc:
             return exc
 

@@ -1345,12 +1345,12 @@ class PointReads:
                 self._lookup(i, db, sid, read)
 
     def _lookup(self, i: int, db: PgDatabase, sid: int, read: Lookup) -> None:
-        definition = db.sets[read.set_name].indexes.get(read.index)
+        definition = db.sets[read.set_name].indexes.get(read.index_name)
         if definition is None:
-            self.results[-1] = IndexNotFound(read.index)
+            self.results[-1] = IndexNotFound(read.index_name)
             return
         self.results[-1] = []  # of (stored key, value)
-        self.asked.append([i, 1 if definition.kind == BASIC else 2, sid, db.index_ids[(read.set_name, read.index)],
+        self.asked.append([i, 1 if definition.kind == BASIC else 2, sid, db.index_ids[(read.set_name, read.index_name)],
                            group_token(read.text).hex()])
 
     def run(self, conn: Conn) -> bool:
