@@ -13,7 +13,7 @@ at 2 connections with nothing else running (once its background work, the page c
 writeback and the machine have settled). With
 `--rounds N` (N > 1) the pipelined load, our import, and the index build, backup and restore
 if asked for, are first run N times on fresh data dirs, the servers alternately, for their
-medians.
+medians; the steps left then run on a fresh SeaweedFS.
 """
 
 from __future__ import annotations
