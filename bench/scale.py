@@ -271,9 +271,7 @@ def settled(s: Server, limit: float = 120) -> float:
     """Flushes what earlier steps left unwritten in the page cache, waits until the server's
     processes together use under 5 % of a core over half a second (a restore leaves the
     replaced data to reclaim, a load its changes to ship), then until the whole machine is
-    under 5 % busy over a second: after the rounds, SeaweedFS went on working by itself, and
-    the kernel's writeback with it (a third of a core of kernel threads and a tenth of
-    SeaweedFS during the idle window, our processes idle); the seconds waited."""
+    under 5 % busy over a second (the kernel's writeback, SeaweedFS): the seconds waited."""
     started = time.perf_counter()
     os.sync()
     while time.perf_counter() - started < limit:
