@@ -35,7 +35,6 @@ from fuckbase.storage.interface import (
     Database,
     DatabaseExists,
     DatabaseNotFound,
-    Delete,
     Entry,
     Figure,
     Get,
@@ -201,16 +200,14 @@ class LmdbStorage:
 
     # ------------------------------------------------------------------ the write path
 
-    def write(self, fn: Callable[[Writer], T], numbered: bool = True, partial_failure: bool = False) -> T:
+    def write(self, fn: Callable[[Writer], T], numbered: bool = True) -> T:
         """Runs `fn` in one write transaction and commits it. `fn` raises before it changes
         anything, or succeeds; a failed commit raises StorageFull or StorageFailure.
         `numbered=False` is for work no reader can tell apart (housekeeping, index fills,
-        staged restores): it gets no sequence number and no change record.
-        `partial_failure`: `fn` may fail after changing something (a batch); in a write group
-        it then runs in a nested transaction, so that failing undoes its changes alone."""
+        staged restores): it gets no sequence number and no change record."""
         group: _Group | None = getattr(self._groups, "open", None)
         if group is not None:
-            group.queue(fn, partial_failure)
+            group.queue(fn)
             return cast(T, None)  # a queued write has no result yet; group callers use none
         try:
             with self.env.begin(write=True) as txn:
@@ -223,8 +220,9 @@ class LmdbStorage:
 
     def begin_group(self) -> None:
         """From now until `end_group`, this thread's writes are queued, not run: `end_group`
-        runs them in order, each in a nested transaction of its own (a failing one changes
-        nothing), inside one transaction that commits them all as one numbered commit. For an
+        runs them in order in one transaction that commits them all as one numbered commit (each
+        write fails before it changes anything, or not at all: a refused one leaves the
+        others be). For an
         event loop serving many clients: one commit per turn of the loop instead of one per
         write, and the write lock held only while the writes run."""
         if getattr(self._groups, "open", None) is not None:
@@ -298,33 +296,30 @@ class LmdbStorage:
             if not ops:
                 return
             st = db.states.get(set_name)
+            missing = _first_missing_delete(w, st, ops)
+            if missing is not None:  # refused before anything changed
+                raise BatchKeyNotFound(ops[missing].key, missing)
             if st is None:
-                if isinstance(ops[0], Delete):
-                    raise BatchKeyNotFound(ops[0].key, 0)
                 st = w.add_set(db, set_name)
-            logging = w.logging
             if all(type(o) is Put for o in ops) and len({o.key for o in ops}) == len(ops):
                 w.put_many(st, sorted(cast("list[Put]", ops), key=itemgetter(0)))  # by key
             else:
-                failed = len(ops)
                 # in key order, stable: neighbouring keys share pages, and the operations on one
                 # key keep their order, so the outcome is the same as one after the other
                 for i in sorted(range(len(ops)), key=lambda i: ops[i].key):
                     o = ops[i]
                     if isinstance(o, Put):
                         w.put(st, o.key, o.value, o.raw)
-                    elif not w.delete(st, o.key):
-                        failed = min(failed, i)
-                if failed < len(ops):
-                    raise BatchKeyNotFound(ops[failed].key, failed)
-            if logging:  # in the order they were given
+                    else:
+                        w.delete(st, o.key)
+            if w.logging:  # in the order they were given
                 for o in ops:
                     if isinstance(o, Put):
                         w.log(("put", database, set_name, o.key, orjson.Fragment(o.raw)))
                     else:
                         w.log(("delete", database, set_name, o.key))
 
-        self.write(apply, partial_failure=True)
+        self.write(apply)
         return len(ops)
 
     def drop_index(self, database: str, set_name: str, name: str, check: AccessCheck) -> None:
@@ -546,55 +541,56 @@ class _Group:
 
     def __init__(self, storage: LmdbStorage) -> None:
         self._s = storage
-        self._queued: list[tuple[Callable[[Writer], Any], bool]] = []
+        self._queued: list[Callable[[Writer], Any]] = []
 
-    def queue(self, fn: Callable[[Writer], Any], partial_failure: bool) -> None:
-        self._queued.append((fn, partial_failure))
+    def queue(self, fn: Callable[[Writer], Any]) -> None:
+        self._queued.append(fn)
 
     def __len__(self) -> int:
         return len(self._queued)
 
     def end(self) -> list[BaseException | None]:
-        """Runs the queued writes in one transaction (those that may fail half-way in a nested
-        one), then commits it. The others fail, if they fail, before they change anything."""
+        """Runs the queued writes in one transaction, then commits it. A write that fails
+        fails before it changes anything; a failure of the storage fails them all."""
         queued = self._queued
         if not queued:
             return []
-        env = self._s.env
         outcomes: list[BaseException | None] = []
         try:
-            with env.begin(write=True) as txn:
+            with self._s.env.begin(write=True) as txn:
                 group = Writer(self._s, txn, True)
-                for fn, partial_failure in queued:
-                    if not partial_failure:
-                        try:
-                            fn(group)
-                        except lmdb.Error:
-                            raise
-                        except Exception as exc:  # refused before it changed anything
-                            outcomes.append(exc.with_traceback(None))  # its frames hold `outcomes`: no cycle
-                            continue
-                        outcomes.append(None)
-                        continue
-                    child = env.begin(write=True, parent=txn)
-                    w = Writer(self._s, child, False, group.logging)
+                for fn in queued:
                     try:
-                        fn(w)
-                        w.finish()
-                        child.commit()
-                    except lmdb.Error:
-                        child.abort()
+                        fn(group)
+                    except (lmdb.Error, StorageFull):
                         raise
-                    except Exception as exc:  # this write refused: the others go on
-                        child.abort()
-                        outcomes.append(exc.with_traceback(None))
+                    except Exception as exc:  # refused before it changed anything
+                        outcomes.append(exc.with_traceback(None))  # its frames hold `outcomes`: no cycle
                         continue
-                    group.adopt(w)
                     outcomes.append(None)
                 group.finish()
         except lmdb.Error as exc:
             return [_translate(exc, self._s.path)] * len(queued)
+        except StorageFull as exc:
+            return [exc] * len(queued)
         return outcomes
+
+
+def _first_missing_delete(w: Writer, st: SetState | None, ops: Sequence[BatchOp]) -> int | None:
+    """The position of the batch's first delete of a key that is absent by then, taking the
+    batch's own earlier operations into account; None when every delete finds its key."""
+    present: dict[str, bool] = {}
+    for i, o in enumerate(ops):
+        if type(o) is Put:
+            present[o.key] = True
+            continue
+        found = present.get(o.key)
+        if found is None:
+            found = st is not None and w.has(st, o.key)
+        if not found:
+            return i
+        present[o.key] = False
+    return None
 
 
 def sequence_of(txn: lmdb.Transaction, meta: Any) -> int:
@@ -624,13 +620,12 @@ class Writer:
 
     __slots__ = ("storage", "txn", "logging", "_ops", "_numbered", "_sequence", "_deltas", "_data", "_index")
 
-    def __init__(self, storage: LmdbStorage, txn: lmdb.Transaction, numbered: bool = True,
-                 logging: bool = False) -> None:
+    def __init__(self, storage: LmdbStorage, txn: lmdb.Transaction, numbered: bool = True) -> None:
         self.storage = storage
         self.txn = txn
         self._numbered = numbered
         self._sequence = txn.get(_SEQUENCE, db=storage.meta) if numbered else None
-        self.logging = logging or (self._sequence is not None and len(self._sequence) > 8)
+        self.logging = self._sequence is not None and len(self._sequence) > 8
         self._ops: list[Any] = []
         self._deltas: dict[bytes, int] = {}  # count key -> change, written once at the end
         self._data = storage.data
@@ -653,10 +648,6 @@ class Writer:
         txn.put(_SEQUENCE, K.id_bytes(seq) + (raw[8:] if raw else b""), db=self.storage.meta)
         if self.logging and self._ops:
             txn.put(K.id_bytes(seq), orjson.dumps({"t": time.time(), "n": len(self._ops), "ops": self._ops}), db=self.storage.changelog)
-
-    def adopt(self, nested: Writer) -> None:
-        """Takes over what a nested transaction, now committed into ours, did."""
-        self._ops.extend(nested._ops)
 
     def log(self, op: tuple[Any, ...]) -> None:
         if self.logging:
@@ -754,6 +745,9 @@ class Writer:
                 for ix in st.indexes:
                     self._reindex(ix, kb, old_value, p.value)
         self._insert_records(*_records_of_new(st.indexes, new))
+
+    def has(self, st: SetState, key: str) -> bool:
+        return K.value_of_stored(key, self.txn.get(K.data_key(st.prefix, key), db=self._data)) is not None
 
     def delete(self, st: SetState, key: str) -> bool:
         s, txn = self.storage, self.txn
