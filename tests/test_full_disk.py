@@ -12,17 +12,26 @@ from typing import Any
 import pytest
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
+def _tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    yield from _tmpfs(tmp_path, "32m")
+
+
+@pytest.fixture
+def bigger_disk(tmp_path: Path) -> Iterator[Path]:
+    yield from _tmpfs(tmp_path, "128m")
 
 
 def test_full_disk(make_server: Any, small_disk: Path) -> None:
@@ -58,3 +67,86 @@ def test_full_disk(make_server: Any, small_disk: Path) -> None:
         assert srv.ok("/set/get", {"database": "shop", "set": "s", "key": f"k{i}"})["data"]["n"] == i
     assert srv.ok("/set/get", {"database": "shop", "set": "s", "key": "after"})["data"] == {"n": -1}
     assert srv.post("/set/get", {"database": "shop", "set": "s", "key": "more"}).status_code == 404
+
+
+
+def _fill_until_full(write: Any) -> int:
+    """Calls write(i) until it raises StorageFull; how many calls succeeded."""
+    from fuckbase.storage.interface import StorageFull
+
+    for i in range(100_000):
+        try:
+            write(i)
+        except StorageFull:
+            return i
+    raise AssertionError("the disk never filled up")
+
+
+def test_every_kind_of_write_stops_at_a_full_disk_without_a_fault(bigger_disk: Path) -> None:
+    """The engine writes through a mapping of a sparse file: a store into a hole the disk
+    cannot fill would be SIGBUS, killing this test's process. Each kind of transaction that
+    writes much (puts in a group, batches, restores, index builds) runs here until the disk
+    is full, and must stop with StorageFull, reads going on and writes resuming after."""
+    import orjson
+
+    from fuckbase.storage.interface import BASIC, SORTABLE, IndexDef, Put, StorageFull, allow_all
+    from fuckbase.storage.lmdb import LmdbStorage
+
+    ballast = [bigger_disk / f"ballast{i}" for i in range(4)]
+    for b, mb in zip(ballast, (16, 24, 24, 8), strict=True):  # room for each kind in turn
+        b.write_bytes(b"\0" * (mb << 20))
+    s = LmdbStorage(bigger_disk / "store", primary=True)
+
+    def value(i: int, pad: int) -> tuple[Any, bytes]:
+        v = {"tag": f"t{i % 97}", "n": i, "pad": "p" * pad}
+        return v, orjson.dumps(v)
+
+    def group_of_puts(i: int) -> None:
+        s.begin_group()
+        for j in range(10):
+            s.put("d", "s", f"g{i}-{j}", *value(i * 10 + j, 300), allow_all)
+        failure = next((f for f in s.end_group() if f is not None), None)
+        if failure is not None:
+            raise failure
+
+    def batch(i: int) -> None:
+        s.batch("d", "s", [Put(f"b{i}-{j}", *value(j, 40)) for j in range(100)], allow_all)
+
+    def restore(i: int) -> None:
+        w = s.restore_writer()
+        db = w.add_database()
+        db.name = f"r{i}"
+        w.add_index(db, "s", IndexDef("by", "tag", SORTABLE, ("n",)))
+        try:
+            w.write(db, "s", [(f"k{j}", *value(j, 60)) for j in range(100)])
+            w.commit(replace_all=False)
+        except StorageFull:
+            w.abort()
+            raise
+
+    def index_build(i: int) -> None:
+        s.create_index("d", "s", IndexDef(f"late{i}", "n", SORTABLE, ("tag", "pad")), allow_all)
+
+    try:
+        s.create_database("d", None)
+        s.create_set("d", "s", allow_all)
+        s.create_index("d", "s", IndexDef("tag", "tag", BASIC), allow_all)
+        s.create_index("d", "s", IndexDef("by", "tag", SORTABLE, ("n", "pad")), allow_all)
+        def stored(kind: Any, i: int) -> bool:
+            """Whether anything of call `i` of `kind` is there."""
+            with s.read() as view:
+                d = view.database("d")  # reads go on
+                if kind is restore:
+                    return f"r{i}" in view.database_names()
+                if kind is index_build:
+                    return f"late{i}" in d.sets["s"].indexes
+                first = f"g{i}-0" if kind is group_of_puts else f"b{i}-0"
+                return view.get(d, "s", first) is not None
+
+        for kind, room in zip((group_of_puts, batch, restore, index_build), ballast, strict=True):
+            room.unlink()  # room again: writes resume by themselves
+            refused = _fill_until_full(kind)
+            assert refused > 0 or kind is index_build, kind.__name__
+            assert not stored(kind, refused) and (refused == 0 or stored(kind, refused - 1))
+    finally:
+        s.close()
