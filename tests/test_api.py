@@ -116,6 +116,21 @@ def test_keys_unicode_and_long(shop: ServerProcess) -> None:
     err(shop, "/set/get", {**base, "key": "k" * 1023}, 404, "KEY_NOT_FOUND")
 
 
+def test_values_holding_nul(shop: ServerProcess) -> None:
+    """U+0000 is valid JSON in strings and object keys; PostgreSQL's text holds no NUL, and
+    its JSON functions unescape what they walk: values must go through as they are."""
+    base = {"database": "shop", "set": "users"}
+    shop.ok("/index/create", {**base, "name": "tag", "field": "tag"})
+    values = [{"\x00": None}, {"tag": "a\x00b", "x": ["\x00", {"\x00\x01": "\x01"}]}, "\x00", ["\\u0000"]]
+    for i, value in enumerate(values):
+        shop.ok("/set/put", {**base, "key": f"k\x00{i}", "value": value})
+    shop.ok("/set/batch", {**base, "operations": [{"op": "put", "key": "b", "value": values[1]}]})
+    for i, value in enumerate(values):
+        assert shop.ok("/set/get", {**base, "key": f"k\x00{i}"})["data"] == value
+    found = shop.ok("/index/query", {**base, "index": "tag", "value": "a\x00b"})["data"]["data"]
+    assert sorted(e["key"] for e in found) == ["b", "k\x001"]
+
+
 @pytest.mark.parametrize(
     "body",
     [

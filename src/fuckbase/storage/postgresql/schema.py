@@ -280,6 +280,22 @@ MIGRATIONS: list[str] = [
         RETURN version;
     END $$;
     """,
+    # version 5: fb_write_texts, fb_write with each put's value given as a JSON string holding
+    # its text ([[set id, key, text], ...]): json_array_elements unescapes every string of what
+    # it walks, and a value holding \u0000 (which `json` stores as it is) stopped the write.
+    # Version 3's fb_write stays, for nodes of the previous release and for the other parts.
+    """
+    CREATE FUNCTION fb_write_texts(puts json, deletes json, add_basic json, del_basic json, add_sorted json,
+                                   del_sorted json)
+    RETURNS void LANGUAGE plpgsql AS $$
+    BEGIN
+        IF puts IS NOT NULL THEN
+            INSERT INTO fb_entries SELECT (r->>0)::bigint, r->>1, (r->>2)::json FROM json_array_elements(puts) AS r
+                ON CONFLICT (set_id, key) DO UPDATE SET value = excluded.value;
+        END IF;
+        PERFORM fb_write(NULL::json, deletes, add_basic, del_basic, add_sorted, del_sorted);
+    END $$;
+    """,
 ]
 
 VERSION = len(MIGRATIONS)

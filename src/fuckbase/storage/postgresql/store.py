@@ -281,8 +281,8 @@ PRESENT = b"?"  # an entry read ahead without its value (its set has no index to
 READ_AHEAD_SQL = b"SELECT * FROM fb_peek(%s::json)"
 PEEK_SQL = b"SELECT catalog FROM fb_state WHERE id = 1; " + READ_AHEAD_SQL
 LOCK_UNCHANGED_SQL = "SELECT fb_lock_unchanged(%s, %s::json)"
-WRITE_PARTS = ("puts", "deletes", "add_basic", "del_basic", "add_sorted", "del_sorted")  # fb_write's parameters
-WRITE_SQL = "SELECT fb_write(" + ", ".join(["%s::json"] * len(WRITE_PARTS)) + ")"
+WRITE_PARTS = ("puts", "deletes", "add_basic", "del_basic", "add_sorted", "del_sorted")  # fb_write_texts's parameters
+WRITE_SQL = "SELECT fb_write_texts(" + ", ".join(["%s::json"] * len(WRITE_PARTS)) + ")"
 
 
 def _read_ahead_param(wanted: Sequence[EntryKey], values: Callable[[int], bool]) -> str:
@@ -386,7 +386,7 @@ class Tx:
 
     def _records_moved(self, into: dict[str, list[Any]]) -> None:
         """The index records of every touched entry, from its value before to its value now,
-        as fb_write takes them."""
+        as fb_write_texts takes them."""
         for (_, key), t in self.touched.items():
             indexes = [ix for ix in t.indexes if ix.covers(key)]
             if not indexes:
@@ -402,12 +402,12 @@ class Tx:
         self.touched.clear()
 
     def _changes(self, entries: bool) -> list[str | None] | None:
-        """fb_write's arguments, a JSON array per part (None: nothing of it): the index records
+        """fb_write_texts's arguments, a JSON array per part (None: nothing of it): the index records
         moved so far, and (`entries`) the pending entries; None when there is nothing to write."""
         w: dict[str, list[Any]] = {"del_basic": [], "add_basic": [], "del_sorted": [], "add_sorted": []}
         self._records_moved(w)
         if entries and self.pending:
-            w["puts"] = [[sid, key, orjson.Fragment(raw)] for (sid, key), raw in self.pending.items() if raw is not None]
+            w["puts"] = [[sid, key, raw.decode()] for (sid, key), raw in self.pending.items() if raw is not None]
             w["deletes"] = [[sid, key] for (sid, key), raw in self.pending.items() if raw is None]
             self.pending.clear()
         if not any(w.values()):
