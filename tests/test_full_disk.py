@@ -82,11 +82,11 @@ def _fill_until_full(write: Any) -> int:
     raise AssertionError("the disk never filled up")
 
 
-def test_every_kind_of_write_stops_at_a_full_disk_without_a_fault(bigger_disk: Path) -> None:
-    """The engine writes through a mapping of a sparse file: a store into a hole the disk
-    cannot fill would be SIGBUS, killing this test's process. Each kind of transaction that
-    writes much (puts in a group, batches, restores, index builds) runs here until the disk
-    is full, and must stop with StorageFull, reads going on and writes resuming after."""
+def test_every_kind_of_big_write_stops_whole_at_a_full_disk(bigger_disk: Path) -> None:
+    """Each kind of transaction that writes much (puts in a group, batches, restores, index
+    builds) runs until the disk is full: the call that does not fit fails with StorageFull
+    and leaves nothing of itself, the calls before it stay, reads go on, and writes resume
+    once there is room."""
     import orjson
 
     from fuckbase.storage.interface import BASIC, SORTABLE, IndexDef, Put, StorageFull, allow_all

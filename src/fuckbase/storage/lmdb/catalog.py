@@ -43,13 +43,10 @@ class SetState:
     indexes: tuple[IndexState, ...]  # every index the writes maintain, ready or being built
     prefix: bytes = field(init=False)
     count_key: bytes = field(init=False)
-    records_per_entry: int = field(init=False)  # an entry's record and, at most, its index records' moves
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefix", id_bytes(self.id))
         object.__setattr__(self, "count_key", set_count_key(self.prefix))
-        object.__setattr__(self, "records_per_entry",
-                           1 + sum(2 * max(1, len(ix.definition.sort_fields)) for ix in self.indexes))
 
     def index(self, name: str) -> IndexState | None:
         for ix in self.indexes:

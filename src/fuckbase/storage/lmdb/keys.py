@@ -20,7 +20,6 @@ from fuckbase.storage.values import GROUP_INLINE_MAX, group_token
 __all__ = ["GROUP_INLINE_MAX", "group_token"]  # part of this layout; its form is shared with the other backends
 
 INLINE_KEY_MAX = 480
-INDEX_KEY_MAX = 511  # LMDB's largest key: an index record's key is at most that
 TOKEN_KEY_MAX = 240  # key tokens longer than this end in a digest instead
 
 _SET_COUNT = b"s"

@@ -175,7 +175,6 @@ class LmdbRestoreWriter:
                 for old in replaced:
                     check(old)
             for old in replaced:
-                w.room.records(1)
                 w.txn.delete(old.name.encode(), db=s.catalog)
                 w.forget(old)
             for staged in self._dbs:

@@ -7,10 +7,8 @@ waits for a writer), which makes a create, drop or restore swap atomic for reade
 
 Several processes may open the same directory at once: LMDB serialises their writers with a
 lock shared through its lock file, and each reader sees the newest commit of any process.
-Writes go through a shared writable mapping (MDB_WRITEMAP: no write() copy of each page a commit
-changed); the blocks a transaction may touch are allocated before it stores anything (space.py),
-so a full disk fails a write with StorageFull instead of killing the process with SIGBUS. The
-file's size is the map's (sparse); its blocks are the pages written plus some headroom.
+Commits write through pwrite (no shared writable mapping), so a full disk fails a commit with
+ENOSPC instead of killing the process, and the file grows only by the pages written.
 """
 
 from __future__ import annotations
@@ -64,7 +62,6 @@ from fuckbase.storage.lmdb.catalog import (
     index_record,
     new_record,
 )
-from fuckbase.storage.lmdb.space import Space
 from fuckbase.storage.values import (
     MISSING,
     MISSING_SORT_TOKEN,
@@ -82,7 +79,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fuckbase.storage")
 
 FORMAT = b"2"
-MAP_SIZE = 1 << 40  # the file's apparent size: sparse, its blocks are allocated as it fills (space.py)
+MAP_SIZE = 1 << 40  # address space only: the file grows with what is written
 MAX_READERS = 1024
 BUILD_CHUNK = 2048  # entries indexed per commit while an index is built (~2 ms of the write lock)
 RECLAIM_CHUNK = 4096  # entries deleted per commit when dropped data is reclaimed
@@ -139,7 +136,7 @@ class LmdbStorage:
             max_readers=MAX_READERS,
             sync=False,
             metasync=False,
-            writemap=True,
+            writemap=False,
             readahead=False,
         )
         self.meta = self.env.open_db(b"meta")
@@ -149,8 +146,6 @@ class LmdbStorage:
         self.counts = self.env.open_db(b"counts")
         self.changelog = self.env.open_db(b"changes")
         self.gc = self.env.open_db(b"gc")
-        self.space = Space(self.env, path, [self.meta, self.data, self.catalog, self.index, self.counts,
-                                            self.changelog, self.gc])
         self._records = RecordCache()
         self._closed = False
         self._reclaim_lock = threading.Lock()
@@ -174,7 +169,6 @@ class LmdbStorage:
             self._closed = True
             self.env.sync(True)
             self.env.close()
-            self.space.close()
 
     def flush(self) -> None:
         try:
@@ -258,7 +252,6 @@ class LmdbStorage:
     def drop_database(self, name: str, check: AccessCheck) -> None:
         def op(w: Writer) -> None:
             db = w.database(name, check)
-            w.room.records(1)
             w.txn.delete(name.encode(), db=self.catalog)
             w.forget(db)
             w.log(("drop_database", name))
@@ -452,7 +445,6 @@ class LmdbStorage:
     def retain_changes(self, consumer: str) -> int:
         def op(w: Writer) -> int:
             key = _CONSUMER + consumer.encode()
-            w.room.records(2)
             acked = w.txn.get(key, db=self.meta)
             if acked is None:
                 acked = K.id_bytes(sequence_of(w.txn, self.meta))
@@ -465,7 +457,6 @@ class LmdbStorage:
     def acknowledge(self, consumer: str, sequence: int) -> None:
         def op(w: Writer) -> None:
             key = _CONSUMER + consumer.encode()
-            w.room.records(1)
             acked = w.txn.get(key, db=self.meta)
             if acked is not None and int.from_bytes(acked, "big") < sequence:
                 w.txn.put(key, K.id_bytes(sequence), db=self.meta)
@@ -474,7 +465,6 @@ class LmdbStorage:
 
     def release_changes(self, consumer: str) -> None:
         def op(w: Writer) -> None:
-            w.room.records(2)
             w.txn.delete(_CONSUMER + consumer.encode(), db=self.meta)
             if not self._consumers(w.txn):
                 _set_logging(w.txn, self.meta, False)
@@ -514,7 +504,6 @@ class LmdbStorage:
 
         def op(w: Writer) -> None:
             staged = marks if marks is not None else [k for k, _ in w.txn.cursor(db=self.gc) if k[:1] in _STAGED]
-            w.room.records(2 * len(staged))
             for mark in staged:
                 if w.txn.delete(mark, db=self.gc):
                     w.txn.put(_STAGED[mark[:1]] + mark[1:], b"", db=self.gc)
@@ -533,7 +522,6 @@ class LmdbStorage:
         def op(w: Writer) -> bool:
             consumers = self._consumers(w.txn)
             upto = min(consumers.values()) if consumers else None
-            w.room.records(RECLAIM_CHUNK, 0, self.changelog)
             cur = w.txn.cursor(db=self.changelog)
             n = 0
             if cur.first():
@@ -588,13 +576,6 @@ class _Group:
         return outcomes
 
 
-def _entry_bytes(st: SetState | None, key_len: int, raw_len: int) -> int:
-    """At most what an entry's records hold: its data record (a long key is stored in it too)
-    and, for each index record it may gain, LMDB's largest key and the entry's key."""
-    index_records = st.records_per_entry - 1 if st is not None else 0
-    return 2 * key_len + raw_len + 48 + index_records * (K.INDEX_KEY_MAX + key_len)
-
-
 def _first_missing_delete(w: Writer, st: SetState | None, ops: Sequence[BatchOp]) -> int | None:
     """The position of the batch's first delete of a key that is absent by then, taking the
     batch's own earlier operations into account; None when every delete finds its key."""
@@ -637,12 +618,11 @@ def _index_op_json(definition: IndexDef) -> dict[str, Any]:
 class Writer:
     """The operations of one write transaction on the catalog, the data and the indexes."""
 
-    __slots__ = ("storage", "txn", "logging", "room", "_ops", "_numbered", "_sequence", "_deltas", "_data", "_index")
+    __slots__ = ("storage", "txn", "logging", "_ops", "_numbered", "_sequence", "_deltas", "_data", "_index")
 
     def __init__(self, storage: LmdbStorage, txn: lmdb.Transaction, numbered: bool = True) -> None:
         self.storage = storage
         self.txn = txn
-        self.room = storage.space.budget(txn)  # charged before records are stored (space.py)
         self._numbered = numbered
         self._sequence = txn.get(_SEQUENCE, db=storage.meta) if numbered else None
         self.logging = self._sequence is not None and len(self._sequence) > 8
@@ -654,7 +634,6 @@ class Writer:
     def finish(self) -> None:
         """Writes the counts; numbers the commit and, while changes are retained, records it."""
         txn, counts = self.txn, self.storage.counts
-        self.room.records(len(self._deltas), 0, counts)
         for key, delta in self._deltas.items():
             if delta:
                 n = K.count_of(txn.get(key, db=counts)) + delta
@@ -666,13 +645,9 @@ class Writer:
             return
         raw = self._sequence
         seq = (int.from_bytes(raw[:8], "big") if raw else 0) + 1
-        self.room.records(1)
         txn.put(_SEQUENCE, K.id_bytes(seq) + (raw[8:] if raw else b""), db=self.storage.meta)
         if self.logging and self._ops:
-            record = orjson.dumps({"t": time.time(), "n": len(self._ops), "ops": self._ops})
-            self.room.records(1, len(record))
-            txn.put(K.id_bytes(seq), record, db=self.storage.changelog)
-        self.room.charge(self.room.spent // self.room.page // 256)  # LMDB's list of the pages it freed
+            txn.put(K.id_bytes(seq), orjson.dumps({"t": time.time(), "n": len(self._ops), "ops": self._ops}), db=self.storage.changelog)
 
     def log(self, op: tuple[Any, ...]) -> None:
         if self.logging:
@@ -692,12 +667,9 @@ class Writer:
         return cast(dict[str, Any], orjson.loads(self.txn.get(db.name.encode(), db=self.storage.catalog)))
 
     def save(self, name: str, record: dict[str, Any]) -> None:
-        raw = orjson.dumps(record)
-        self.room.records(1, len(raw))
-        self.txn.put(name.encode(), raw, db=self.storage.catalog)
+        self.txn.put(name.encode(), orjson.dumps(record), db=self.storage.catalog)
 
     def new_id(self) -> int:
-        self.room.records(1)
         n = K.count_of(self.txn.get(_IDS, db=self.storage.meta)) + 1
         self.txn.put(_IDS, K.id_bytes(n), db=self.storage.meta)
         return n
@@ -718,11 +690,9 @@ class Writer:
                 self.mark_for_reclaim(_GC_INDEX, ix.prefix)
 
     def mark_for_reclaim(self, kind: bytes, prefix: bytes) -> None:
-        self.room.records(1)
         self.txn.put(kind + prefix, b"", db=self.storage.gc)
 
     def unmark(self, kind: bytes, prefix: bytes) -> None:
-        self.room.records(1)
         self.txn.delete(kind + prefix, db=self.storage.gc)
 
     # entries
@@ -730,7 +700,6 @@ class Writer:
     def put(self, st: SetState, key: str, value: Any, raw: bytes) -> None:
         txn = self.txn
         kb = key.encode()
-        self.room.records(st.records_per_entry, _entry_bytes(st, len(kb), len(raw)))
         if len(kb) <= K.INLINE_KEY_MAX:
             old = txn.replace(st.prefix + b"k" + kb, raw, db=self._data)
         else:
@@ -760,16 +729,12 @@ class Writer:
             return
         prefix = st.prefix + b"k"
         keys = [prefix + kb for kb in encoded]
-        self.room.records(len(keys), sum(map(len, keys)) + sum(len(p.raw) for p in puts), self._data)
         cur = self.txn.cursor(db=self._data)
         replaced = dict(cur.getmulti(keys))
         cur.putmulti(zip(keys, [p.raw for p in puts], strict=True))
         self._count(st.count_key, len(keys) - len(replaced))
         if not st.indexes:
             return
-        if replaced:  # their index records move, wherever their values put them
-            n = st.records_per_entry - 1
-            self.room.records(n * len(replaced), n * (K.INDEX_KEY_MAX * len(replaced) + sum(map(len, replaced))), self._index)
         new = []
         for dk, kb, p in zip(keys, encoded, puts, strict=True):
             before = replaced.get(dk)
@@ -786,7 +751,6 @@ class Writer:
 
     def delete(self, st: SetState, key: str) -> bool:
         s, txn = self.storage, self.txn
-        self.room.records(st.records_per_entry, _entry_bytes(st, len(key.encode()), 0))
         old = txn.pop(K.data_key(st.prefix, key), db=s.data)
         if old is None:
             return False
@@ -861,8 +825,6 @@ class Writer:
     def _insert_records(self, plain: list[tuple[bytes, bytes]], counted: list[tuple[bytes, bytes, bytes | None]]) -> None:
         """Puts index records in key order (neighbours share pages), leaving those already
         there as they are; counts the new ones of `counted` that add to a group's count."""
-        self.room.records(len(plain) + len(counted), sum(len(k) + len(v) for k, v in plain)
-                          + sum(len(k) + len(v) for k, v, _ in counted), self._index)
         index = self.txn.cursor(db=self.storage.index)
         if plain:
             plain.sort()
@@ -875,8 +837,6 @@ class Writer:
 
     def stage(self, st: SetState, entries: Sequence[tuple[str, Any, bytes]]) -> None:
         """Bulk-writes restored entries into a staged set, which no one else writes."""
-        self.room.records(len(entries), sum(_entry_bytes(None, len(k.encode()), len(raw)) for k, _, raw in entries),
-                          self._data)
         cur = self.txn.cursor(db=self._data)
         new: list[tuple[bytes, Any]] = []
         again = []
@@ -901,8 +861,6 @@ class Writer:
         s = self.storage
         kind, prefix = mark[:1], mark[1:]
         table = s.data if kind == _GC_SET else s.index
-        self.room.records(limit, 0, table)
-        self.room.records(limit, 0, s.counts)  # a sortable index's group counts
         cur = self.txn.cursor(db=table)
         n = 0
         if cur.set_range(prefix):

@@ -46,14 +46,13 @@ def upgrade_if_needed(storage: LmdbStorage) -> None:
         old_gc = [k[len(_OLD_GC) :] for k, _ in txn.cursor(db=meta) if k.startswith(_OLD_GC)]
         old_ids = K.count_of(txn.get(_OLD_IDS, db=meta))
     if not old and not old_gc and not old_ids:
-        storage.write(_mark_format, numbered=False)
+        storage.write(lambda w: w.txn.put(_FORMAT_KEY, FORMAT, db=meta), numbered=False)
         return
     started = time.monotonic()
     log.info("upgrading %s from the format of release 0.1: %d databases", storage.path, len(old))
     plan: list[tuple[str, SetState]] = []
 
     def prepare(w: Writer) -> None:
-        w.room.records(6)
         for table in (storage.catalog, storage.index, storage.counts, storage.gc, storage.changelog):
             w.txn.drop(table, delete=False)  # leftovers of an upgrade that was interrupted
         w.txn.put(_IDS, K.id_bytes(old_ids), db=meta)
@@ -90,22 +89,13 @@ def upgrade_if_needed(storage: LmdbStorage) -> None:
                 for irec in srec["indexes"].values():
                     irec["ready"] = True
             w.save(name, rec)
-        old_records = [k for k, _ in w.txn.cursor(db=meta) if k.startswith((_OLD_DB, _OLD_GC))]
-        w.room.records(len(old_records) + 1)
-        for k in old_records:
+        for k in [k for k, _ in w.txn.cursor(db=meta) if k.startswith((_OLD_DB, _OLD_GC))]:
             w.txn.delete(k, db=meta)
         w.txn.delete(_OLD_IDS, db=meta)
-        _mark_format(w)
+        w.txn.put(_FORMAT_KEY, FORMAT, db=meta)
 
     storage.write(finish, numbered=False)
     log.info("upgrade of %s done in %.1fs", storage.path, time.monotonic() - started)
-
-
-def _mark_format(w: Writer) -> None:
-    from fuckbase.storage.lmdb.store import _FORMAT_KEY, FORMAT
-
-    w.room.records(1)
-    w.txn.put(_FORMAT_KEY, FORMAT, db=w.storage.meta)
 
 
 def _fill(w: Writer, st: SetState, start: bytes) -> bytes | None:
@@ -129,5 +119,4 @@ def _count_entries(w: Writer, st: SetState) -> None:
                 break
             n += 1
     if n:
-        w.room.records(1)
         w.txn.put(K.set_count_key(st.prefix), K.count_bytes(n), db=w.storage.counts)
