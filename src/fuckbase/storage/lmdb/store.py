@@ -296,12 +296,13 @@ class LmdbStorage:
             if not ops:
                 return
             st = db.states.get(set_name)
-            missing = _first_missing_delete(w, st, ops)
+            only_puts = all(type(o) is Put for o in ops)
+            missing = None if only_puts else _first_missing_delete(w, st, ops)
             if missing is not None:  # refused before anything changed
                 raise BatchKeyNotFound(ops[missing].key, missing)
             if st is None:
                 st = w.add_set(db, set_name)
-            if all(type(o) is Put for o in ops) and len({o.key for o in ops}) == len(ops):
+            if only_puts and len({o.key for o in ops}) == len(ops):
                 w.put_many(st, sorted(cast("list[Put]", ops), key=itemgetter(0)))  # by key
             else:
                 # in key order, stable: neighbouring keys share pages, and the operations on one
