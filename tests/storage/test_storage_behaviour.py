@@ -771,3 +771,30 @@ def test_a_restore_keeps_keys_and_values_with_every_character(storage: Storage) 
     for k, raw in raws.items():
         assert fetched(storage, Get("d", "s", k, allow_all)) == raw
         assert lookup(storage, "d", "s", "e", k) == [k]
+
+
+def test_values_holding_nul_through_every_write_path(storage: Storage) -> None:
+    """U+0000 in strings and object keys is valid JSON, which PostgreSQL's text cannot hold:
+    a put, a batch, a restore and a snapshot keep such values as they are."""
+    value = {"\x00": "a\x00b", "tag": "t\x00"}
+    storage.create_database("d", None)
+    storage.create_set("d", "s", allow_all)
+    storage.create_index("d", "s", IndexDef("tag", "tag"), allow_all)
+    put(storage, "d", "s", "put", value)
+    load(storage, "d", "s", {"batch": value})
+    w = storage.restore_writer()
+    db = w.add_database()
+    db.name = "r"
+    w.add_index(db, "s", IndexDef("tag", "tag"))
+    w.write(db, "s", [("restored", value, orjson.dumps(value))])
+    w.commit(replace_all=False)
+    assert get(storage, "d", "s", "put") == get(storage, "d", "s", "batch") == get(storage, "r", "s", "restored") == value
+    assert sorted(lookup(storage, "d", "s", "tag", "t\x00")) == ["batch", "put"]
+    assert lookup(storage, "r", "s", "tag", "t\x00") == ["restored"]
+    snap = storage.snapshot()
+    try:
+        restored = next(d for d in snap.databases() if d.name == "r")
+        entries = {k: orjson.loads(v) for k, v in snap.entries(restored, "s")}
+    finally:
+        snap.close()
+    assert entries == {"restored": value}
