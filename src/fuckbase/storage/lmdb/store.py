@@ -221,10 +221,9 @@ class LmdbStorage:
     def begin_group(self) -> None:
         """From now until `end_group`, this thread's writes are queued, not run: `end_group`
         runs them in order in one transaction that commits them all as one numbered commit (each
-        write fails before it changes anything, or not at all: a refused one leaves the
-        others be). For an
-        event loop serving many clients: one commit per turn of the loop instead of one per
-        write, and the write lock held only while the writes run."""
+        write fails before it changes anything, or not at all: a refused one leaves the others
+        be). For an event loop serving many clients: one commit per turn of the loop instead of
+        one per write, and the write lock held only while the writes run."""
         if getattr(self._groups, "open", None) is not None:
             raise RuntimeError("a write group is already open on this thread")
         self._groups.open = _Group(self)
@@ -563,7 +562,7 @@ class _Group:
                 for fn in queued:
                     try:
                         fn(group)
-                    except (lmdb.Error, StorageFull):
+                    except lmdb.Error:
                         raise
                     except Exception as exc:  # refused before it changed anything
                         outcomes.append(exc.with_traceback(None))  # its frames hold `outcomes`: no cycle
@@ -572,8 +571,6 @@ class _Group:
                 group.finish()
         except lmdb.Error as exc:
             return [_translate(exc, self._s.path)] * len(queued)
-        except StorageFull as exc:
-            return [exc] * len(queued)
         return outcomes
 
 
@@ -748,6 +745,7 @@ class Writer:
         self._insert_records(*_records_of_new(st.indexes, new))
 
     def has(self, st: SetState, key: str) -> bool:
+        """Whether the set holds the key."""
         return K.value_of_stored(key, self.txn.get(K.data_key(st.prefix, key), db=self._data)) is not None
 
     def delete(self, st: SetState, key: str) -> bool:
