@@ -51,6 +51,20 @@ def test_a_bad_operation_applies_nothing(shop: ServerProcess, ops: list[Any], st
     assert shop.post("/set/get", {"database": "shop", "set": "users", "key": "ok"}).status_code == 404
 
 
+def test_a_refused_batch_creates_no_set_and_counts_its_own_deletes(shop: ServerProcess) -> None:
+    fresh = {"database": "shop", "set": "fresh"}
+    r = shop.post("/set/batch", {**fresh, "operations": [{"op": "put", "key": "a", "value": 1},
+                                                         {"op": "delete", "key": "gone"}]})
+    assert r.status_code == 404 and "operation 1: key 'gone' not found" in r.json()["message"], r.text
+    assert "fresh" not in shop.ok("/set/list", {"database": "shop"})["data"]["sets"]
+    twice = [{"op": "put", "key": "k", "value": 1}, {"op": "delete", "key": "k"}, {"op": "delete", "key": "k"}]
+    r = shop.post("/set/batch", {**fresh, "operations": twice})
+    assert r.status_code == 404 and "operation 2: key 'k' not found" in r.json()["message"], r.text
+    once = [{"op": "put", "key": "k", "value": 1}, {"op": "delete", "key": "k"}, {"op": "put", "key": "k", "value": 2}]
+    assert shop.ok("/set/batch", {**fresh, "operations": once})["data"]["applied"] == 3
+    assert shop.ok("/set/get", {**fresh, "key": "k"})["data"] == 2
+
+
 @pytest.mark.parametrize("body", [
     {"database": "shop", "set": "users"},
     {"database": "shop", "set": "users", "operations": {"op": "put"}},
