@@ -157,23 +157,10 @@ def own_storage(server_backend: str | None, request: pytest.FixtureRequest) -> C
     return args
 
 
-def lmdb_used_bytes(store: Path) -> int:
-    """How much of an LMDB data file holds pages: the file itself is as large as the map."""
-    import lmdb
-
-    env = lmdb.open(str(store), readonly=True, max_dbs=16)
-    try:
-        return (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
-    finally:
-        env.close()
-
-
 def stored_bytes(srv: ServerProcess) -> bytes:
-    """Everything a server's backend stores, as bytes: the LMDB file's pages, or PostgreSQL's rows."""
+    """Everything a server's backend stores, as bytes: the LMDB file, or PostgreSQL's rows."""
     if "--storage" not in srv.args:
-        store = srv.data_dir / "store"
-        with (store / "data.mdb").open("rb") as f:
-            return f.read(lmdb_used_bytes(store))
+        return (srv.data_dir / "store" / "data.mdb").read_bytes()
     import psycopg
 
     with psycopg.connect(srv.args[srv.args.index("--storage") + 1]) as conn:

@@ -12,26 +12,17 @@ from typing import Any
 import pytest
 
 
-def _tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], check=True)
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    yield from _tmpfs(tmp_path, "32m")
-
-
-@pytest.fixture
-def bigger_disk(tmp_path: Path) -> Iterator[Path]:
-    yield from _tmpfs(tmp_path, "128m")
 
 
 def test_full_disk(make_server: Any, small_disk: Path) -> None:
@@ -69,7 +60,6 @@ def test_full_disk(make_server: Any, small_disk: Path) -> None:
     assert srv.post("/set/get", {"database": "shop", "set": "s", "key": "more"}).status_code == 404
 
 
-
 def _fill_until_full(write: Any) -> int:
     """Calls write(i) until it raises StorageFull; how many calls succeeded."""
     from fuckbase.storage.interface import StorageFull
@@ -82,7 +72,7 @@ def _fill_until_full(write: Any) -> int:
     raise AssertionError("the disk never filled up")
 
 
-def test_every_kind_of_big_write_stops_whole_at_a_full_disk(bigger_disk: Path) -> None:
+def test_every_kind_of_big_write_stops_whole_at_a_full_disk(small_disk: Path) -> None:
     """Each kind of transaction that writes much (puts in a group, batches, restores, index
     builds) runs until the disk is full: the call that does not fit fails with StorageFull
     and leaves nothing of itself, the calls before it stay, reads go on, and writes resume
@@ -92,10 +82,10 @@ def test_every_kind_of_big_write_stops_whole_at_a_full_disk(bigger_disk: Path) -
     from fuckbase.storage.interface import BASIC, SORTABLE, IndexDef, Put, StorageFull, allow_all
     from fuckbase.storage.lmdb import LmdbStorage
 
-    ballast = [bigger_disk / f"ballast{i}" for i in range(4)]
-    for b, mb in zip(ballast, (16, 24, 24, 8), strict=True):  # room for each kind in turn
+    ballast = [small_disk / f"ballast{i}" for i in range(4)]
+    for b, mb in zip(ballast, (4, 6, 6, 4), strict=True):  # room for each kind in turn
         b.write_bytes(b"\0" * (mb << 20))
-    s = LmdbStorage(bigger_disk / "store", primary=True)
+    s = LmdbStorage(small_disk / "store", primary=True)
 
     def value(i: int, pad: int) -> tuple[Any, bytes]:
         v = {"tag": f"t{i % 97}", "n": i, "pad": "p" * pad}
