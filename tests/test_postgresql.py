@@ -369,13 +369,14 @@ def test_a_writes_lookups_of_its_entries_are_index_lookups_even_when_planned_on_
             conn.execute("LOAD 'auto_explain'")
             conn.execute("SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
                          " SET client_min_messages = log")
-        storage.begin_group()
-        storage.put("d", "s", "k", 2, b"2", allow_all)
-        storage.put("d", "s", "j", 3, b"3", allow_all)
-        storage.delete("d", "s", "k", allow_all)
-        assert storage.end_group() == [None, None, None]
+        for _ in range(8):  # past the five runs after which a prepared statement may take a generic plan
+            storage.begin_group()
+            storage.put("d", "s", "k", 2, b"2", allow_all)
+            storage.put("d", "s", "j", 3, b"3", allow_all)
+            storage.delete("d", "s", "k", allow_all)
+            assert storage.end_group() == [None, None, None]
         nested = [p for p in plans if "fb_entries" in p]
-        assert any("json_array_elements" in p for p in nested), plans
+        assert any("jsonb_array_elements" in p for p in nested), plans
         for plan in nested:
             assert "Hash Join" not in plan and "Merge Join" not in plan, plan
     finally:

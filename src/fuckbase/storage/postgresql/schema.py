@@ -296,6 +296,72 @@ MIGRATIONS: list[str] = [
         PERFORM fb_write(NULL::json, deletes, add_basic, del_basic, add_sorted, del_sorted);
     END $$;
     """,
+    # version 6: fb_finish, a write transaction's end in one statement, which a node prepares
+    # once per connection: with seen_catalog, first the check of fb_lock_unchanged (a group
+    # planned before it took the sequence row, run as a transaction of its own); then the entries and index
+    # records, and fb_commit. The parts are `jsonb`, parsed once each: a `json` argument is
+    # parsed again by every `->>` of every element. Puts give each value as a JSON string
+    # holding its text, as fb_write_texts does.
+    """
+    CREATE FUNCTION fb_finish(seen_catalog bigint, seen jsonb, puts jsonb, deletes jsonb, add_basic jsonb,
+                              del_basic jsonb, add_sorted jsonb, del_sorted jsonb, set_ids bigint[],
+                              set_deltas bigint[], at double precision, ops int, rec bytea,
+                              catalog_changed boolean)
+    RETURNS bigint LANGUAGE plpgsql AS $$
+    DECLARE
+        locked bigint;
+    BEGIN
+        IF seen_catalog IS NOT NULL THEN
+            -- the check is a statement of its own: its snapshot must be taken after the lock
+            -- is held, or it misses what the previous holder committed
+            locked := fb_lock();
+            IF locked <> seen_catalog OR EXISTS (
+                SELECT 1 FROM jsonb_array_elements(seen) AS q(r)
+                  LEFT JOIN fb_entries e ON e.set_id = (q.r->>0)::bigint AND e.key = (q.r->>1) COLLATE "C"
+                 WHERE e.xmin::text IS DISTINCT FROM q.r->>2) THEN
+                RAISE EXCEPTION 'what the writes read moved before they took the sequence row'
+                    USING ERRCODE = 'serialization_failure';
+            END IF;
+        END IF;
+        IF puts IS NOT NULL THEN
+            INSERT INTO fb_entries SELECT (r->>0)::bigint, r->>1, (r->>2)::json FROM jsonb_array_elements(puts) AS r
+                ON CONFLICT (set_id, key) DO UPDATE SET value = excluded.value;
+        END IF;
+        IF deletes IS NOT NULL THEN
+            DELETE FROM fb_entries e USING jsonb_array_elements(deletes) AS r
+             WHERE e.set_id = (r->>0)::bigint AND e.key = (r->>1) COLLATE "C";
+        END IF;
+        IF del_basic IS NOT NULL THEN
+            DELETE FROM fb_basic b USING jsonb_array_elements(del_basic) AS r
+             WHERE b.index_id = (r->>0)::bigint AND b.grp = decode(r->>1, 'hex') AND b.key = (r->>2) COLLATE "C";
+        END IF;
+        IF add_basic IS NOT NULL THEN
+            INSERT INTO fb_basic SELECT (r->>0)::bigint, decode(r->>1, 'hex'), r->>2
+              FROM jsonb_array_elements(add_basic) AS r
+                ON CONFLICT DO NOTHING;
+        END IF;
+        IF add_sorted IS NOT NULL OR del_sorted IS NOT NULL THEN
+            WITH gone AS (
+                DELETE FROM fb_sorted s USING jsonb_array_elements(del_sorted) AS r
+                 WHERE s.index_id = (r->>0)::bigint AND s.field = (r->>1)::smallint AND s.grp = decode(r->>2, 'hex')
+                   AND s.sort = decode(r->>3, 'hex') AND s.key = (r->>4) COLLATE "C"
+                RETURNING s.index_id, s.grp, s.field
+            ), came AS (
+                INSERT INTO fb_sorted SELECT (r->>0)::bigint, (r->>1)::smallint, decode(r->>2, 'hex'),
+                                             decode(r->>3, 'hex'), r->>4
+                  FROM jsonb_array_elements(add_sorted) AS r
+                ON CONFLICT DO NOTHING RETURNING index_id, grp, field
+            ), moved AS (
+                SELECT index_id, grp, -1 AS d FROM gone WHERE field = 0
+                UNION ALL SELECT index_id, grp, 1 FROM came WHERE field = 0
+            )
+            INSERT INTO fb_group_counts AS c (index_id, grp, n)
+            SELECT index_id, grp, sum(d) FROM moved GROUP BY index_id, grp HAVING sum(d) <> 0
+                ON CONFLICT (index_id, grp) DO UPDATE SET n = c.n + excluded.n;
+        END IF;
+        RETURN fb_commit(set_ids, set_deltas, at, ops, rec, catalog_changed);
+    END $$;
+    """,
 ]
 
 VERSION = len(MIGRATIONS)

@@ -277,12 +277,17 @@ UNKNOWN = _Unknown()
 PRESENT = b"?"  # an entry read ahead without its value (its set has no index to keep)
 
 # entries read ahead: [[set id, stored key, with its value], ...] -> (position, value or NULL,
-# row version); before the sequence row is taken, after the catalog version (PEEK_SQL)
+# row version); PEEK_SQL, before the sequence row is taken, answers the catalog version
+# beside them (one row of NULLs when none is found), in one prepared statement
 READ_AHEAD_SQL = b"SELECT * FROM fb_peek(%s::json)"
-PEEK_SQL = b"SELECT catalog FROM fb_state WHERE id = 1; " + READ_AHEAD_SQL
-LOCK_UNCHANGED_SQL = "SELECT fb_lock_unchanged(%s, %s::json)"
+PEEK_SQL = (b"SELECT s.catalog, q.i - 1, CASE WHEN q.r->>2 = 'true' THEN e.value END, e.xmin::text"
+            b" FROM fb_state s LEFT JOIN (jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS q(r, i)"
+            b" JOIN fb_entries e ON e.set_id = (q.r->>0)::bigint AND e.key = (q.r->>1) COLLATE \"C\") ON true"
+            b" WHERE s.id = 1")
 WRITE_PARTS = ("puts", "deletes", "add_basic", "del_basic", "add_sorted", "del_sorted")  # fb_write_texts's parameters
 WRITE_SQL = "SELECT fb_write_texts(" + ", ".join(["%s::json"] * len(WRITE_PARTS)) + ")"
+FINISH_SQL = ("SELECT fb_finish(%s::bigint, %s::jsonb, " + ", ".join(["%s::jsonb"] * len(WRITE_PARTS))
+              + ", %s::bigint[], %s::bigint[], %s::float8, %s::int, %s::bytea, %s::boolean)")
 
 
 def _read_ahead_param(wanted: Sequence[EntryKey], values: Callable[[int], bool]) -> str:
@@ -420,25 +425,25 @@ class Tx:
         if changes is not None:
             self.q(WRITE_SQL, changes)
 
-    def finish(self, begin: tuple[str, list[Any]] | None = None) -> int | None:
+    def finish(self, seen: tuple[int, str] | None = None) -> int | None:
         """The transaction's end, in one round trip: its pending entries and index records,
         the set counts, and the commit; numbered (its sequence number and change) when it
-        logged what it did — writes that only prepare or fill an index are not. `begin`
-        (a statement and its parameters): the transaction begins in the same round trip
-        and runs it first (a planned one's taking of the sequence row)."""
-        changes = self._changes(entries=True)
+        logged what it did — writes that only prepare or fill an index are not. `seen` (the
+        catalog version and entry versions a planned group read): the transaction is this
+        one prepared statement, which first takes the sequence row and checks that nothing
+        read moved."""
+        changes = self._changes(entries=True) or [None] * len(WRITE_PARTS)
         sets = sorted((k, v) for k, v in self.set_deltas.items() if v)
         now = time.time()
         record = orjson.dumps({"t": now, "n": len(self.ops), "ops": self.ops}) if self.ops else b""
-        cur = psycopg.ClientCursor(self.conn)
-        cur.execute(("BEGIN; " + begin[0] + "; " if begin is not None else "")
-                    + (WRITE_SQL + "; " if changes is not None else "")
-                    + "SELECT fb_commit(%s::bigint[], %s::bigint[], %s, %s, %s, %s); COMMIT",
-                    (begin[1] if begin is not None else []) + (changes or [])
-                    + [[k for k, _ in sets], [v for _, v in sets], now, len(self.ops), record, self.catalog_changed])
-        for _ in range((2 if begin is not None else 0) + (changes is not None)):
-            cur.nextset()
-        row = cur.fetchone()
+        params = [*(seen or (None, None)), *changes, [k for k, _ in sets], [v for _, v in sets], now,
+                  len(self.ops), record, self.catalog_changed]
+        if seen is not None:
+            row = self.conn.execute(FINISH_SQL, params, prepare=True).fetchone()
+        else:
+            cur = psycopg.ClientCursor(self.conn)
+            cur.execute(FINISH_SQL + "; COMMIT", params)
+            row = cur.fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
 
@@ -604,8 +609,8 @@ class PostgresStorage:
 
     def begin_group(self) -> None:
         """From now until `end_group`, this thread's writes are queued; `end_group` runs them
-        in order in one transaction, each under a savepoint of its own (a failing one changes
-        nothing), and commits them all as one numbered commit."""
+        in order in one transaction (a failing one changes nothing, see `_run_writes`), and
+        commits them all as one numbered commit."""
         if getattr(self._groups, "open", None) is not None:
             raise RuntimeError("a write group is already open on this thread")
         self._groups.open = _Group()
@@ -644,13 +649,10 @@ class PostgresStorage:
         wanted = _known_entries(catalog, group.entries)
         if not wanted:
             return None
-        cur = psycopg.ClientCursor(conn)
-        cur.execute(PEEK_SQL, (_read_ahead_param(wanted, catalog.has_indexes),))
-        row = cur.fetchone()
-        cur.nextset()
-        rows = cur.fetchall()
-        if row is None or int(row[0]) != catalog.version:
+        peeked = conn.execute(PEEK_SQL, (_read_ahead_param(wanted, catalog.has_indexes),), prepare=True).fetchall()
+        if not peeked or int(peeked[0][0]) != catalog.version:
             return None
+        rows = [r[1:] for r in peeked if r[1] is not None]
         tx = Tx(conn, self.catalogs, catalog.version, planned=True)
         tx.took(wanted, rows)
         versions: dict[int, str] = {i: version for i, _, version in rows}
@@ -660,12 +662,8 @@ class PostgresStorage:
         except _NeedsLock:
             return None
         try:
-            tx.finish(begin=(LOCK_UNCHANGED_SQL, [catalog.version, seen]))
-        except BaseException as exc:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("ROLLBACK")
-            if not isinstance(exc, psycopg.errors.SerializationFailure):
-                raise
+            tx.finish(seen=(catalog.version, seen))
+        except psycopg.errors.SerializationFailure:
             self.replanned_groups += 1
             self._groups_under_the_row = GROUPS_UNDER_THE_ROW_AFTER_A_MOVE
             return None
@@ -1038,26 +1036,27 @@ class _Group:
 
 
 def _run_writes(tx: Tx, queue: Sequence[tuple[Callable[[Tx], Any], bool]]) -> list[BaseException | None]:
-    """Runs a group's writes in order in `tx`, each in a nested one that `tx` takes in when it
-    succeeds; a batch (`savepoint`) under a savepoint of its own too. Returns each one's
-    failure (None: done); a failure of PostgreSQL itself fails them all."""
+    """Runs a group's writes in order in `tx`. Each fails before it changes anything or not
+    at all, but a batch (`savepoint`), which runs in a nested transaction under a savepoint
+    of its own, taken in when it succeeds. Returns each one's failure (None: done); a
+    failure of PostgreSQL itself fails them all."""
     results: list[BaseException | None] = []
     for op, savepoint in queue:
-        child = tx.nested()
         try:
             if savepoint:
+                child = tx.nested()
                 tx.write_index_records()  # the child's records change from these
                 with tx.conn.transaction():
                     op(child)
                     child.write_index_records()
+                tx.absorb(child)
             else:
-                op(child)
+                op(tx)
         except (psycopg.Error, _NeedsLock):
             raise
         except Exception as exc:  # noqa: BLE001 (a storage error or an access check's refusal)
             results.append(exc)
             continue
-        tx.absorb(child)
         results.append(None)
     return results
 
