@@ -296,33 +296,17 @@ MIGRATIONS: list[str] = [
         PERFORM fb_write(NULL::json, deletes, add_basic, del_basic, add_sorted, del_sorted);
     END $$;
     """,
-    # version 6: fb_finish, a write transaction's end in one statement, which a node prepares
-    # once per connection: with seen_catalog, first the check of fb_lock_unchanged (a group
-    # planned before it took the sequence row, run as a transaction of its own); then the entries and index
-    # records, and fb_commit. The parts are `jsonb`, parsed once each: a `json` argument is
-    # parsed again by every `->>` of every element. Puts give each value as a JSON string
-    # holding its text, as fb_write_texts does.
+    # version 6: fb_write_parts, fb_write_texts's parts as `jsonb`, parsed once each (a `json`
+    # argument is parsed again by every `->>` of every element); and fb_finish, a write
+    # transaction's end in one statement, which a node prepares once per connection: with
+    # seen_catalog, first fb_lock_unchanged (a group planned before it took the sequence row,
+    # run as a transaction of its own), then fb_write_parts and fb_commit. Version 5's
+    # fb_write_texts stays for nodes of the previous release.
     """
-    CREATE FUNCTION fb_finish(seen_catalog bigint, seen jsonb, puts jsonb, deletes jsonb, add_basic jsonb,
-                              del_basic jsonb, add_sorted jsonb, del_sorted jsonb, set_ids bigint[],
-                              set_deltas bigint[], at double precision, ops int, rec bytea,
-                              catalog_changed boolean)
-    RETURNS bigint LANGUAGE plpgsql AS $$
-    DECLARE
-        locked bigint;
+    CREATE FUNCTION fb_write_parts(puts jsonb, deletes jsonb, add_basic jsonb, del_basic jsonb, add_sorted jsonb,
+                                   del_sorted jsonb)
+    RETURNS void LANGUAGE plpgsql AS $$
     BEGIN
-        IF seen_catalog IS NOT NULL THEN
-            -- the check is a statement of its own: its snapshot must be taken after the lock
-            -- is held, or it misses what the previous holder committed
-            locked := fb_lock();
-            IF locked <> seen_catalog OR EXISTS (
-                SELECT 1 FROM jsonb_array_elements(seen) AS q(r)
-                  LEFT JOIN fb_entries e ON e.set_id = (q.r->>0)::bigint AND e.key = (q.r->>1) COLLATE "C"
-                 WHERE e.xmin::text IS DISTINCT FROM q.r->>2) THEN
-                RAISE EXCEPTION 'what the writes read moved before they took the sequence row'
-                    USING ERRCODE = 'serialization_failure';
-            END IF;
-        END IF;
         IF puts IS NOT NULL THEN
             INSERT INTO fb_entries SELECT (r->>0)::bigint, r->>1, (r->>2)::json FROM jsonb_array_elements(puts) AS r
                 ON CONFLICT (set_id, key) DO UPDATE SET value = excluded.value;
@@ -359,6 +343,17 @@ MIGRATIONS: list[str] = [
             SELECT index_id, grp, sum(d) FROM moved GROUP BY index_id, grp HAVING sum(d) <> 0
                 ON CONFLICT (index_id, grp) DO UPDATE SET n = c.n + excluded.n;
         END IF;
+    END $$;
+    CREATE FUNCTION fb_finish(seen_catalog bigint, seen json, puts jsonb, deletes jsonb, add_basic jsonb,
+                              del_basic jsonb, add_sorted jsonb, del_sorted jsonb, set_ids bigint[],
+                              set_deltas bigint[], at double precision, ops int, rec bytea,
+                              catalog_changed boolean)
+    RETURNS bigint LANGUAGE plpgsql AS $$
+    BEGIN
+        IF seen_catalog IS NOT NULL THEN
+            PERFORM fb_lock_unchanged(seen_catalog, seen);
+        END IF;
+        PERFORM fb_write_parts(puts, deletes, add_basic, del_basic, add_sorted, del_sorted);
         RETURN fb_commit(set_ids, set_deltas, at, ops, rec, catalog_changed);
     END $$;
     """,

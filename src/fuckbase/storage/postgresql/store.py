@@ -284,10 +284,11 @@ PEEK_SQL = (b"SELECT s.catalog, q.i - 1, CASE WHEN q.r->>2 = 'true' THEN e.value
             b" FROM fb_state s LEFT JOIN (jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS q(r, i)"
             b" JOIN fb_entries e ON e.set_id = (q.r->>0)::bigint AND e.key = (q.r->>1) COLLATE \"C\") ON true"
             b" WHERE s.id = 1")
-WRITE_PARTS = ("puts", "deletes", "add_basic", "del_basic", "add_sorted", "del_sorted")  # fb_write_texts's parameters
-WRITE_SQL = "SELECT fb_write_texts(" + ", ".join(["%s::json"] * len(WRITE_PARTS)) + ")"
-FINISH_SQL = ("SELECT fb_finish(%s::bigint, %s::jsonb, " + ", ".join(["%s::jsonb"] * len(WRITE_PARTS))
-              + ", %s::bigint[], %s::bigint[], %s::float8, %s::int, %s::bytea, %s::boolean)")
+WRITE_PARTS = ("puts", "deletes", "add_basic", "del_basic", "add_sorted", "del_sorted")  # fb_write_parts's parameters
+_PARTS = ", ".join(["%s::jsonb"] * len(WRITE_PARTS))
+WRITE_SQL = f"SELECT fb_write_parts({_PARTS})"
+FINISH_SQL = (f"SELECT fb_finish(%s::bigint, %s::json, {_PARTS}, %s::bigint[], %s::bigint[], %s::float8, %s::int,"
+              " %s::bytea, %s::boolean)")
 
 
 def _read_ahead_param(wanted: Sequence[EntryKey], values: Callable[[int], bool]) -> str:
@@ -391,7 +392,7 @@ class Tx:
 
     def _records_moved(self, into: dict[str, list[Any]]) -> None:
         """The index records of every touched entry, from its value before to its value now,
-        as fb_write_texts takes them."""
+        as fb_write_parts takes them."""
         for (_, key), t in self.touched.items():
             indexes = [ix for ix in t.indexes if ix.covers(key)]
             if not indexes:
@@ -407,7 +408,7 @@ class Tx:
         self.touched.clear()
 
     def _changes(self, entries: bool) -> list[str | None] | None:
-        """fb_write_texts's arguments, a JSON array per part (None: nothing of it): the index records
+        """fb_write_parts's arguments, a JSON array per part (None: nothing of it): the index records
         moved so far, and (`entries`) the pending entries; None when there is nothing to write."""
         w: dict[str, list[Any]] = {"del_basic": [], "add_basic": [], "del_sorted": [], "add_sorted": []}
         self._records_moved(w)
