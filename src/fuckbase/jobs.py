@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,12 @@ if TYPE_CHECKING:
     from fuckbase.server import Runtime
 
 log = logging.getLogger("fuckbase.jobs")
+
+# A restore parses on one thread while another feeds the storage (COPY to PostgreSQL): the
+# feeding thread needs the interpreter lock after every round trip and, behind a busy parser,
+# waits up to the switch interval for it (5 ms by default), which left PostgreSQL idle for a
+# quarter of a restore. Measured on a 1M-entry restore: 4.1 s at 5 ms, 3.2 s at 1 ms.
+SWITCH_INTERVAL = 0.001
 
 _LENGTH = 4
 MAX_MESSAGE = 1 << 30
@@ -191,6 +198,7 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
 
     settings = rt.settings
     heap.keep_freed_memory()
+    sys.setswitchinterval(SWITCH_INTERVAL)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
 
