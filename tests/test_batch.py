@@ -82,6 +82,9 @@ def test_batch_needs_the_databases_credentials(make_server: Any) -> None:
     assert srv.post("/set/batch", body).status_code == 401
     assert srv.post("/set/batch", body, headers={"Authorization": basic("u", "nope")}).status_code == 401
     assert srv.ok("/set/batch", body, headers={"Authorization": basic("u", "pw")})["data"]["applied"] == 1
+    empty = {"database": "p", "set": "s", "operations": []}  # nothing to write still needs them
+    assert srv.post("/set/batch", empty).json()["code"] == "AUTH_FAILED"
+    assert srv.post("/set/batch", {**empty, "database": "nope"}).json()["code"] == "DB_NOT_FOUND"
 
 
 def test_client_batch(shop: ServerProcess) -> None:

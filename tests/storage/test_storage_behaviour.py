@@ -146,10 +146,10 @@ def test_point_reads_answer_each_read_alone_and_check_before_telling_anything(st
     assert orjson.loads(results[0]) == {"e": "x"}
     assert results[1] is None
     assert isinstance(results[2], DatabaseNotFound)
-    assert isinstance(results[3], SetNotFound)
+    assert isinstance(results[3], SetNotFound) and str(results[3]) == "set 'nope' not found in database 'open'"
     assert all(isinstance(results[i], PermissionError) for i in (4, 5, 10))
     assert [[e.key for e in results[i]] for i in (6, 7, 8)] == [["j", "k"], ["j", "k"], []]
-    assert isinstance(results[9], IndexNotFound)
+    assert isinstance(results[9], IndexNotFound) and str(results[9]) == "index 'nope' not found in set 's'"
     assert results[11] == b"2"
     assert seen == [creds] * 3
     assert storage.fetch([]) == []
@@ -282,6 +282,18 @@ def test_batch_is_all_or_nothing(storage: Storage) -> None:
     assert get(storage, "d", "s", "c") == 1
     with pytest.raises(BatchKeyNotFound):
         storage.batch("d", "new", [Delete("k")], allow_all)
+    assert storage.batch("d", "s", [], allow_all) == 0
+
+
+def test_an_empty_batch_still_needs_its_database_and_access(storage: Storage) -> None:
+    def refuse(stored: Any) -> None:
+        raise PermissionError(stored)
+
+    with pytest.raises(DatabaseNotFound):
+        storage.batch("nope", "s", [], allow_all)
+    storage.create_database("d", {"username": "alice", "hash": "h"})
+    with pytest.raises(PermissionError):
+        storage.batch("d", "s", [], refuse)
     assert storage.batch("d", "s", [], allow_all) == 0
 
 

@@ -128,9 +128,19 @@ class DatabaseNotFound(NotFound):
 class SetNotFound(NotFound):
     what = "set"
 
+    @classmethod
+    def in_database(cls, name: str, database: str) -> SetNotFound:
+        """The message every backend gives a read that names a missing set."""
+        return cls(name, f"set {name!r} not found in database {database!r}")
+
 
 class IndexNotFound(NotFound):
     what = "index"
+
+    @classmethod
+    def in_set(cls, name: str, set_name: str) -> IndexNotFound:
+        """The message every backend gives a read that names a missing index."""
+        return cls(name, f"index {name!r} not found in set {set_name!r}")
 
 
 class KeyNotFound(NotFound):

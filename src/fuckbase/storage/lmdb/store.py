@@ -903,13 +903,13 @@ class View:
     def _set(self, db: Database, set_name: str) -> SetState:
         st = cast(StoredDatabase, db).states.get(set_name)
         if st is None:
-            raise SetNotFound(set_name, f"set {set_name!r} not found in database {db.name!r}")
+            raise SetNotFound.in_database(set_name, db.name)
         return st
 
     def _ready_index(self, st: SetState, name: str) -> IndexState:
         ix = st.index(name)
         if ix is None or not ix.ready:
-            raise IndexNotFound(name, f"index {name!r} not found in set {st.name!r}")
+            raise IndexNotFound.in_set(name, st.name)
         return ix
 
     def answer(self, read: PointRead) -> Any:

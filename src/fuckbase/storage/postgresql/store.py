@@ -798,9 +798,7 @@ class PostgresStorage:
                     tx.log(("put", database, set_name, o.key, orjson.Fragment(o.raw)))
             return len(ops)
 
-        if not ops:
-            return 0
-        result = self._write(op, savepoint=True)
+        result = self._write(op, savepoint=True)  # an empty batch too: its database and access are checked
         return len(ops) if result is None else int(result)
 
     # -- indexes
@@ -1255,7 +1253,7 @@ class PgView:
         assert isinstance(db, PgDatabase)
         sid = db.set_ids.get(set_name)
         if sid is None:
-            raise SetNotFound(set_name)
+            raise SetNotFound.in_database(set_name, db.name)
         return sid
 
     def _index(self, db: Database, set_name: str, index: str) -> tuple[int, int, IndexDef]:
@@ -1263,7 +1261,7 @@ class PgView:
         sid = self._set_id(db, set_name)
         definition = db.sets[set_name].indexes.get(index)
         if definition is None:
-            raise IndexNotFound(index)
+            raise IndexNotFound.in_set(index, set_name)
         return sid, db.index_ids[(set_name, index)], definition
 
     def page(self, db: Database, set_name: str, index: str, text: str, order: SortOrder,
@@ -1338,7 +1336,7 @@ class PointReads:
                 continue
             sid = db.set_ids.get(read.set_name)
             if sid is None:
-                self.results[-1] = SetNotFound(read.set_name)
+                self.results[-1] = SetNotFound.in_database(read.set_name, read.database)
             elif isinstance(read, Get):
                 self.asked.append([i, 0, sid, stored_key(read.key)])
             else:
@@ -1347,7 +1345,7 @@ class PointReads:
     def _lookup(self, i: int, db: PgDatabase, sid: int, read: Lookup) -> None:
         definition = db.sets[read.set_name].indexes.get(read.index_name)
         if definition is None:
-            self.results[-1] = IndexNotFound(read.index_name)
+            self.results[-1] = IndexNotFound.in_set(read.index_name, read.set_name)
             return
         self.results[-1] = []  # of (stored key, value)
         self.asked.append([i, 1 if definition.kind == BASIC else 2, sid, db.index_ids[(read.set_name, read.index_name)],
