@@ -398,7 +398,7 @@ def test_sortable_errors(shop: ServerProcess) -> None:
     err(shop, "/index/query/multi-sorted", {**q, "sort": []}, 400, "INVALID_REQUEST")
     err(shop, "/index/query/multi-sorted", {**q, "sort": {"field": "salary"}}, 400, "INVALID_REQUEST")
     err(shop, "/index/query/sorted", {**q, "index": "plain"}, 400, "INVALID_REQUEST")
-    for bad in [[], "salary", [1], ["a", "a"], None]:
+    for bad in [[], "salary", [1], ["a", "a"], None, ["a\x00b"], ["\x07"], ["x" * 257], [f"f{i}" for i in range(33)]]:
         err(
             shop,
             "/index/create/sortable",

@@ -140,6 +140,14 @@ CORRUPTIONS = {
     "data not an object": b'{"name":"shop","sets":{"users":{"name":"users","data":5}}}',
     "key too long": b'{"name":"shop","sets":{"users":{"name":"users","data":{"' + b"k" * 1025 + b'":1}}}}',
     "bad index": b'{"name":"shop","indexes":{"i":{"name":"i","set_name":"users","field":5,"type":0}},"sets":{}}',
+    "index field with a NUL": b'{"name":"shop","indexes":{"i":{"name":"i","set_name":"users","field":"a\\u0000",'
+                              b'"type":0}},"sets":{"users":{"name":"users","data":{"k":{"a":1}}}}}',
+    "index name too long": b'{"name":"shop","indexes":{"i":{"name":"' + b"x" * 257 + b'","set_name":"users","field":"a",'
+                           b'"type":0}},"sets":{}}',
+    "sort field with a NUL": b'{"name":"shop","indexes":{"i":{"name":"i","set_name":"users","field":"a","type":1,'
+                             b'"sort_fields":["b\\u0000"]}},"sets":{"users":{"name":"users","data":{"k":{"a":1}}}}}',
+    "repeated sort field": b'{"name":"shop","indexes":{"i":{"name":"i","set_name":"users","field":"a","type":1,'
+                           b'"sort_fields":["b","b"]}},"sets":{}}',
     "garbage": b"\x00\x01garbage",
     "not utf-8": b'{"name":"shop","sets":{"users":{"name":"users","data":{"\xc0\x80":1}}}}',
     "not utf-8, spread over lines": b'{\n "name": "shop",\n "sets": {"us\xc0\x80ers": {}}\n}',

@@ -25,14 +25,13 @@ from fuckbase.contract import (
     ENDPOINTS,
     MAX_KEY_BYTES,
     MAX_NAME_CHARS,
-    MAX_SORT_FIELDS,
     Endpoint,
     ErrorCode,
     InvalidField,
     validator,
 )
 from fuckbase.errors import ApiError, invalid
-from fuckbase.names import is_database_name, is_key, is_object_name
+from fuckbase.names import is_database_name, is_key, is_object_name, sort_fields_problem
 from fuckbase.storage import (
     BASIC,
     SORTABLE,
@@ -393,12 +392,9 @@ class Api:
         name = object_name(body, "name")
         field = object_name(body, "primary_field")
         sort_fields: list[str] = body["sort_fields"]
-        if not sort_fields or not all(sort_fields):
-            raise invalid('"sort_fields" must be a non-empty list of field names')
-        if len(set(sort_fields)) != len(sort_fields):
-            raise invalid('"sort_fields" must not repeat a field')
-        if len(sort_fields) > MAX_SORT_FIELDS:
-            raise invalid(f'"sort_fields" may name at most {MAX_SORT_FIELDS} fields')
+        problem = sort_fields_problem(sort_fields)
+        if problem is not None:
+            raise invalid(problem)
         definition = IndexDef(name, field, SORTABLE, tuple(sort_fields))
         self.storage.create_index(database_name(body), set_name, definition, self._access(body, headers))
         return success("Sortable index created successfully", data={"index": name})

@@ -49,11 +49,11 @@ from fuckbase.backupformat import (
     entry_line,
     set_header,
 )
-from fuckbase.contract import BACKUP_NAME_PATTERN, ErrorCode
+from fuckbase.contract import BACKUP_NAME_PATTERN, MAX_NAME_CHARS, ErrorCode
 from fuckbase.encryption import EncryptionError, KeyMissing, Keyring, Unsealer, open_sealed
 from fuckbase.errors import ApiError, invalid, not_found
 from fuckbase.metrics import counter, gauge
-from fuckbase.names import is_database_name, is_key, is_object_name
+from fuckbase.names import is_database_name, is_key, is_object_name, sort_fields_problem
 from fuckbase.objectstore import STALE_SECONDS, AlreadyExists, NotFound, ObjectStore, ObjectStoreError, Written
 from fuckbase.storage import (
     BASIC,
@@ -801,7 +801,12 @@ class _Applier:
                     or not isinstance(sort_fields, list)
                     or not all(isinstance(f, str) and f for f in sort_fields)
                     or (kind == 1 and not sort_fields)):
-                raise BackupInvalid(f"index {key!r} is malformed")
+                raise BackupInvalid(f"index {key!r:.80} is malformed")
+            if not all(is_object_name(v) for v in (name, set_name, fld)):  # the names the API accepts
+                raise BackupInvalid(f"index {key!r:.80}: names must be 1-{MAX_NAME_CHARS} characters without control characters")
+            problem = sort_fields_problem(sort_fields) if kind == 1 else None
+            if problem is not None:
+                raise BackupInvalid(f"index {key!r:.80}: {problem}")
             target = self._target()
             if target is not None:
                 assert isinstance(name, str) and isinstance(fld, str) and isinstance(set_name, str)

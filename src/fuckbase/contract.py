@@ -136,7 +136,7 @@ PAGINATION = Kind("object", fields=(
                                     "description": "0 means the default, 10"})),
 ))
 SORT_FIELDS = Kind("array", {"minItems": 1, "maxItems": MAX_SORT_FIELDS, "uniqueItems": True},
-                   items=Kind("string", {"minLength": 1}))
+                   items=Kind("string", {"pattern": OBJECT_NAME_PATTERN, "minLength": 1, "maxLength": MAX_NAME_CHARS}))
 OPERATION = Kind("object", {"if": {"properties": {"op": {"const": "put"}}}, "then": {"required": ["value"]}}, fields=(
     Field("op", Kind("string", {"enum": ["put", "delete"]}), required=True),
     Field("key", KEY, required=True),
