@@ -132,6 +132,22 @@ def test_method_not_allowed_says_what_is(server: ServerProcess) -> None:
     assert r.status_code == 200 and int(r.headers["content-length"]) == len(b'{"status":"ok"}')
 
 
+def test_answers_to_head_never_carry_a_body(server: ServerProcess) -> None:
+    """Refused or not found, a HEAD's answer has headers only: a body would be read as the
+    start of the next answer on the connection."""
+    s = _connect(server)
+    s.sendall(b"HEAD /set/get HTTP/1.1\r\nHost: x\r\n\r\nHEAD /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+              b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    buf = b""
+    while not buf.endswith(b'{"status":"ok"}'):
+        chunk = s.recv(65536)
+        assert chunk, buf
+        buf += chunk
+    answers = buf.split(b"\r\n\r\n")
+    assert [a.split(b" ", 2)[1] for a in answers[:4]] == [b"405", b"404", b"200", b"200"]
+    assert answers[4] == b'{"status":"ok"}'
+
+
 def test_http_1_0_and_connection_close(server: ServerProcess) -> None:
     s = _connect(server)
     s.sendall(b"GET /health HTTP/1.0\r\n\r\n")

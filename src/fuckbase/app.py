@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Generic, TypeVar
 
@@ -364,6 +364,8 @@ class App:
                 except NeedsVerification as pending:
                     return Pending.of(self._finish_later(self._verify_then_run(pending, req, body), req, started))
         self._record(req, label, response.status, started=started)
+        if req.method == "HEAD":  # only non-API paths and refusals get here: a HEAD's answer has no body
+            return replace(response, head_only=True)
         return response
 
     def _write(self, req: Request, body: dict[str, Any], started: float) -> Response | Pending:
@@ -403,10 +405,7 @@ class App:
             return error_response(404, ErrorCode.NOT_FOUND, f"no endpoint {req.path}")
         if req.method not in ("GET", "HEAD"):
             return error_response(405, ErrorCode.METHOD_NOT_ALLOWED, f"{req.path} answers GET", _ALLOW_GET)
-        response = get()
-        if req.method == "HEAD":
-            return Response(response.status, response.body, response.content_type, head_only=True)
-        return response
+        return get()
 
     async def _forwarded(self, req: Request, raw: bytes) -> Response:
         response = await self.forward(req.path, raw, req.headers)
