@@ -21,7 +21,7 @@ from s3server import fresh_bucket, s3  # noqa: F401
 from fuckbase.storage import BASIC, SORTABLE, Credentials, Get, IndexDef, Lookup, Put, SetNotFound, allow_all
 from fuckbase.storage.postgresql import PostgresStorage, SchemaTooNew
 from fuckbase.storage.postgresql.schema import MIGRATIONS, VERSION
-from fuckbase.storage.postgresql.store import FETCH_SQL, PointReads, page_sql
+from fuckbase.storage.postgresql.store import FETCH_SQL, IDLE_CHECK_SECONDS, PointReads, page_sql
 from fuckbase.storage.values import MISSING_SORT_TOKEN, group_token
 
 
@@ -201,6 +201,52 @@ def test_postgresql_stopped_and_started_again_under_load(make_server: Any, own_p
     assert node.post("/set/get", {"database": "d", "set": "s", "key": "k0"}).status_code == 200
     for key, value in acked.items():
         assert node.ok("/set/get", {"database": "d", "set": "s", "key": key})["data"] == value
+
+
+def _until(ok: Any, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ok():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_an_idle_node_answers_every_request_once_postgresql_is_back(make_server: Any,
+                                                                   own_postgres: PostgresServer) -> None:
+    """Its pooled connections died with the restart; each is tried before use, not by a request."""
+    node = make_server(["--storage", own_postgres.new_database()])
+    node.ok("/create", {"name": "d"})
+    node.ok("/set/put", {"database": "d", "set": "s", "key": "k", "value": 1})
+    for _ in range(40):  # every worker's connections in use once
+        node.ok("/set/get", {"database": "d", "set": "s", "key": "k"})
+    own_postgres.stop()
+    own_postgres.start()
+    time.sleep(IDLE_CHECK_SECONDS + 0.5)
+    codes = [node.post("/set/get", {"database": "d", "set": "s", "key": "k"}).status_code for _ in range(40)]
+    codes += [node.post("/set/put", {"database": "d", "set": "s", "key": f"n{i}", "value": i}).status_code
+              for i in range(10)]
+    assert codes == [200] * 50
+
+
+def test_a_primary_turned_standby_answers_503_until_promoted(make_server: Any, own_postgres: PostgresServer) -> None:
+    """What a node sees of a failover gone wrong: reads go on, writes get 503 (never a 500)."""
+    node = make_server(["--storage", own_postgres.new_database()])
+    node.ok("/create", {"name": "d"})
+    node.ok("/set/put", {"database": "d", "set": "s", "key": "k", "value": 1})
+    own_postgres.stop()
+    (own_postgres.data / "standby.signal").touch()
+    own_postgres.start()
+    assert _until(lambda: node.post("/set/get", {"database": "d", "set": "s", "key": "k"}).status_code == 200)
+    for path, body in [("/set/put", {"database": "d", "set": "s", "key": "k", "value": 2}), ("/create", {"name": "e"}),
+                       ("/index/create", {"database": "d", "set": "s", "name": "i", "field": "f"})]:
+        r = node.post(path, body)
+        assert (r.status_code, r.json()["code"]) == (503, "STORAGE_UNAVAILABLE"), r.text
+        assert "read-only" in r.json()["message"]
+    with psycopg.connect(own_postgres.url("postgres"), autocommit=True) as conn:
+        conn.execute("SELECT pg_promote()")
+    assert _until(lambda: node.post("/set/put", {"database": "d", "set": "s", "key": "k", "value": 2}).status_code == 200)
+    assert node.ok("/set/get", {"database": "d", "set": "s", "key": "k"})["data"] == 2
 
 
 def test_a_group_whose_entry_another_node_wrote_meanwhile_runs_again_under_the_sequence_row(pg_url: str) -> None:
