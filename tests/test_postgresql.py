@@ -4,7 +4,10 @@ again under load, and the plans of the queries that must use an index."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -247,6 +250,32 @@ def test_a_primary_turned_standby_answers_503_until_promoted(make_server: Any, o
         conn.execute("SELECT pg_promote()")
     assert _until(lambda: node.post("/set/put", {"database": "d", "set": "s", "key": "k", "value": 2}).status_code == 200)
     assert node.ok("/set/get", {"database": "d", "set": "s", "key": "k"})["data"] == 2
+
+
+def test_a_frozen_postgresql_holds_up_a_metrics_scrape_but_not_the_node(make_server: Any,
+                                                                        own_postgres: PostgresServer) -> None:
+    node = make_server(["--storage", own_postgres.new_database(), "--workers", "1"])  # one loop answers both
+    node.ok("/create", {"name": "d"})
+    assert own_postgres.proc is not None
+    cluster = [own_postgres.proc.pid] + [int(p) for p in subprocess.run(
+        ["pgrep", "-P", str(own_postgres.proc.pid)], capture_output=True, text=True).stdout.split()]
+    scraped: list[httpx.Response] = []
+    time.sleep(IDLE_CHECK_SECONDS)  # the scrape's connection is tried first: that waits too
+    for pid in cluster:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        scrape = threading.Thread(target=lambda: scraped.append(httpx.get(node.url + "/metrics", timeout=60)))
+        scrape.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert httpx.get(node.url + "/health", timeout=10).status_code == 200
+        assert time.monotonic() - started < 1
+        assert not scraped, "the scrape waits for the frozen database"
+    finally:
+        for pid in cluster:
+            os.kill(pid, signal.SIGCONT)
+    scrape.join()
+    assert scraped[0].status_code == 200 and "fuckbase_databases 1.0" in scraped[0].text
 
 
 def test_a_group_whose_entry_another_node_wrote_meanwhile_runs_again_under_the_sequence_row(pg_url: str) -> None:

@@ -30,7 +30,7 @@ from fuckbase.storage import PointRead, Storage, StorageError
 
 log = logging.getLogger("fuckbase.http")
 
-GetRoute = Callable[[], Response]
+GetRoute = Callable[[], Response | Awaitable[Response]]  # awaitable: answered off the event loop
 Forward = Callable[[str, bytes, dict[str, str]], Awaitable[Response]]
 _ALLOW_POST = b"allow: POST\r\n"
 _ALLOW_GET = b"allow: GET, HEAD\r\n"
@@ -214,6 +214,11 @@ class _Queued:
     redo: Redo
 
 
+def _for_method(req: Request, response: Response) -> Response:
+    """An answer to HEAD has no body, whatever it says (refusals and 404s included)."""
+    return replace(response, head_only=True) if req.method == "HEAD" else response
+
+
 def _answer(waiting: list[_Deferred], outcomes: list[BaseException | None],
             flush: Callable[[], Awaitable[None]] | None) -> None:
     """Each write's answer from the outcomes of its queued writes (in order), after a flush
@@ -338,7 +343,10 @@ class App:
         started = time.perf_counter()
         route = BY_PATH.get(req.path)
         if route is None:
-            response = self._non_api(req)
+            answer = self._non_api(req)
+            if not isinstance(answer, Response):
+                return Pending.of(self._finish_later(answer, req, started))
+            response = answer
             label = req.path if req.path in self.get_routes else "other"
         elif req.method != "POST":
             response = error_response(405, ErrorCode.METHOD_NOT_ALLOWED, "Only POST method is allowed", _ALLOW_POST)
@@ -364,9 +372,7 @@ class App:
                 except NeedsVerification as pending:
                     return Pending.of(self._finish_later(self._verify_then_run(pending, req, body), req, started))
         self._record(req, label, response.status, started=started)
-        if req.method == "HEAD":  # only non-API paths and refusals get here: a HEAD's answer has no body
-            return replace(response, head_only=True)
-        return response
+        return _for_method(req, response)
 
     def _write(self, req: Request, body: dict[str, Any], started: float) -> Response | Pending:
         """Validates a write and queues it in a group; its answer waits for the group's commit."""
@@ -399,7 +405,7 @@ class App:
         self._record(req, req.path, response.status, started=started)
         pending.resolve(response)
 
-    def _non_api(self, req: Request) -> Response:
+    def _non_api(self, req: Request) -> Response | Awaitable[Response]:
         get = self.get_routes.get(req.path)
         if get is None:
             return error_response(404, ErrorCode.NOT_FOUND, f"no endpoint {req.path}")
@@ -427,7 +433,7 @@ class App:
             log.exception("unexpected error on %s", req.path)
             response = error_response(500, ErrorCode.INTERNAL_ERROR, "internal error")
         self._record(req, req.path, response.status, started=started)
-        return response
+        return _for_method(req, response)
 
     async def _verify_then_run(self, pending: NeedsVerification, req: Request, body: dict[str, Any]) -> Response:
         try:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -142,13 +142,21 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
     openapi_body = orjson.dumps(openapi.spec())
     flush = GroupFlush(storage, loop) if settings.durability == "fsync" else None
     threads = ThreadPoolExecutor(settings.request_threads, thread_name_prefix="reads") if storage.remote else None
+
+    def render_metrics() -> Response:
+        return Response(200, metrics.render(), PROMETHEUS_TYPE)
+
+    def metrics_route() -> Response | Awaitable[Response]:
+        """Remote storage's counts are read off the loop: a slow or frozen database holds up
+        that scrape alone, not /health and every other request of this worker."""
+        return render_metrics() if threads is None else loop.run_in_executor(threads, render_metrics)
     app = App(
         api,
         metrics,
         access_log,
         {
             "/health": lambda: Response(200, b'{"status":"ok"}'),
-            "/metrics": lambda: Response(200, metrics.render(), PROMETHEUS_TYPE),
+            "/metrics": metrics_route,
             "/openapi.json": lambda: Response(200, openapi_body, JSON_TYPE),
         },
         JobClient(rt.jobs_address),
