@@ -4,6 +4,7 @@ again under load, and the plans of the queries that must use an index."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -252,18 +253,28 @@ def test_a_primary_turned_standby_answers_503_until_promoted(make_server: Any, o
     assert node.ok("/set/get", {"database": "d", "set": "s", "key": "k"})["data"] == 2
 
 
+@contextlib.contextmanager
+def frozen(server: PostgresServer) -> Iterator[None]:
+    """PostgreSQL stopped in its tracks (SIGSTOP): connections stay open and nothing answers."""
+    assert server.proc is not None
+    cluster = [server.proc.pid] + [int(p) for p in subprocess.run(
+        ["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()]
+    for pid in cluster:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in cluster:
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_a_frozen_postgresql_holds_up_a_metrics_scrape_but_not_the_node(make_server: Any,
                                                                         own_postgres: PostgresServer) -> None:
     node = make_server(["--storage", own_postgres.new_database(), "--workers", "1"])  # one loop answers both
     node.ok("/create", {"name": "d"})
-    assert own_postgres.proc is not None
-    cluster = [own_postgres.proc.pid] + [int(p) for p in subprocess.run(
-        ["pgrep", "-P", str(own_postgres.proc.pid)], capture_output=True, text=True).stdout.split()]
     scraped: list[httpx.Response] = []
     time.sleep(IDLE_CHECK_SECONDS)  # the scrape's connection is tried first: that waits too
-    for pid in cluster:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with frozen(own_postgres):
         scrape = threading.Thread(target=lambda: scraped.append(httpx.get(node.url + "/metrics", timeout=60)))
         scrape.start()
         time.sleep(0.5)
@@ -271,11 +282,36 @@ def test_a_frozen_postgresql_holds_up_a_metrics_scrape_but_not_the_node(make_ser
         assert httpx.get(node.url + "/health", timeout=10).status_code == 200
         assert time.monotonic() - started < 1
         assert not scraped, "the scrape waits for the frozen database"
-    finally:
-        for pid in cluster:
-            os.kill(pid, signal.SIGCONT)
     scrape.join()
     assert scraped[0].status_code == 200 and "fuckbase_databases 1.0" in scraped[0].text
+
+
+def test_requests_to_a_frozen_postgresql_answer_503_after_the_storage_timeout(make_server: Any,
+                                                                              own_postgres: PostgresServer) -> None:
+    """Its statement timeout cannot fire (nothing runs there): the node's own deadline does."""
+    node = make_server(["--storage", own_postgres.new_database(), "--storage-timeout", "2"])
+    node.ok("/create", {"name": "d"})
+    node.ok("/set/put", {"database": "d", "set": "s", "key": "k", "value": 1})
+    answers: list[tuple[httpx.Response, float]] = []
+
+    def call(path: str, body: dict[str, Any]) -> None:
+        started = time.monotonic()
+        answers.append((httpx.post(node.url + path, json=body, timeout=60), time.monotonic() - started))
+
+    with frozen(own_postgres):
+        calls = [threading.Thread(target=call, args=("/set/get", {"database": "d", "set": "s", "key": "k"})),
+                 threading.Thread(target=call, args=("/set/put", {"database": "d", "set": "s", "key": "j", "value": 2})),
+                 threading.Thread(target=call, args=("/index/query", {"database": "d", "set": "s", "index": "i",
+                                                                      "value": "x"}))]
+        for t in calls:
+            t.start()
+        for t in calls:
+            t.join()
+    assert len(answers) == 3
+    for r, took in answers:
+        assert (r.status_code, r.json()["code"]) == (503, "STORAGE_UNAVAILABLE") and took < 10, (r.text, took)
+    assert _until(lambda: node.post("/set/put", {"database": "d", "set": "s", "key": "k", "value": 3}).status_code == 200)
+    assert node.ok("/set/get", {"database": "d", "set": "s", "key": "k"})["data"] == 3
 
 
 def test_a_group_whose_entry_another_node_wrote_meanwhile_runs_again_under_the_sequence_row(pg_url: str) -> None:

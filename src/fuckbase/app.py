@@ -26,7 +26,7 @@ from fuckbase.contract import BY_PATH, ErrorCode
 from fuckbase.errors import ApiError, invalid
 from fuckbase.http import Pending, Request, Response, answer_of, error_response
 from fuckbase.metrics import Metrics
-from fuckbase.storage import PointRead, Storage, StorageError
+from fuckbase.storage import PointRead, Storage, StorageError, StorageUnavailable
 
 log = logging.getLogger("fuckbase.http")
 
@@ -111,11 +111,13 @@ class _Batches(Generic[T]):
 
     MAX = 256  # items per batch
 
-    def __init__(self, threads: Executor) -> None:
+    def __init__(self, threads: Executor, deadline: float | None = None) -> None:
         self._threads = threads
+        self._deadline = deadline  # seconds a batch may run before its requests get 503
         self._waiting: list[T] = []
         self._busy = False
         self._scheduled = False
+        self._overdue: set[int] = set()  # the batches answered already, by id
 
     def _add(self, item: T) -> None:
         self._waiting.append(item)
@@ -129,15 +131,39 @@ class _Batches(Generic[T]):
             return
         batch, self._waiting = self._waiting[: self.MAX], self._waiting[self.MAX :]
         self._busy = True
-        job = asyncio.get_running_loop().run_in_executor(self._threads, self._run, batch)
-        job.add_done_callback(partial(self._ended, batch))
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._threads, self._run, batch)
+        timer = None if self._deadline is None else loop.call_later(self._deadline, self._expire, batch, job)
+        job.add_done_callback(partial(self._ended, batch, timer))
 
-    def _ended(self, batch: list[T], job: asyncio.Future[Any]) -> None:
+    def _next(self) -> None:
         self._busy = False
         if self._waiting:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._send)
+
+    def _ended(self, batch: list[T], timer: asyncio.TimerHandle | None, job: asyncio.Future[Any]) -> None:
+        if timer is not None:
+            timer.cancel()
+        if id(batch) in self._overdue:  # answered with 503 already: what it did now is not reported
+            self._overdue.discard(id(batch))
+            if not job.cancelled() and job.exception() is None:
+                log.warning("a batch of %d requests answered 503 after %g s ended after all", len(batch), self._deadline)
+            return
+        self._next()
         self._settle(batch, job)
+
+    def _expire(self, batch: list[T], job: asyncio.Future[Any]) -> None:
+        """The storage did not answer in time (a frozen or unreachable database): the batch's
+        requests get 503 now and the next batch goes on another thread. A write so answered
+        may still be applied when the database wakes, as with any timeout."""
+        if job.done():
+            return
+        self._overdue.add(id(batch))
+        self._next()
+        failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        failed.set_exception(StorageUnavailable(f"the storage did not answer within {self._deadline:g} s"))
+        self._settle(batch, failed)
 
     def _run(self, batch: list[T]) -> Any:
         raise NotImplementedError
@@ -153,8 +179,9 @@ class ThreadedWriteGroup(_Batches["_Queued"]):
 
     MAX = 1024
 
-    def __init__(self, storage: Storage, threads: Executor, flush: Callable[[], Awaitable[None]] | None) -> None:
-        super().__init__(threads)
+    def __init__(self, storage: Storage, threads: Executor, flush: Callable[[], Awaitable[None]] | None,
+                 deadline: float | None = None) -> None:
+        super().__init__(threads, deadline)
         self._storage = storage
         self._flush = flush
 
@@ -185,6 +212,9 @@ class ThreadedWriteGroup(_Batches["_Queued"]):
     def _settle(self, batch: list[_Queued], job: asyncio.Future[Any]) -> None:
         try:
             responses, counts, outcomes = job.result()
+        except StorageError as exc:
+            failed = _error_response(exc)
+            responses, counts, outcomes = [failed] * len(batch), [0] * len(batch), []
         except Exception:
             log.exception("a group of writes failed")
             failed = error_response(500, ErrorCode.INTERNAL_ERROR, "internal error")
@@ -253,8 +283,8 @@ class ReadGroup(_Batches[tuple[PointRead, Callable[[Any], None]]]):
     """A remote backend's point reads go to it many at once (Storage.fetch), like writes:
     the reads that gathered while the previous fetch ran share one round trip."""
 
-    def __init__(self, storage: Storage, threads: Executor) -> None:
-        super().__init__(threads)
+    def __init__(self, storage: Storage, threads: Executor, deadline: float | None = None) -> None:
+        super().__init__(threads, deadline)
         self._storage = storage
 
     def fetch(self, read: PointRead, done: Callable[[Any], None]) -> None:

@@ -92,6 +92,14 @@ def _opt(*decls: str, env: str, **kw: Any) -> Any:
     help="Worker processes serving HTTP. Default: one per CPU core, at most 8.",
 )
 @_opt(
+    "--storage-timeout",
+    env="FUCKBASE_STORAGE_TIMEOUT",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="PostgreSQL: seconds a statement may run, and a request wait for the database; then 503.",
+)
+@_opt(
     "--read-timeout",
     env="FUCKBASE_READ_TIMEOUT",
     type=float,
@@ -353,6 +361,7 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         max_body_bytes=opts["max_body_size"],
         request_threads=opts["request_threads"],
         read_timeout=opts["read_timeout"],
+        storage_timeout=opts["storage_timeout"],
         workers=opts["workers"] if opts["workers"] is not None else default_workers(),
         s3=S3Settings(
             endpoint=opts["s3_endpoint"],

@@ -66,6 +66,7 @@ class Settings:
     max_body_bytes: int = 16 * 1024 * 1024
     request_threads: int = 4
     read_timeout: float = 30.0
+    storage_timeout: float = 60.0  # PostgreSQL: its statement timeout, and how long a request waits
     workers: int = 1
     s3: S3Settings = field(default_factory=S3Settings)
     backup_dir: Path | None = None
@@ -131,6 +132,8 @@ class Settings:
             raise ConfigError("request threads must be 1-256")
         if self.read_timeout <= 0:
             raise ConfigError("read timeout must be > 0 seconds")
+        if self.storage_timeout <= 0:
+            raise ConfigError("storage timeout must be > 0 seconds")
         if not 1 <= self.workers <= 64:
             raise ConfigError("workers must be 1-64")
         if self.backup_interval_minutes is not None and self.backup_interval_minutes < 0:

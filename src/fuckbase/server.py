@@ -70,7 +70,8 @@ class Runtime:
             from fuckbase.storage.postgresql import PostgresStorage
 
             threads = 4 if primary else self.settings.request_threads + 2
-            return PostgresStorage(self.settings.storage, pool_size=threads)
+            return PostgresStorage(self.settings.storage, pool_size=threads,
+                                   statement_timeout_ms=int(self.settings.storage_timeout * 1000))
         from fuckbase.storage.lmdb import LmdbStorage
 
         return LmdbStorage(self.store_path, primary=primary)

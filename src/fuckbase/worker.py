@@ -143,6 +143,10 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
     flush = GroupFlush(storage, loop) if settings.durability == "fsync" else None
     threads = ThreadPoolExecutor(settings.request_threads, thread_name_prefix="reads") if storage.remote else None
 
+    # a frozen database answers nothing, not even its statement timeout: the requests waiting on it
+    # get 503 a second after that timeout (PostgreSQL's own cancel answers first when it can)
+    deadline = settings.storage_timeout + 1.0
+
     def render_metrics() -> Response:
         return Response(200, metrics.render(), PROMETHEUS_TYPE)
 
@@ -160,10 +164,10 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
             "/openapi.json": lambda: Response(200, openapi_body, JSON_TYPE),
         },
         JobClient(rt.jobs_address),
-        WriteGroup(storage, flush) if threads is None else ThreadedWriteGroup(storage, threads, flush),
+        WriteGroup(storage, flush) if threads is None else ThreadedWriteGroup(storage, threads, flush, deadline),
         flush,
         threads,
-        ReadGroup(storage, threads) if threads is not None else None,
+        ReadGroup(storage, threads, deadline) if threads is not None else None,
     )
     server = HttpServer(app, settings.max_body_bytes, settings.read_timeout, app.joins)
     listener = run_server(server, rt.sock, loop)
