@@ -314,6 +314,28 @@ def test_requests_to_a_frozen_postgresql_answer_503_after_the_storage_timeout(ma
     assert node.ok("/set/get", {"database": "d", "set": "s", "key": "k"})["data"] == 3
 
 
+def test_a_node_started_or_restarted_while_postgresql_is_away_stays_up_and_recovers(
+        make_server: Any, own_postgres: PostgresServer) -> None:
+    """Processes that (re)start meanwhile wait for PostgreSQL, answering 503, instead of
+    exiting: the supervisor would give up on a node whose processes keep dying."""
+    url = own_postgres.new_database()
+    own_postgres.stop()
+    node = make_server(["--storage", url, "--workers", "2"])
+    r = node.post("/create", {"name": "d"})
+    assert (r.status_code, r.json()["code"]) == (503, "STORAGE_UNAVAILABLE"), r.text
+    assert node.proc is not None
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(node.proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    for pid in workers:  # the job process too: each is started again, PostgreSQL still away
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(8)  # longer than a process waits for its first connection
+    assert node.proc.poll() is None and httpx.get(node.url + "/health", timeout=5).status_code == 200
+    own_postgres.start()
+    assert _until(lambda: node.post("/create", {"name": "d"}).status_code == 200)
+    node.ok("/set/put", {"database": "d", "set": "s", "key": "k", "value": 1})
+    assert node.ok("/set/get", {"database": "d", "set": "s", "key": "k"})["data"] == 1
+
+
 def test_a_group_whose_entry_another_node_wrote_meanwhile_runs_again_under_the_sequence_row(pg_url: str) -> None:
     """A group's writes run before it takes the sequence row; here another node writes the
     same entry in between (from inside the group's access check): the group must see that

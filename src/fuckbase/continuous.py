@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -50,7 +51,18 @@ from fuckbase.contract import INSTANT_PATTERN, ErrorCode
 from fuckbase.encryption import EncryptionError, KeyMissing, Keyring, Unsealer, open_sealed
 from fuckbase.errors import ApiError, invalid, not_found
 from fuckbase.objectstore import AlreadyExists, NotFound, ObjectStore, ObjectStoreError
-from fuckbase.storage import BASIC, SORTABLE, Change, Database, IndexDef, RestoreWriter, StagedDatabase, Storage
+from fuckbase.storage import (
+    BASIC,
+    SORTABLE,
+    Change,
+    Database,
+    IndexDef,
+    RestoreWriter,
+    StagedDatabase,
+    Storage,
+    StorageError,
+    StorageUnavailable,
+)
 
 log = logging.getLogger("fuckbase.continuous")
 
@@ -1133,7 +1145,29 @@ class Shipper:
 
 def stop_logging_changes(storage: Storage, data_dir: Path) -> None:
     """With continuous backup off, the storage keeps no changes for it; a later start begins a
-    new generation."""
-    storage.release_changes(CONSUMER)
+    new generation. A storage out of reach (PostgreSQL away while the process starts) is told
+    from a thread that retries until it is back."""
     (data_dir / STATE_FILE).unlink(missing_ok=True)
+    try:
+        storage.release_changes(CONSUMER)
+    except StorageUnavailable as exc:
+        log.warning("continuous backup is off; the storage will stop logging changes once reachable (%s)", exc)
+        threading.Thread(target=_release_when_reachable, args=(storage,), name="fuckbase-release-changes",
+                         daemon=True).start()
+
+
+RELEASE_RETRY_SECONDS = 2.0
+
+
+def _release_when_reachable(storage: Storage) -> None:
+    while True:
+        time.sleep(RELEASE_RETRY_SECONDS)
+        try:
+            storage.release_changes(CONSUMER)
+            return
+        except StorageUnavailable:
+            continue
+        except StorageError as exc:
+            log.error("the storage could not stop logging changes: %s", exc)
+            return
 

@@ -587,12 +587,13 @@ class PostgresStorage:
     def __init__(self, url: str, *, pool_size: int = 8, connect_timeout: float = 5.0,
                  statement_timeout_ms: int = STATEMENT_TIMEOUT_MS) -> None:
         self.url = url
+        self._unmigrated = True  # until a connection has brought the schema to this release's
+        self._migrating = threading.Lock()
+        session: dict[str, Any] = {"autocommit": True, "connect_timeout": max(1, int(connect_timeout)),
+                                   "options": SESSION_OPTIONS.format(timeout_ms=statement_timeout_ms)}
         self.pool: ConnectionPool[Conn] = ConnectionPool(
-            url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout, configure=_configure,
-            check=_IdleCheck(),
-            kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout)),
-                    "options": SESSION_OPTIONS.format(timeout_ms=statement_timeout_ms)},
-            name="fuckbase")
+            url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout, configure=self._configure,
+            check=_IdleCheck(), kwargs=session, name="fuckbase")
         self._groups = threading.local()
         self._groups_under_the_row = 0  # groups to run under the sequence row before planning again
         self.replanned_groups = 0  # planned groups whose entries moved before they took the row
@@ -601,13 +602,24 @@ class PostgresStorage:
         self._held: set[str] = set()  # the roles whose lock those hold
         self._leading_lock = threading.Lock()
         try:
-            with translated():
-                self.pool.open(wait=True, timeout=connect_timeout)
-                with self.pool.connection() as conn:
+            with translated(), psycopg.connect(url, **session) as conn:
+                migrate(conn)  # SchemaTooNew: this release cannot serve that database
+            self._unmigrated = False
+        except StorageUnavailable as exc:
+            # a process (re)started while PostgreSQL is away serves 503 until it is back, when
+            # the pool's first new connection migrates the schema
+            log.warning("%s: answering 503 until it is reachable", exc)
+        self.pool.open(wait=False)
+
+    def _configure(self, conn: Conn) -> None:
+        """Every new connection: our loaders; the first one also migrates the schema (a newer
+        schema than this release's is refused then: SchemaTooNew)."""
+        _configure(conn)
+        if self._unmigrated:
+            with self._migrating:
+                if self._unmigrated:
                     migrate(conn)
-        except BaseException:
-            self.pool.close()
-            raise
+                    self._unmigrated = False
 
     # -- plumbing
 
