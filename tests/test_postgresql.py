@@ -22,10 +22,21 @@ from conftest import ServerProcess
 from pgserver import PostgresServer, running_postgres
 from s3server import fresh_bucket, s3  # noqa: F401
 
-from fuckbase.storage import BASIC, SORTABLE, Credentials, Get, IndexDef, Lookup, Put, SetNotFound, allow_all
+from fuckbase.storage import (
+    BASIC,
+    SORTABLE,
+    Credentials,
+    Get,
+    IndexDef,
+    IndexExists,
+    Lookup,
+    Put,
+    SetNotFound,
+    allow_all,
+)
 from fuckbase.storage.postgresql import PostgresStorage, SchemaTooNew
 from fuckbase.storage.postgresql.schema import MIGRATIONS, VERSION
-from fuckbase.storage.postgresql.store import FETCH_SQL, IDLE_CHECK_SECONDS, PointReads, page_sql
+from fuckbase.storage.postgresql.store import BUILD_LOCK_SQL, FETCH_SQL, IDLE_CHECK_SECONDS, PointReads, page_sql
 from fuckbase.storage.values import MISSING_SORT_TOKEN, group_token
 
 
@@ -582,6 +593,29 @@ def test_an_index_build_whose_process_dies_is_dropped_by_housekeeping(pg_url: st
         storage.create_index("d", "s", IndexDef("e", "e"), allow_all)  # the name is free again
         (found,) = storage.fetch([Lookup("d", "s", "e", "v3", allow_all)])
         assert len(found) == len(range(3, 60_000, 7))
+    finally:
+        storage.close()
+
+
+def test_an_index_whose_build_failed_is_built_again_at_once(pg_url: str) -> None:
+    """A failed build whose cleanup could not reach PostgreSQL (it was stopped) leaves its
+    unfinished index behind; building it again replaces it rather than answering 409 until
+    housekeeping drops it. One whose builder still works on it stays."""
+    storage = PostgresStorage(pg_url)
+    try:
+        storage.create_database("d", None)
+        rows = [Put(f"k{i}", v, orjson.dumps(v)) for i in range(700) for v in [{"e": f"v{i % 7}"}]]
+        storage.batch("d", "s", rows, allow_all)
+        with psycopg.connect(pg_url, autocommit=True) as conn, psycopg.connect(pg_url, autocommit=True) as builder:
+            (index_id,) = conn.execute(
+                "INSERT INTO fb_indexes (set_id, name, field, kind) SELECT s.id, 'e', 'e', 'basic' FROM fb_sets s"
+                " JOIN fb_databases d ON d.id = s.database_id WHERE d.name = 'd' RETURNING id").fetchone() or (0,)
+            builder.execute(BUILD_LOCK_SQL.format(op="pg_advisory_lock"), (index_id,))
+            with pytest.raises(IndexExists):
+                storage.create_index("d", "s", IndexDef("e", "e"), allow_all)
+        storage.create_index("d", "s", IndexDef("e", "e"), allow_all)  # its builder gone: replaced
+        (found,) = storage.fetch([Lookup("d", "s", "e", "v3", allow_all)])
+        assert len(found) == 100
     finally:
         storage.close()
 

@@ -872,10 +872,12 @@ class PostgresStorage:
             check(row[1])
             if row[2] is None:
                 raise SetNotFound(set_name)
-            made = tx.q("INSERT INTO fb_indexes (id, set_id, name, field, kind, sort_fields)"
-                        " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING id",
-                        (index_id, row[2], definition.name, definition.field, definition.kind,
-                         list(definition.sort_fields))).fetchone()
+            insert = ("INSERT INTO fb_indexes (id, set_id, name, field, kind, sort_fields)"
+                      " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING id")
+            values = (index_id, row[2], definition.name, definition.field, definition.kind, list(definition.sort_fields))
+            made = tx.q(insert, values).fetchone()
+            if made is None and _abandoned_build(tx, int(row[2]), definition.name):
+                made = tx.q(insert, values).fetchone()
             if made is None:
                 raise IndexExists(definition.name)
             tx.catalog_changed = True  # writes from now on keep it current, as far as it is filled
@@ -1237,6 +1239,20 @@ def copy_text(text: str) -> str:
     if "\\" in text or "\n" in text or "\t" in text or "\r" in text:
         return text.translate(_COPY_ESCAPES)
     return text
+
+
+def _abandoned_build(tx: Tx, set_id: int, name: str) -> bool:
+    """Whether the set's index of that name is an unfinished one whose builder is gone (its
+    lock is free: the build failed, or its process died), which is then dropped at once rather
+    than by housekeeping: building it again must not answer 409 meanwhile."""
+    row = tx.q("SELECT id FROM fb_indexes WHERE set_id = %s AND name = %s AND NOT ready", (set_id, name)).fetchone()
+    if row is None:
+        return False
+    free = tx.q(BUILD_LOCK_SQL.format(op="pg_try_advisory_xact_lock"), (int(row[0]),)).fetchone()
+    if free is None or not free[0]:
+        return False  # being built: 409 is the answer
+    _discard_index(tx, int(row[0]), unfinished=True)
+    return True
 
 
 def _discard_index(tx: Tx, index_id: int, unfinished: bool = False) -> None:
