@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -57,6 +57,7 @@ class Runtime:
     run_dir: Path
     jobs_address: str
     parent: int
+    started: bool = False  # the first start is over: a process started again waits for an absent database
 
     @property
     def store_path(self) -> Path:
@@ -71,7 +72,8 @@ class Runtime:
 
             threads = 4 if primary else self.settings.request_threads + 2
             return PostgresStorage(self.settings.storage, pool_size=threads,
-                                   statement_timeout_ms=int(self.settings.storage_timeout * 1000))
+                                   statement_timeout_ms=int(self.settings.storage_timeout * 1000),
+                                   wait_for_database=self.started)
         from fuckbase.storage.lmdb import LmdbStorage
 
         return LmdbStorage(self.store_path, primary=primary)
@@ -181,6 +183,9 @@ class Supervisor:
             self._start_job_process()
             for slot in range(settings.workers):
                 self._start_worker(slot)
+            # a process that dies from now on is started again even while PostgreSQL is away
+            # (it answers 503 until it is back); at the first start that is a configuration error
+            self.rt = replace(self.rt, started=True)
             log.info(
                 "fuckbase listening on %s:%d, data in %s, durability %s, %d workers",
                 settings.host, settings.port, settings.storage_label, settings.durability, settings.workers,

@@ -155,7 +155,7 @@ def translated() -> Iterator[None]:
         raise StorageUnavailable(f"PostgreSQL did not answer in time: {exc}") from None
     except (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.errors.CannotConnectNow) as exc:
         _failed("unavailable")
-        raise StorageUnavailable(f"PostgreSQL is unavailable: {str(exc).strip()}") from None
+        raise StorageUnavailable(f"PostgreSQL is unavailable: {' '.join(str(exc).split())}") from None  # one line
     except psycopg.errors.ReadOnlySqlTransaction as exc:  # a standby: a failover is under way or went wrong
         _failed("read_only")
         raise StorageUnavailable(f"PostgreSQL is read-only (a standby, not the primary): {str(exc).strip()}") from None
@@ -585,7 +585,9 @@ class PostgresStorage:
     remote = True
 
     def __init__(self, url: str, *, pool_size: int = 8, connect_timeout: float = 5.0,
-                 statement_timeout_ms: int = STATEMENT_TIMEOUT_MS) -> None:
+                 statement_timeout_ms: int = STATEMENT_TIMEOUT_MS, wait_for_database: bool = False) -> None:
+        """`wait_for_database`: if PostgreSQL cannot be reached, answer StorageUnavailable until
+        it can (a process started again while it is away) rather than raise it here."""
         self.url = url
         self._unmigrated = True  # until a connection has brought the schema to this release's
         self._migrating = threading.Lock()
@@ -606,8 +608,9 @@ class PostgresStorage:
                 migrate(conn)  # SchemaTooNew: this release cannot serve that database
             self._unmigrated = False
         except StorageUnavailable as exc:
-            # a process (re)started while PostgreSQL is away serves 503 until it is back, when
-            # the pool's first new connection migrates the schema
+            if not wait_for_database:
+                raise
+            # the pool's first new connection migrates the schema once PostgreSQL is back
             log.warning("%s: answering 503 until it is reachable", exc)
         self.pool.open(wait=False)
 
