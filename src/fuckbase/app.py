@@ -117,7 +117,6 @@ class _Batches(Generic[T]):
         self._waiting: list[T] = []
         self._busy = False
         self._scheduled = False
-        self._overdue: set[int] = set()  # the batches answered already, by id
 
     def _add(self, item: T) -> None:
         self._waiting.append(item)
@@ -145,10 +144,7 @@ class _Batches(Generic[T]):
     def _ended(self, batch: list[T], timer: asyncio.TimerHandle | None, job: asyncio.Future[Any]) -> None:
         if timer is not None:
             timer.cancel()
-        if id(batch) in self._overdue:  # answered with 503 already: what it did now is not reported
-            self._overdue.discard(id(batch))
-            if not job.cancelled() and job.exception() is None:
-                log.warning("a batch of %d requests answered 503 after %g s ended after all", len(batch), self._deadline)
+        if job.cancelled():  # expired: answered already, and its thread's result is dropped
             return
         self._next()
         self._settle(batch, job)
@@ -159,7 +155,9 @@ class _Batches(Generic[T]):
         may still be applied when the database wakes, as with any timeout."""
         if job.done():
             return
-        self._overdue.add(id(batch))
+        log.warning("a batch of %d requests answered 503: the storage did not answer within %g s"
+                    " (its writes may still be applied when it does)", len(batch), self._deadline)
+        job.cancel()
         self._next()
         failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         failed.set_exception(StorageUnavailable(f"the storage did not answer within {self._deadline:g} s"))

@@ -236,7 +236,7 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
                           snapshot_changes=settings.backup_snapshot_changes, retention=retention)
         backups.shipped = shipper.shipped
     else:
-        stop_logging_changes(storage, settings.data_dir)  # the state file at once; the storage when it can be reached
+        stop_logging_changes(storage, settings.data_dir)
     api = Api(storage, AdminGuard(settings.admin_username, settings.admin_password), DatabaseGuard(inline=True),
               lambda: {}, backups)
     server = JobServer(api, settings.request_threads)

@@ -137,6 +137,11 @@ def _failed(kind: str) -> None:
     ERRORS[kind] = ERRORS.get(kind, 0) + 1
 
 
+def _one_line(exc: BaseException) -> str:
+    """libpq's messages run over several lines; an error answer and a log line hold one."""
+    return " ".join(str(exc).split())
+
+
 @contextlib.contextmanager
 def translated() -> Iterator[None]:
     """PostgreSQL's failures as the storage errors the API maps to statuses, counted by kind."""
@@ -146,22 +151,22 @@ def translated() -> Iterator[None]:
         raise
     except PoolTimeout as exc:
         _failed("no_connection")
-        raise StorageUnavailable(f"PostgreSQL is unavailable: no connection ({exc})") from None
+        raise StorageUnavailable(f"PostgreSQL is unavailable: no connection ({_one_line(exc)})") from None
     except psycopg.errors.DiskFull as exc:
         _failed("disk_full")
-        raise StorageFull(f"PostgreSQL's disk is full: {exc}") from None
+        raise StorageFull(f"PostgreSQL's disk is full: {_one_line(exc)}") from None
     except psycopg.errors.QueryCanceled as exc:
         _failed("timeout")
-        raise StorageUnavailable(f"PostgreSQL did not answer in time: {exc}") from None
+        raise StorageUnavailable(f"PostgreSQL did not answer in time: {_one_line(exc)}") from None
     except (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.errors.CannotConnectNow) as exc:
         _failed("unavailable")
-        raise StorageUnavailable(f"PostgreSQL is unavailable: {' '.join(str(exc).split())}") from None  # one line
+        raise StorageUnavailable(f"PostgreSQL is unavailable: {_one_line(exc)}") from None
     except psycopg.errors.ReadOnlySqlTransaction as exc:  # a standby: a failover is under way or went wrong
         _failed("read_only")
-        raise StorageUnavailable(f"PostgreSQL is read-only (a standby, not the primary): {str(exc).strip()}") from None
+        raise StorageUnavailable(f"PostgreSQL is read-only (a standby, not the primary): {_one_line(exc)}") from None
     except psycopg.Error as exc:
         _failed("failure")
-        raise StorageFailure(f"PostgreSQL failed: {type(exc).__name__}: {str(exc).strip()}") from None
+        raise StorageFailure(f"PostgreSQL failed: {type(exc).__name__}: {_one_line(exc)}") from None
 
 
 # ------------------------------------------------------------------ catalog objects
@@ -879,8 +884,11 @@ class PostgresStorage:
                       " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING id")
             values = (index_id, row[2], definition.name, definition.field, definition.kind, list(definition.sort_fields))
             made = tx.q(insert, values).fetchone()
-            if made is None and _abandoned_build(tx, int(row[2]), definition.name):
-                made = tx.q(insert, values).fetchone()
+            if made is None:  # an unfinished index of that name whose builder is gone gives way
+                unfinished = tx.q("SELECT id FROM fb_indexes WHERE set_id = %s AND name = %s AND NOT ready",
+                                  (row[2], definition.name)).fetchone()
+                if unfinished is not None and _drop_if_abandoned(tx, int(unfinished[0])):
+                    made = tx.q(insert, values).fetchone()
             if made is None:
                 raise IndexExists(definition.name)
             tx.catalog_changed = True  # writes from now on keep it current, as far as it is filled
@@ -1040,11 +1048,12 @@ class PostgresStorage:
         True when more is left."""
         with self._conn() as conn:
             for (index_id,) in conn.execute("SELECT id FROM fb_indexes WHERE NOT ready").fetchall():
+                # a look at the lock first, which waits for no writer: a build in progress is left alone
                 row = conn.execute(BUILD_LOCK_SQL.format(op="pg_try_advisory_lock"), (index_id,)).fetchone()
-                if row is not None and row[0]:  # nobody builds it: its builder died
+                if row is not None and row[0]:
                     conn.execute(BUILD_LOCK_SQL.format(op="pg_advisory_unlock"), (index_id,))
-                    log.warning("dropping index %d: the process building it died", index_id)
-                    self._write(partial(_discard_index, index_id=index_id, unfinished=True))
+                    if self._write(partial(_drop_if_abandoned, index_id=index_id)):
+                        log.warning("dropped index %d: the process building it died", index_id)
             conn.execute("DELETE FROM fb_changes WHERE seq <= coalesce((SELECT min(acked) FROM fb_consumers),"
                          " (SELECT seq FROM fb_state WHERE id = 1))")
             garbage = conn.execute("SELECT kind, id FROM fb_garbage ORDER BY kind, id LIMIT 1").fetchone()
@@ -1244,17 +1253,13 @@ def copy_text(text: str) -> str:
     return text
 
 
-def _abandoned_build(tx: Tx, set_id: int, name: str) -> bool:
-    """Whether the set's index of that name is an unfinished one whose builder is gone (its
-    lock is free: the build failed, or its process died), which is then dropped at once rather
-    than by housekeeping: building it again must not answer 409 meanwhile."""
-    row = tx.q("SELECT id FROM fb_indexes WHERE set_id = %s AND name = %s AND NOT ready", (set_id, name)).fetchone()
-    if row is None:
-        return False
-    free = tx.q(BUILD_LOCK_SQL.format(op="pg_try_advisory_xact_lock"), (int(row[0]),)).fetchone()
+def _drop_if_abandoned(tx: Tx, index_id: int) -> bool:
+    """Drops an unfinished index whose builder is gone (its build lock is free: the build
+    failed, or its process died); False while a builder works on it."""
+    free = tx.q(BUILD_LOCK_SQL.format(op="pg_try_advisory_xact_lock"), (index_id,)).fetchone()
     if free is None or not free[0]:
-        return False  # being built: 409 is the answer
-    _discard_index(tx, int(row[0]), unfinished=True)
+        return False
+    _discard_index(tx, index_id, unfinished=True)
     return True
 
 
