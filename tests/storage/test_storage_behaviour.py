@@ -771,18 +771,27 @@ def test_housekeeping_during_a_restore_keeps_what_is_staged(storage: Storage, re
 
 def test_a_restore_keeps_keys_and_values_with_every_character(storage: Storage) -> None:
     """Backslashes, tabs, newlines, carriage returns and NULs in keys and values come back as
-    they went in, and are found by their index."""
+    they went in, and are found by their indexes: basic and sortable ones, defined before the
+    entries, after them (built at the commit) and once restored (built by create_index)."""
     keys = ["plain", "back\\slash", "tab\there", "new\nline", "carriage\rreturn", "nul\x00key", "all\\\t\n\r\x00\x01"]
     w = storage.restore_writer()
     db = w.add_database()
     db.name = "d"
     w.add_index(db, "s", IndexDef("e", "e"))
-    raws = {k: orjson.dumps({"e": k, "pad": "\\\t"}) + b"\n\t " for k in keys}  # JSON whitespace around it too
+    w.add_index(db, "s", IndexDef("by", "g", SORTABLE, ("e",)))
+    raws = {k: orjson.dumps({"e": k, "g": 1, "pad": "\\\t"}) + b"\n\t " for k in keys}  # JSON whitespace around it too
     w.write(db, "s", [(k, orjson.loads(raw), raw) for k, raw in raws.items()])
+    w.add_index(db, "s", IndexDef("later", "e"))
+    w.add_index(db, "s", IndexDef("later_by", "g", SORTABLE, ("e",)))
     w.commit(replace_all=False)
+    storage.create_index("d", "s", IndexDef("built", "e"), allow_all)
+    storage.create_index("d", "s", IndexDef("built_by", "g", SORTABLE, ("e",)), allow_all)
     for k, raw in raws.items():
         assert fetched(storage, Get("d", "s", k, allow_all)) == raw
-        assert lookup(storage, "d", "s", "e", k) == [k]
+        for index in ("e", "later", "built"):
+            assert lookup(storage, "d", "s", index, k) == [k]
+    for index in ("by", "later_by", "built_by"):
+        assert page(storage, index, "1", [("e", False)]) == (len(keys), sorted(keys))
 
 
 def test_values_holding_nul_through_every_write_path(storage: Storage) -> None:

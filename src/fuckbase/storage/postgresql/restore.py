@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,10 +30,11 @@ from fuckbase.storage.postgresql.store import (
     api_key,
     copy_basic,
     copy_records,
-    copy_text,
+    copy_texts,
     delete_records,
     load_catalog,
     stored_key,
+    stored_keys,
     translated,
 )
 
@@ -97,18 +99,19 @@ class _Staging:
     while the writer's thread stores the previous write. A repeated key keeps its last value."""
 
     def __init__(self, set_id: int, entries: Sequence[tuple[str, Any, bytes]], kept: tuple[IndexRow, ...]) -> None:
-        last = {stored_key(key): (value, raw) for key, value, raw in entries}
-        items = list(last.items())
+        last = dict(zip(stored_keys([key for key, _, _ in entries]), entries, strict=True))
         self.set_id, self.keys, self.kept = set_id, list(last), kept
         self.maker = RecordMaker(kept)
         self.slices: list[str] = []
         self.basic: list[str] = []
-        for start in range(0, len(items), COPY_SLICE):
-            part = items[start : start + COPY_SLICE]
-            self.slices.append("".join(f"{set_id}\t{copy_text(key)}\t{copy_text(raw.decode())}\n"
-                                       for key, (_, raw) in part))
+        chosen = list(last.values())
+        for start in range(0, len(chosen), COPY_SLICE):
+            part = chosen[start : start + COPY_SLICE]
+            keys = copy_texts(self.keys[start : start + COPY_SLICE])
+            values = copy_texts([raw.decode() for _, _, raw in part])
+            self.slices.append("".join([f"{set_id}\t{key}\t{value}\n" for key, value in zip(keys, values, strict=True)]))
             if kept:
-                self.basic.extend(self.maker.basic_lines([(key, value) for key, (value, _) in part]))
+                self.basic.extend(self.maker.basic_lines([(key, e[1]) for key, e in zip(keys, part, strict=True)]))
 
     def copy_entries(self, conn: Conn) -> None:
         with conn.cursor().copy("COPY fb_entries FROM STDIN") as copy:
@@ -139,6 +142,7 @@ class PgRestoreWriter:
         self._tx.catalog_changed = True  # whatever it stages is looked up, never taken from a cache
         self._dbs: list[PgStagedDatabase] = []
         self._filled: set[int] = set()  # sets that have entries staged
+        self._counts: Counter[int] = Counter()  # entries staged, by set (the writer's thread adds to it)
         self._deferred: set[int] = set()  # indexes whose records are made at the commit
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="fb-restore")
         self._in_flight: Future[None] | None = None
@@ -227,6 +231,7 @@ class PgRestoreWriter:
     def _store(self, staging: _Staging) -> None:
         with self._guarded() as tx:
             tx.q("SAVEPOINT fresh")
+            replaced: list[tuple[Any, ...]] = []
             try:  # keys new to the set (a backup's): straight in
                 staging.copy_entries(tx.conn)
             except psycopg.errors.UniqueViolation:  # some were staged already (replayed changes)
@@ -237,6 +242,7 @@ class PgRestoreWriter:
                 if staging.kept:
                     delete_records(tx.conn, staging.kept, replaced)
             tx.q("RELEASE SAVEPOINT fresh")
+            self._counts[staging.set_id] += len(staging.keys) - len(replaced)
             staging.copy_records(tx.conn)
 
     def delete(self, db: Any, set_name: str, keys: Sequence[str]) -> None:
@@ -247,6 +253,7 @@ class PgRestoreWriter:
         with self._step() as tx:
             gone = tx.q("DELETE FROM fb_entries WHERE set_id = %s AND key = ANY(%s) RETURNING key, value",
                         (sid, [stored_key(k) for k in keys])).fetchall()
+            self._counts[sid] -= len(gone)
             kept = self._kept(db, set_name)
             if kept:
                 delete_records(tx.conn, kept, gone)
@@ -275,17 +282,17 @@ class PgRestoreWriter:
 
     def _build(self) -> None:
         """The records of the indexes defined after their set's first entry, from the final
-        entries, then the counts, by COPY and aggregates: memory stays flat however many
-        entries there are."""
+        entries, by COPY, then the counts: the sets' as staged, the groups' by aggregates
+        (memory stays flat however many entries there are)."""
         tx = self._tx
         for db in self._dbs:
             for set_name, sid in db.sets.items():
                 indexes = tuple(ix for ix in db.indexes[set_name].values() if ix.id in self._deferred)
                 if indexes:
                     self._index_set(sid, indexes)
-            sets = list(db.sets.values())
-            tx.q("INSERT INTO fb_set_counts SELECT set_id, count(*) FROM fb_entries WHERE set_id = ANY(%s)"
-                 " GROUP BY set_id", (sets,))
+            filled = [sid for sid in db.sets.values() if self._counts[sid]]
+            tx.q("INSERT INTO fb_set_counts SELECT * FROM unnest(%s::bigint[], %s::bigint[])",
+                 (filled, [self._counts[sid] for sid in filled]))
             ixs = [ix.id for by_name in db.indexes.values() for ix in by_name.values()]
             tx.q("INSERT INTO fb_group_counts SELECT index_id, grp, count(*) FROM fb_sorted"
                  " WHERE index_id = ANY(%s) AND field = 0 GROUP BY index_id, grp", (ixs,))

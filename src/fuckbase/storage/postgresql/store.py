@@ -569,6 +569,15 @@ def stored_key(key: str) -> str:
     return key
 
 
+def stored_keys(keys: list[str]) -> list[str]:
+    """Many keys as `stored_key` writes them: one look at them all first, as almost none
+    holds U+0000 or U+0001."""
+    joined = "".join(keys)
+    if "\x00" in joined or "\x01" in joined:
+        return [stored_key(key) for key in keys]
+    return keys
+
+
 def api_key(stored: str) -> str:
     """The key `stored_key` wrote."""
     if "\x01" in stored:
@@ -1168,8 +1177,8 @@ def _log_index(database: str, set_name: str, definition: IndexDef, tx: Tx) -> No
 
 
 class RecordMaker:
-    """Makes the index records of (stored key, parsed value) entries: basic ones as COPY
-    lines, sortable ones kept (`sortable`) for their counts. Builds and restores spend most of
+    """Makes the index records of (stored key as COPY text, parsed value) entries: basic ones
+    as COPY lines, sortable ones kept (`sortable`) for their counts. Builds and restores spend most of
     their Python time here: basic records are made inline, not through `_records`."""
 
     def __init__(self, indexes: Sequence[IndexRow]) -> None:
@@ -1182,13 +1191,11 @@ class RecordMaker:
         for key, value in entries:
             if type(value) is not dict:
                 continue  # no field to index
-            copied: str | None = None
             for index_id, name in self.basic:
                 if name in value:
                     field_value = value[name]
                     text = field_value if type(field_value) is str else match_text(field_value)
-                    copied = copy_text(key) if copied is None else copied
-                    lines.append(f"{index_id}\t\\\\x{group_token(text).hex()}\t{copied}\n")
+                    lines.append(f"{index_id}\t\\\\x{group_token(text).hex()}\t{key}\n")
             if self._others:
                 self.sortable.extend((*r, key) for r in _records(self._others, value)[1])
         return lines
@@ -1197,7 +1204,7 @@ class RecordMaker:
         if self.sortable:
             with conn.cursor().copy("COPY fb_sorted FROM STDIN") as copy:
                 for start in range(0, len(self.sortable), COPY_SLICE):
-                    copy.write("".join(f"{i}\t{f}\t\\\\x{g.hex()}\t\\\\x{o.hex()}\t{copy_text(k)}\n"
+                    copy.write("".join(f"{i}\t{f}\t\\\\x{g.hex()}\t\\\\x{o.hex()}\t{k}\n"
                                        for i, f, g, o, k in self.sortable[start : start + COPY_SLICE]))
 
 
@@ -1217,7 +1224,9 @@ def copy_records(conn: Conn, indexes: Sequence[IndexRow], entries: Sequence[tupl
     with contextlib.ExitStack() as stack:
         copy = stack.enter_context(conn.cursor().copy("COPY fb_basic FROM STDIN")) if maker.basic else None
         for start in range(0, len(entries), COPY_SLICE):
-            lines = maker.basic_lines([(key, orjson.loads(raw)) for key, raw in entries[start : start + COPY_SLICE]])
+            part = entries[start : start + COPY_SLICE]
+            keys = copy_texts([key for key, _ in part])
+            lines = maker.basic_lines([(key, orjson.loads(raw)) for key, (_, raw) in zip(keys, part, strict=True)])
             if copy is not None and lines:
                 copy.write("".join(lines))
     maker.copy_sortable(conn)
@@ -1251,6 +1260,15 @@ def copy_text(text: str) -> str:
     if "\\" in text or "\n" in text or "\t" in text or "\r" in text:
         return text.translate(_COPY_ESCAPES)
     return text
+
+
+def copy_texts(texts: list[str]) -> list[str]:
+    """Values as COPY's text format writes them: one look at them all first, as almost
+    none needs escaping."""
+    joined = "".join(texts)
+    if "\\" in joined or "\n" in joined or "\t" in joined or "\r" in joined:
+        return [copy_text(t) for t in texts]
+    return texts
 
 
 def _drop_if_abandoned(tx: Tx, index_id: int) -> bool:
