@@ -13,8 +13,8 @@ nodes:  put and get req/s of two PostgreSQL nodes loaded at once (a wrk each, -t
 page:   a sorted page of 10 out of 100,000 matches (first, middle and last pages, both
         directions), milliseconds per page, in this process against each backend.
 index:  a basic index created on --big entries, seconds, each backend.
-backup: a backup (zstd, local folder) of --big entries and its restore, seconds and the job
-        process's RSS growth, each backend.
+backup: a backup (zstd, local folder) of --big entries and its restore, seconds and the
+        node's RSS growth, each backend, alternately, medians of --rounds.
 """
 
 from __future__ import annotations
@@ -202,23 +202,42 @@ class _Peak:
 
 
 def backup(pg: Any, args: argparse.Namespace) -> None:
+    """Backup and restore of each backend in turn, --rounds times (a restore replaces the
+    database with the same data), each after the machine has gone quiet: a restore leaves
+    the replaced database to reclaim, a fresh load PostgreSQL's autovacuum to run."""
+    from scale import machine_busy
+
     servers = [Server("lmdb", [*OURS, "--backup-compression", "zstd"], 18715, False),
                Server("postgresql", [*OURS, "--backup-compression", "zstd", "--storage", pg.new_database()], 18716, False)]
+    took: dict[str, dict[str, list[float]]] = {s.name: {"backup": [], "restore": []} for s in servers}
+    grew: dict[str, dict[str, list[float]]] = {s.name: {"backup": [], "restore": []} for s in servers}
     try:
         for s in servers:
             asyncio.run(preload(s.url, args.big))
+        for r in range(args.rounds):
+            for s in servers:
+                for step in ("backup", "restore"):
+                    quiet_by = time.perf_counter() + 120
+                    os.sync()
+                    while time.perf_counter() < quiet_by and machine_busy(1.0) >= 0.05:
+                        pass
+                    with _Peak(s.proc.pid) as peak:
+                        t = time.perf_counter()
+                        if step == "backup":
+                            name = call(s.url, "/backup/create", {"database": "bench"})["backup_name"]
+                        else:
+                            call(s.url, "/backup/restore", {"backup_name": name})
+                        took[s.name][step].append(time.perf_counter() - t)
+                    grew[s.name][step].append((peak.peak - peak.start) / 2**20)
+                print(f"backup round {r + 1} {s.name}: backed up in {took[s.name]['backup'][-1]:.2f} s,"
+                      f" restored in {took[s.name]['restore'][-1]:.2f} s", flush=True)
         for s in servers:
-            with _Peak(s.proc.pid) as peak:
-                t = time.perf_counter()
-                name = call(s.url, "/backup/create", {"database": "bench"})["backup_name"]
-                took_backup = time.perf_counter() - t
-            grow_backup = (peak.peak - peak.start) / 2**20
-            with _Peak(s.proc.pid) as peak:
-                t = time.perf_counter()
-                call(s.url, "/backup/restore", {"backup_name": name})
-                took_restore = time.perf_counter() - t
-            print(f"backup {s.name}: {args.big:,} entries backed up in {took_backup:.1f} s (+{grow_backup:.0f} MB),"
-                  f" restored in {took_restore:.1f} s (+{(peak.peak - peak.start) / 2**20:.0f} MB)", flush=True)
+            print(f"backup {s.name}: {args.big:,} entries backed up in {statistics.median(took[s.name]['backup']):.2f} s"
+                  f" (+{max(grew[s.name]['backup']):.0f} MB), restored in {statistics.median(took[s.name]['restore']):.2f} s"
+                  f" (+{max(grew[s.name]['restore']):.0f} MB); medians of {args.rounds}, largest growth", flush=True)
+        for step in ("backup", "restore"):
+            ratio = statistics.median(took["postgresql"][step]) / statistics.median(took["lmdb"][step])
+            print(f"{step}: postgresql / lmdb = {ratio:.2f}x", flush=True)
     finally:
         for s in servers:
             s.stop()
