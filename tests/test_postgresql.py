@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -322,6 +323,64 @@ def test_requests_to_a_frozen_postgresql_answer_503_after_the_storage_timeout(ma
     for r, took in answers:
         assert (r.status_code, r.json()["code"]) == (503, "STORAGE_UNAVAILABLE") and took < 10, (r.text, took)
     assert _until(lambda: node.post("/set/put", {"database": "d", "set": "s", "key": "k", "value": 3}).status_code == 200)
+    assert node.ok("/set/get", {"database": "d", "set": "s", "key": "k"})["data"] == 3
+
+
+@contextlib.contextmanager
+def vanished_connections(server: PostgresServer) -> Iterator[None]:
+    """PostgreSQL's ends of every connection to it destroyed, their resets lost (iptables), as
+    when its host is powered off or cut off: the clients' ends stay open and hear nothing."""
+    lost = ["OUTPUT", "-o", "lo", "-p", "tcp", "--sport", str(server.port), "--tcp-flags", "RST", "RST", "-j", "DROP"]
+    subprocess.run(["iptables", "-I", *lost], check=True, capture_output=True)
+    try:
+        subprocess.run(["ss", "-K", "-t", "state", "established", f"( sport = :{server.port} )"], check=True,
+                       capture_output=True)
+        yield
+    finally:
+        subprocess.run(["iptables", "-D", *lost], check=True, capture_output=True)
+
+
+def _can_make_connections_vanish() -> bool:
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("iptables", "ss")):
+        return False
+    return subprocess.run(["iptables", "-S", "OUTPUT"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_make_connections_vanish(), reason="needs root, iptables and ss")
+def test_connections_to_a_host_gone_without_a_word_are_given_up_within_the_storage_timeout(
+        make_server: Any, own_postgres: PostgresServer) -> None:
+    """A connection waiting for an answer sends nothing, so with the system's keepalive it
+    would learn of a vanished host after two hours, holding its request thread all along:
+    with the node's one thread held, every request would get 503 long after PostgreSQL
+    (here: the same one, as after a failover to a standby on the host's address) is back."""
+    node = make_server(["--storage", own_postgres.new_database(), "--storage-timeout", "3", "--workers", "1",
+                        "--request-threads", "1"])
+    node.ok("/create", {"name": "d"})
+    node.ok("/set/put", {"database": "d", "set": "s", "key": "k", "value": 1})
+    answers: list[tuple[httpx.Response, float]] = []
+
+    def call(path: str, body: dict[str, Any]) -> None:
+        started = time.monotonic()
+        answers.append((httpx.post(node.url + path, json=body, timeout=60), time.monotonic() - started))
+
+    calls = [threading.Thread(target=call, args=("/set/get", {"database": "d", "set": "s", "key": "k"})),
+             threading.Thread(target=call, args=("/set/put", {"database": "d", "set": "s", "key": "j", "value": 2}))]
+    with frozen(own_postgres):
+        for t in calls:
+            t.start()
+        time.sleep(1)  # the get waits for PostgreSQL on the node's request thread, the put behind it
+        with vanished_connections(own_postgres):
+            pass
+    for t in calls:
+        t.join()
+    assert len(answers) == 2
+    for r, took in answers:  # failed at their connection's end or at the node's deadline
+        assert r.status_code == 200 or r.json()["code"] == "STORAGE_UNAVAILABLE", r.text
+        assert took < 10, (r.text, took)
+    started = time.monotonic()
+    assert _until(lambda: node.post("/set/get", {"database": "d", "set": "s", "key": "k"}).status_code == 200, 30)
+    assert time.monotonic() - started < 15
+    node.ok("/set/put", {"database": "d", "set": "s", "key": "k", "value": 3})
     assert node.ok("/set/get", {"database": "d", "set": "s", "key": "k"})["data"] == 3
 
 

@@ -99,6 +99,17 @@ SESSION_OPTIONS = ("-c statement_timeout={timeout_ms} -c enable_seqscan=off -c e
 IDLE_CHECK_SECONDS = 0.25
 
 
+def liveness(timeout_ms: int) -> dict[str, Any]:
+    """libpq's TCP settings that give up on a database host gone without a word (powered off,
+    cut off, its address moved to a standby) within about the storage timeout, where the
+    system's defaults wait two hours: a connection waiting for an answer sends nothing, so
+    only keepalives can find that out. A live host's kernel answers them however long a
+    statement runs."""
+    seconds = max(3, timeout_ms // 1000)
+    return {"keepalives": 1, "keepalives_idle": seconds // 3, "keepalives_interval": max(1, seconds // 9),
+            "keepalives_count": 3, "tcp_user_timeout": seconds * 1000}
+
+
 class _IdleCheck:
     """The pool's check of a connection as it is handed out: one last handed out
     IDLE_CHECK_SECONDS ago or more is tried with an empty statement first, so that a
@@ -605,8 +616,9 @@ class PostgresStorage:
         self.url = url
         self._unmigrated = True  # until a connection has brought the schema to this release's
         self._migrating = threading.Lock()
+        self._alive = liveness(statement_timeout_ms)
         session: dict[str, Any] = {"autocommit": True, "connect_timeout": max(1, int(connect_timeout)),
-                                   "options": SESSION_OPTIONS.format(timeout_ms=statement_timeout_ms)}
+                                   "options": SESSION_OPTIONS.format(timeout_ms=statement_timeout_ms), **self._alive}
         self.pool: ConnectionPool[Conn] = ConnectionPool(
             url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout, configure=self._configure,
             check=_IdleCheck(), kwargs=session, name="fuckbase")
@@ -867,7 +879,7 @@ class PostgresStorage:
         The builder holds a lock on the index's id meanwhile (on a connection of its own): if
         its process dies, PostgreSQL lets the lock go and housekeeping drops the unfinished index."""
         with translated():
-            builder = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+            builder = psycopg.connect(self.url, autocommit=True, connect_timeout=5, **self._alive)
         try:
             self._build_index(builder, database, set_name, definition, check)
         finally:
@@ -1030,7 +1042,8 @@ class PostgresStorage:
             try:
                 conn = self._leading.get(role)
                 if conn is None or conn.closed:
-                    conn = self._leading[role] = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+                    conn = self._leading[role] = psycopg.connect(self.url, autocommit=True, connect_timeout=5,
+                                                                 **self._alive)
                     self._held.discard(role)
                 if role in self._held:
                     conn.execute("SELECT 1")
