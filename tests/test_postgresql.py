@@ -298,23 +298,29 @@ def test_a_frozen_postgresql_holds_up_a_metrics_scrape_but_not_the_node(make_ser
     assert scraped[0].status_code == 200 and "fuckbase_databases 1.0" in scraped[0].text
 
 
-def test_requests_to_a_frozen_postgresql_answer_503_after_the_storage_timeout(make_server: Any,
-                                                                              own_postgres: PostgresServer) -> None:
-    """Its statement timeout cannot fire (nothing runs there): the node's own deadline does."""
-    node = make_server(["--storage", own_postgres.new_database(), "--storage-timeout", "2"])
-    node.ok("/create", {"name": "d"})
-    node.ok("/set/put", {"database": "d", "set": "s", "key": "k", "value": 1})
+def _timed_posts(node: ServerProcess, requests: list[tuple[str, dict[str, Any]]]
+                 ) -> tuple[list[threading.Thread], list[tuple[httpx.Response, float]]]:
+    """A thread per request (for the caller to start) that posts it and notes the answer and
+    how long it took."""
     answers: list[tuple[httpx.Response, float]] = []
 
     def call(path: str, body: dict[str, Any]) -> None:
         started = time.monotonic()
         answers.append((httpx.post(node.url + path, json=body, timeout=60), time.monotonic() - started))
 
+    return [threading.Thread(target=call, args=request) for request in requests], answers
+
+
+def test_requests_to_a_frozen_postgresql_answer_503_after_the_storage_timeout(make_server: Any,
+                                                                              own_postgres: PostgresServer) -> None:
+    """Its statement timeout cannot fire (nothing runs there): the node's own deadline does."""
+    node = make_server(["--storage", own_postgres.new_database(), "--storage-timeout", "2"])
+    node.ok("/create", {"name": "d"})
+    node.ok("/set/put", {"database": "d", "set": "s", "key": "k", "value": 1})
+    calls, answers = _timed_posts(node, [("/set/get", {"database": "d", "set": "s", "key": "k"}),
+                                         ("/set/put", {"database": "d", "set": "s", "key": "j", "value": 2}),
+                                         ("/index/query", {"database": "d", "set": "s", "index": "i", "value": "x"})])
     with frozen(own_postgres):
-        calls = [threading.Thread(target=call, args=("/set/get", {"database": "d", "set": "s", "key": "k"})),
-                 threading.Thread(target=call, args=("/set/put", {"database": "d", "set": "s", "key": "j", "value": 2})),
-                 threading.Thread(target=call, args=("/index/query", {"database": "d", "set": "s", "index": "i",
-                                                                      "value": "x"}))]
         for t in calls:
             t.start()
         for t in calls:
@@ -357,14 +363,8 @@ def test_connections_to_a_host_gone_without_a_word_are_given_up_within_the_stora
                         "--request-threads", "1"])
     node.ok("/create", {"name": "d"})
     node.ok("/set/put", {"database": "d", "set": "s", "key": "k", "value": 1})
-    answers: list[tuple[httpx.Response, float]] = []
-
-    def call(path: str, body: dict[str, Any]) -> None:
-        started = time.monotonic()
-        answers.append((httpx.post(node.url + path, json=body, timeout=60), time.monotonic() - started))
-
-    calls = [threading.Thread(target=call, args=("/set/get", {"database": "d", "set": "s", "key": "k"})),
-             threading.Thread(target=call, args=("/set/put", {"database": "d", "set": "s", "key": "j", "value": 2}))]
+    calls, answers = _timed_posts(node, [("/set/get", {"database": "d", "set": "s", "key": "k"}),
+                                         ("/set/put", {"database": "d", "set": "s", "key": "j", "value": 2})])
     with frozen(own_postgres):
         for t in calls:
             t.start()
