@@ -1191,8 +1191,8 @@ def _log_index(database: str, set_name: str, definition: IndexDef, tx: Tx) -> No
 
 class RecordMaker:
     """Makes the index records of (stored key as COPY text, parsed value) entries: basic ones
-    as COPY lines, sortable ones kept (`sortable`) for their counts. Builds and restores spend most of
-    their Python time here: basic records are made inline, not through `_records`."""
+    as COPY lines, sortable ones kept (`sortable`) for their counts. Builds and restores spend
+    most of their Python time here: basic records are made inline, not through `_records`."""
 
     def __init__(self, indexes: Sequence[IndexRow]) -> None:
         self.basic = [(ix.id, ix.field) for ix in indexes if ix.kind == BASIC]
