@@ -198,6 +198,9 @@ def test_bad_point_in_time_requests_are_refused_and_change_nothing(shipping: Ser
         ({"at": at, "as": "copy"}, 400), ({"at": at, "database": "full"}, 400), ({}, 400),
         ({"at": "2001-01-01T00:00:00Z"}, 404), ({"at": "2999-01-01T00:00:00Z"}, 404),
         ({"at": at, "database": "nothere"}, 404),
+        # in UTC these fall outside years 1-9999
+        ({"at": "0001-01-01T00:00:00+23:59"}, 400), ({"at": "9999-12-31T23:59:59.999999-00:01"}, 400),
+        ({"at": at, "database": "shop", "as": ""}, 400),  # not "no new name": that would restore over it
     ):
         r = srv.post("/backup/restore", body)
         assert r.status_code == code, (body, r.text)

@@ -4,6 +4,7 @@ again under load, and the plans of the queries that must use an index."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -13,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +25,10 @@ from conftest import ServerProcess
 from pgserver import PostgresServer, running_postgres
 from s3server import fresh_bucket, s3  # noqa: F401
 
+from fuckbase import continuous
+from fuckbase.backup import BackupService
+from fuckbase.continuous import CONSUMER, Shipper, restore_to, timeline
+from fuckbase.objectstore import LocalObjectStore
 from fuckbase.storage import (
     BASIC,
     SORTABLE,
@@ -609,6 +615,78 @@ def test_continuous_backup_and_point_in_time_restore_on_postgresql(make_server: 
     node.ok("/backup/restore", {"at": at})  # everything, in one transaction
     assert node.ok("/server/info")["databases_count"] == 1
     assert node.ok("/set/get", {"database": "shop", "set": "s", "key": "k"})["data"] == "before"
+
+
+async def _lead(shipper: Any, storage: PostgresStorage, writers: list[PostgresStorage], puts: int,
+                written: dict[str, int]) -> None:
+    """One node's turn at shipping: it starts, both nodes write, it ships and compacts (the
+    log lets go of what it acknowledged), and it stops as it does when the lead moves."""
+    task = asyncio.create_task(shipper.run())
+    await _until_async(lambda: shipper.status.state == "shipping")
+    for i in range(puts):
+        key = f"k{len(written)}"
+        written[key] = i
+        writers[i % 2].put("d", "s", key, i, str(i).encode(), allow_all)
+    await _until_async(lambda: shipper.status.shipped_sequence >= storage.sequence() and not shipper._small)
+    storage.maintain()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert shipper.status.state.startswith("stopped"), shipper.status.state
+
+
+async def _until_async(ok: Any, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not ok():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_the_lead_moving_between_nodes_continues_the_stream_and_loses_no_change(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whichever node leads continues the stream the nodes shipped last, from the shared log;
+    a stream the log no longer follows on from (let go meanwhile) is not continued: a new
+    generation begins. A restore to the newest instant holds every acknowledged write."""
+    monkeypatch.setattr(continuous, "COMPACT_SECONDS", 0.1)  # every round compacts and acknowledges
+    a, b = PostgresStorage(pg_url), PostgresStorage(pg_url)
+    store = LocalObjectStore(tmp_path / "bucket")
+    shippers = []
+    for name, storage in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        backups = BackupService(storage, store, spool_dir=tmp_path / name)
+        shippers.append(Shipper(storage, backups, tmp_path / name, tmp_path / name, sync_interval=0.05))
+        backups.shipped = shippers[-1].shipped
+    try:
+        a.create_database("d", None)
+        a.create_set("d", "s", allow_all)
+        written: dict[str, int] = {}
+        await _lead(shippers[0], a, [a, b], 40, written)
+        await _lead(shippers[1], b, [a, b], 40, written)
+        await _lead(shippers[0], a, [a, b], 40, written)
+        assert len(await timeline(store)) == 1  # one stream, continued by each node in turn
+        b.release_changes(CONSUMER)  # as a node with continuous backup off does: the log is let go
+        b.put("d", "s", "unlogged", 1, b"1", allow_all)
+        written["unlogged"] = 1
+        await _lead(shippers[1], b, [a, b], 40, written)
+        assert len(await timeline(store)) == 2  # a new generation, from a snapshot that holds it
+
+        shipper = shippers[0]
+        task = asyncio.create_task(shipper.run())
+        await _until_async(lambda: shipper.status.state == "shipping")
+        at = time.time()
+        await _until_async(lambda: shipper.status.shipped_until > at)
+        restored = await restore_to(shipper.backups, at, "d", "d_then", None)
+        assert restored["databases"] == ["d_then"]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        snapshot = a.snapshot()
+        try:
+            db = next(d for d in snapshot.databases() if d.name == "d_then")
+            assert {k: orjson.loads(v) for k, v in snapshot.entries(db, "s")} == written
+        finally:
+            snapshot.close()
+    finally:
+        a.close()
+        b.close()
 
 
 BUILDER = """

@@ -507,7 +507,7 @@ class Api:
             raise invalid('give "backup_name" or "at", not both')
         if not name and not at:
             raise invalid('"backup_name" is required (or "at" for a point-in-time restore)')
-        into = database_name(body, "as") if body.get("as") else None
+        into = database_name(body, "as") if body.get("as") is not None else None
         if at:
             instant = continuous.parse_instant(at)
             database = self._optional_database(body)

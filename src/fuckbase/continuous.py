@@ -73,6 +73,7 @@ STATE_FILE = "continuous.json"  # in the data dir: this node's id and generation
 SEGMENT_FORMAT = 1
 LEASE_TTL = 60.0  # a lease not renewed for this long may be taken over by another node
 LEASE_RENEW = 10.0
+LEASE_RETRY = 5.0  # seconds between tries of a node refused by another's lease
 COMPACT_SECONDS = 600.0
 COMPACT_SEGMENTS = 600  # small segments that trigger a compaction before COMPACT_SECONDS
 SEGMENT_CHANGES = 50_000  # commits per small segment at most; more are shipped in several
@@ -99,9 +100,11 @@ def parse_instant(text: Any) -> float:
     if not isinstance(text, str) or not re.fullmatch(INSTANT_PATTERN, text):
         raise invalid(f'"at" must be an RFC 3339 time with its offset, e.g. 2026-12-01T14:00:00Z (got {text!r:.60})')
     try:
-        return datetime.fromisoformat(text.upper()).timestamp()
-    except (ValueError, OverflowError):
+        t = datetime.fromisoformat(text.upper()).timestamp()
+        rfc3339(t)  # in UTC too it must fall within years 1-9999
+    except (ValueError, OverflowError, OSError):
         raise invalid(f'"at" is not a valid date and time: {text!r:.60}') from None
+    return t
 
 
 # ---------------------------------------------------------------------- segments
@@ -421,6 +424,11 @@ class Generation:
             return None
         reached = max([seg.upto for seg in self.segments] + ([self.vouched[0]] if self.vouched else []))
         return reached if reached > pos else None
+
+
+def _stream_end(gen: Generation) -> int | None:
+    """The last sequence a generation holds (its snapshots and segments), if any."""
+    return max([*(s.upto for s in gen.segments), *(s.sequence for s in gen.snapshots)], default=None)
 
 
 async def timeline(store: ObjectStore, shipped: tuple[str, int, float] | None = None, *,
@@ -779,6 +787,10 @@ class StreamTaken(Exception):
     """Another node holds the lease on the stream."""
 
 
+class StreamBroken(Exception):
+    """The change log no longer holds what the stream needs next: it cannot go on."""
+
+
 class Shipper:
     """Ships the change sequence of this node's data dir to the object store; one per node,
     in the process that runs the schedule."""
@@ -814,8 +826,16 @@ class Shipper:
     # -- running
 
     async def run(self) -> None:
-        """Ships until cancelled; any failure is logged, counted and retried with back-off,
-        while the changes wait in the local log."""
+        """Ships until cancelled (a stop, or another node taking the lead of a shared backend),
+        then ships what it can and gives the lease up (`release`); any failure is logged,
+        counted and retried with back-off, while the changes wait in the log."""
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            await self.release()
+            raise
+
+    async def _run(self) -> None:
         pause = self.sync_interval
         while True:
             try:
@@ -826,7 +846,11 @@ class Shipper:
                 self.status.state = f"refused: {exc}"
                 self.status.failed("lease")
                 log.error("continuous backup refused: %s", exc)
-                pause = LEASE_TTL / 2
+                pause = LEASE_RETRY
+            except StreamBroken as exc:  # the next start sees it and begins a new generation
+                self.status.state = f"starting again: {exc}"
+                self.status.failed("stream")
+                log.error("continuous backup: %s", exc)
             except ObjectStoreError as exc:
                 self.status.state = f"waiting for the object store: {exc}"
                 self.status.failed(exc.kind)
@@ -843,22 +867,34 @@ class Shipper:
             pause = min(RETRY_PAUSE_MAX, pause * 2)
 
     async def _start(self) -> None:
-        if not self.generation:
-            self._compacted = await asyncio.to_thread(self._open_stream)
-            self.status.generation = self.generation
-            self.status.shipped_sequence = self._compacted
+        """Takes the lease, then the stream: this node's (its data dir's), or on a shared
+        backend the stream the nodes shipped last; a stream whose end the change log no longer
+        follows on from (another node shipped a stream of its own meanwhile, or the log was let
+        go) is not continued: a new generation begins, with a snapshot."""
         await self.store.ensure_ready()
-        await self._acquire_lease()
+        if not self.node:
+            self.node = await asyncio.to_thread(self._node_id)
+        await self._acquire_lease()  # before anything touches the change log, which other nodes may share
         gens = await self._list()
+        acked = await asyncio.to_thread(self.storage.retain_changes, CONSUMER)
+        if not self.generation:
+            await asyncio.to_thread(self._open_stream, self._continuable(gens, acked))
+            await self._renew_lease()  # it names the generation now
+            acked = await asyncio.to_thread(self.storage.retain_changes, CONSUMER)
         mine = gens.get(self.generation, Generation(self.generation))
-        if any(s.upto > self.storage.sequence() for s in mine.segments):
-            # the data dir lost commits the stream holds (a power loss before its fsync): its
-            # numbers would now mean other changes, so it starts a new generation
-            log.warning("continuous backup: the data dir is behind its stream %s; starting a new one", self.generation)
+        end = _stream_end(mine)
+        if any(s.upto > self.storage.sequence() for s in mine.segments) or (end is not None and acked > end):
+            # the data lost commits the stream holds (a power loss before its fsync: its numbers
+            # would now mean other changes), or the log lost changes that follow the stream's end
+            log.warning("continuous backup: the data and the change log do not follow on from stream %s"
+                        " (sequence %d, log from %d, stream to %s); starting a new one",
+                        self.generation, self.storage.sequence(), acked, end)
             await asyncio.to_thread(stop_logging_changes, self.storage, self.state_path.parent)
             self.generation = ""
             await self._start()
             return
+        self._compacted = acked
+        self.status.generation = self.generation
         if mine.unfinished:  # a snapshot this node was writing when it crashed
             self.status.count("delete")
             await self.store.delete_many(mine.unfinished)
@@ -881,27 +917,45 @@ class Shipper:
         self._shipped = shipped
         self.status.state = "shipping"
 
-    def _open_stream(self) -> int:
-        """This node's id and generation, kept in the data dir: a data dir without them (new,
-        or restored from the bucket) starts a new generation from a fresh consumer."""
+    def _continuable(self, gens: dict[str, Generation], acked: int) -> str | None:
+        """On a shared backend, the stream that reaches furthest (the one the nodes shipped
+        last), for this node to continue once it leads, if the log follows on from its end
+        (it holds every change after `acked`); elsewhere the data dir knows its own."""
+        if not self.storage.shared:
+            return None
+        ends = {name: end for name, g in gens.items() if (end := _stream_end(g)) is not None}
+        last = max(ends, key=ends.__getitem__, default=None)
+        return last if last is not None and acked <= ends[last] else None
+
+    def _node_id(self) -> str:
+        try:
+            state = orjson.loads(self.state_path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            state = {}
+        return str(state.get("node") or secrets.token_hex(8))
+
+    def _open_stream(self, continued: str | None) -> None:
+        """The generation this node ships, kept in its data dir: `continued`, else the data
+        dir's own (not on a shared backend: the nodes' streams are theirs together), else a
+        new one from a fresh consumer (a new data dir, or one restored from the bucket)."""
         state: dict[str, Any] = {}
         try:
             state = orjson.loads(self.state_path.read_bytes())
         except (OSError, orjson.JSONDecodeError):
             pass
-        self.node = state.get("node") or secrets.token_hex(8)
-        if state.get("generation"):
-            self.generation = state["generation"]
-            return self.storage.retain_changes(CONSUMER)
-        self.storage.release_changes(CONSUMER)
-        acked = self.storage.retain_changes(CONSUMER)
-        self.generation = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps({"node": self.node, "generation": self.generation}))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)
-        return acked
+        generation = continued or (None if self.storage.shared else state.get("generation"))
+        if generation:
+            self.generation = generation
+        else:
+            self.storage.release_changes(CONSUMER)
+            self.storage.retain_changes(CONSUMER)
+            self.generation = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
+        if self.generation != state.get("generation"):
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_bytes(orjson.dumps({"node": self.node, "generation": self.generation}))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
 
     async def _load_history(self, mine: Generation) -> None:
         self._history, self._history_of = DatabaseHistory(), self.generation
@@ -1024,7 +1078,9 @@ class Shipper:
 
     async def _compact(self) -> None:
         """One segment for everything since the last compaction, from the local log; then the
-        small segments it replaces go, and the local log lets go of what it now holds."""
+        small segments it replaces go, and the local log lets go of what it now holds. The
+        log must still hold all of it, before and after it is read: on a shared backend
+        another node may have begun a stream of its own and let the log go."""
         upto = max(s.upto for s in self._small)
         until = max(s.until for s in self._small)
         start = self._compacted
@@ -1033,7 +1089,14 @@ class Shipper:
             for chunk in self._logged(start, upto):
                 enc.add(chunk)
 
+        await self._log_holds(start)
         seg = await self._put_segment(start, None, upto, until, fill)
+        try:
+            await self._log_holds(start)
+        except StreamBroken:
+            self.status.count("delete")
+            await self.store.delete(seg.key)
+            raise
         replaced = [s.key for s in self._small if s.key != seg.key and s.upto <= upto]
         if replaced:
             self.status.count("delete", (len(replaced) + 999) // 1000)
@@ -1042,6 +1105,11 @@ class Shipper:
         self._compacted = upto
         self._small = [s for s in self._small if s.upto > upto]
         self._last_compact = time.monotonic()
+
+    async def _log_holds(self, after: int) -> None:
+        acked = await asyncio.to_thread(self.storage.retain_changes, CONSUMER)
+        if acked > after:
+            raise StreamBroken(f"the change log was let go up to {acked}; stream {self.generation} needs it from {after}")
 
     async def _apply_retention(self) -> None:
         """Deletes what the window no longer needs; a failure is logged and counted, and the
@@ -1131,16 +1199,22 @@ class Shipper:
         self._last_renew = time.monotonic()
 
     async def release(self) -> None:
-        """On a clean stop: ship what is left and give the lease up at once."""
+        """When this process stops shipping (a clean stop, or another node taking the lead):
+        ships what is left, then gives the lease up at once, so that the next node need not
+        wait for it to go stale."""
         if self.status.state != "shipping":
             return
+        self.status.state = "stopped: this process does not ship (stopping, or another node leads)"
         try:
             await self._ship()
+        except Exception as exc:  # noqa: BLE001 (the storage or the object store; what is left waits in the log)
+            log.warning("continuous backup: final shipping failed: %s", exc)
+        try:
             lease = await self._read_lease()
             if lease is not None and lease.get("node") == self.node:
                 await self.store.delete(LEASE)
-        except (ObjectStoreError, ApiError) as exc:
-            log.warning("continuous backup: final shipping failed: %s", exc)
+        except ObjectStoreError as exc:
+            log.warning("continuous backup: the lease could not be given up: %s", exc)
 
 
 def stop_logging_changes(storage: Storage, data_dir: Path) -> None:

@@ -322,6 +322,7 @@ class Storage(Protocol):
     """A backend. Safe to call from any thread; every write is one atomic commit."""
 
     remote: bool  # its calls wait on the network: the HTTP layer runs reads off its event loop
+    shared: bool  # several nodes serve its data: the change sequence and its consumers are theirs together
 
     def read(self) -> AbstractContextManager[ReadView]: ...
 

@@ -124,6 +124,7 @@ class LmdbStorage:
     """One process's handle on an LMDB data directory. Thread-safe."""
 
     remote = False  # reads take microseconds: inline on the event loop beats a thread hop
+    shared = False  # one node's data dir
 
     def __init__(self, path: Path, *, primary: bool = False, map_size: int = MAP_SIZE) -> None:
         path.mkdir(parents=True, exist_ok=True)

@@ -608,6 +608,7 @@ class PostgresStorage:
     number of processes on any number of machines may share the database."""
 
     remote = True
+    shared = True  # every node on the database
 
     def __init__(self, url: str, *, pool_size: int = 8, connect_timeout: float = 5.0,
                  statement_timeout_ms: int = STATEMENT_TIMEOUT_MS, wait_for_database: bool = False) -> None:
