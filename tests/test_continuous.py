@@ -22,6 +22,7 @@ from s3server import SeaweedS3, fresh_bucket, s3  # noqa: F401
 from test_backup_s3 import get_object, object_keys, original_database, put_object, s3_args
 
 from fuckbase.backup import BackupService
+from fuckbase.backupformat import BackupInvalid
 from fuckbase.continuous import (
     DatabaseHistory,
     Generation,
@@ -29,6 +30,7 @@ from fuckbase.continuous import (
     SegmentObject,
     Shipper,
     SnapshotObject,
+    _Replay,
     database_ranges,
     expired,
     ranges,
@@ -631,3 +633,14 @@ async def test_a_drop_a_snapshot_holds_before_shipping_saw_it_ends_the_database_
         assert list(snapshot.entries(db, "s")) == [("k", b'"v"')]
     finally:
         snapshot.close()
+
+
+def test_a_logged_write_to_a_database_nothing_created_is_refused_as_invalid(storage: Storage) -> None:
+    """A change that names a database the snapshot and the earlier changes do not hold (one
+    is missing before it) makes the restore 422, not a 500, and stages nothing."""
+    staging = storage.restore_writer()
+    replay = _Replay(staging, {}, None)
+    replay.apply_logged({"t": 1.0, "s": 7, "ops": [["put", "gone", "s", "k", 1]]})
+    with pytest.raises(BackupInvalid, match="'gone'"):
+        replay.flush()
+    staging.abort()

@@ -611,10 +611,14 @@ class _Replay:
     def flush(self) -> None:
         if self._run is not None and self._items:
             kind, db, set_name = self._run
+            target = self.staged.get(db)
+            if target is None:  # a change is missing before this one
+                raise BackupInvalid(f"a logged change writes to database {db!r}, which neither the snapshot nor"
+                                    " the changes before it hold")
             if kind == "put":
-                self.staging.write(self.staged[db], set_name, self._items)
+                self.staging.write(target, set_name, self._items)
             else:
-                self.staging.delete(self.staged[db], set_name, self._items)
+                self.staging.delete(target, set_name, self._items)
         self._run, self._items = None, []
 
     def _queue(self, run: tuple[str, str, str], item: Any) -> None:
