@@ -1206,14 +1206,16 @@ class Shipper:
         """When this process stops shipping (a clean stop, or another node taking the lead):
         ships what is left, then gives the lease up at once, so that the next node need not
         wait for it to go stale."""
-        if self.status.state != "shipping":
-            return
+        shipping = self.status.state == "shipping"
         self.status.state = "stopped: this process does not ship (stopping, or another node leads)"
-        try:
-            await self._ship()
-        except Exception as exc:  # noqa: BLE001 (the storage or the object store; what is left waits in the log)
-            log.warning("continuous backup: final shipping failed: %s", exc)
-        try:
+        if shipping:
+            try:
+                await self._ship()
+            except Exception as exc:  # noqa: BLE001 (the storage or the object store; what is left waits in the log)
+                log.warning("continuous backup: final shipping failed: %s", exc)
+        if not self.node:
+            return
+        try:  # held as well when stopped while starting
             lease = await self._read_lease()
             if lease is not None and lease.get("node") == self.node:
                 await self.store.delete(LEASE)

@@ -276,9 +276,7 @@ def job_process(rt: Runtime, ready_fd: int) -> None:
         listener.close()
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if shipper is not None:
-            await shipper.release()
+        await asyncio.gather(*tasks, return_exceptions=True)  # the shipper ships what is left and gives its lease up
         published.write(backups.stats.dump())
 
     try:
