@@ -887,12 +887,13 @@ class Shipper:
             acked = await asyncio.to_thread(self.storage.retain_changes, CONSUMER)
         mine = gens.get(self.generation, Generation(self.generation))
         end = _stream_end(mine)
-        if any(s.upto > self.storage.sequence() for s in mine.segments) or (end is not None and acked > end):
+        sequence = await asyncio.to_thread(self.storage.sequence)
+        if any(s.upto > sequence for s in mine.segments) or (end is not None and acked > end):
             # the data lost commits the stream holds (a power loss before its fsync: its numbers
             # would now mean other changes), or the log lost changes that follow the stream's end
             log.warning("continuous backup: the data and the change log do not follow on from stream %s"
                         " (sequence %d, log from %d, stream to %s); starting a new one",
-                        self.generation, self.storage.sequence(), acked, end)
+                        self.generation, sequence, acked, end)
             await asyncio.to_thread(stop_logging_changes, self.storage, self.state_path.parent)
             self.generation = ""
             await self._start()
@@ -1020,7 +1021,7 @@ class Shipper:
         """Ships every change not yet shipped, as one small segment per SEGMENT_CHANGES."""
         while True:
             until = time.time()
-            sequence = self.storage.sequence()  # read first: every commit up to it is in the log
+            sequence = await asyncio.to_thread(self.storage.sequence)  # read first: every commit up to it is in the log
             changes = await asyncio.to_thread(self.storage.changes, self._shipped, SEGMENT_CHANGES)
             full = len(changes) >= SEGMENT_CHANGES
             if full:
@@ -1044,7 +1045,7 @@ class Shipper:
             if any(_restores(c) for c in changes):
                 self._snapshot_due = True
             self._shipped_to(seg.upto, seg.until)
-            self.status.pending_changes = max(0, self.storage.sequence() - seg.upto)
+            self.status.pending_changes = max(0, await asyncio.to_thread(self.storage.sequence) - seg.upto)
             self.status.lag_seconds = 0.0
             if not full:
                 return
