@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 from compare import Server, cpu_seconds, wrk  # noqa: E402
 from load import preload  # noqa: E402
+from scale import machine_busy  # noqa: E402
 
 from fuckbase.storage import SORTABLE, IndexDef, Put, Storage, allow_all  # noqa: E402
 from fuckbase.storage.lmdb import LmdbStorage  # noqa: E402
@@ -205,8 +206,6 @@ def backup(pg: Any, args: argparse.Namespace) -> None:
     """Backup and restore of each backend in turn, --rounds times (a restore replaces the
     database with the same data), each after the machine has gone quiet: a restore leaves
     the replaced database to reclaim, a fresh load PostgreSQL's autovacuum to run."""
-    from scale import machine_busy
-
     servers = [Server("lmdb", [*OURS, "--backup-compression", "zstd"], 18715, False),
                Server("postgresql", [*OURS, "--backup-compression", "zstd", "--storage", pg.new_database()], 18716, False)]
     took: dict[str, dict[str, list[float]]] = {s.name: {"backup": [], "restore": []} for s in servers}

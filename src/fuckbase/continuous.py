@@ -882,9 +882,8 @@ class Shipper:
         gens = await self._list()
         acked = await asyncio.to_thread(self.storage.retain_changes, CONSUMER)
         if not self.generation:
-            await asyncio.to_thread(self._open_stream, self._continuable(gens, acked))
+            acked = await asyncio.to_thread(self._open_stream, self._continuable(gens, acked), acked)
             await self._renew_lease()  # it names the generation now
-            acked = await asyncio.to_thread(self.storage.retain_changes, CONSUMER)
         mine = gens.get(self.generation, Generation(self.generation))
         end = _stream_end(mine)
         sequence = await asyncio.to_thread(self.storage.sequence)
@@ -932,28 +931,29 @@ class Shipper:
         last = max(ends, key=ends.__getitem__, default=None)
         return last if last is not None and acked <= ends[last] else None
 
-    def _node_id(self) -> str:
+    def _state(self) -> dict[str, Any]:
+        """This node's id and generation as its data dir keeps them."""
         try:
             state = orjson.loads(self.state_path.read_bytes())
         except (OSError, orjson.JSONDecodeError):
-            state = {}
-        return str(state.get("node") or secrets.token_hex(8))
+            return {}
+        return state if isinstance(state, dict) else {}
 
-    def _open_stream(self, continued: str | None) -> None:
+    def _node_id(self) -> str:
+        return str(self._state().get("node") or secrets.token_hex(8))
+
+    def _open_stream(self, continued: str | None, acked: int) -> int:
         """The generation this node ships, kept in its data dir: `continued`, else the data
         dir's own (not on a shared backend: the nodes' streams are theirs together), else a
-        new one from a fresh consumer (a new data dir, or one restored from the bucket)."""
-        state: dict[str, Any] = {}
-        try:
-            state = orjson.loads(self.state_path.read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            pass
+        new one from a fresh consumer (a new data dir, or one restored from the bucket).
+        Returns where the consumer now starts (`acked`, unless a fresh one replaced it)."""
+        state = self._state()
         generation = continued or (None if self.storage.shared else state.get("generation"))
         if generation:
             self.generation = generation
         else:
             self.storage.release_changes(CONSUMER)
-            self.storage.retain_changes(CONSUMER)
+            acked = self.storage.retain_changes(CONSUMER)
             self.generation = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
         if self.generation != state.get("generation"):
             tmp = self.state_path.with_suffix(".tmp")
@@ -961,6 +961,7 @@ class Shipper:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self.state_path)
+        return acked
 
     async def _load_history(self, mine: Generation) -> None:
         self._history, self._history_of = DatabaseHistory(), self.generation
@@ -1084,8 +1085,8 @@ class Shipper:
     async def _compact(self) -> None:
         """One segment for everything since the last compaction, from the local log; then the
         small segments it replaces go, and the local log lets go of what it now holds. The
-        log must still hold all of it, before and after it is read: on a shared backend
-        another node may have begun a stream of its own and let the log go."""
+        log must still have held all of it once it was read: on a shared backend another node
+        may have begun a stream of its own and let the log go."""
         upto = max(s.upto for s in self._small)
         until = max(s.until for s in self._small)
         start = self._compacted
@@ -1094,7 +1095,6 @@ class Shipper:
             for chunk in self._logged(start, upto):
                 enc.add(chunk)
 
-        await self._log_holds(start)
         seg = await self._put_segment(start, None, upto, until, fill)
         try:
             await self._log_holds(start)

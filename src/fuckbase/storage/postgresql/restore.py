@@ -141,8 +141,7 @@ class PgRestoreWriter:
         self._tx = Tx(self._conn, storage.catalogs, 0)
         self._tx.catalog_changed = True  # whatever it stages is looked up, never taken from a cache
         self._dbs: list[PgStagedDatabase] = []
-        self._filled: set[int] = set()  # sets that have entries staged
-        self._counts: Counter[int] = Counter()  # entries staged, by set (the writer's thread adds to it)
+        self._counts: Counter[int] = Counter()  # entries staged, by set that has had any (the writer's thread adds to it)
         self._deferred: set[int] = set()  # indexes whose records are made at the commit
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="fb-restore")
         self._in_flight: Future[None] | None = None
@@ -206,7 +205,7 @@ class PgRestoreWriter:
             assert row is not None
             db.indexes[set_name][definition.name] = IndexRow(int(row[0]), definition.field, definition.kind,
                                                               tuple(definition.sort_fields))
-            if sid in self._filled:
+            if sid in self._counts:  # its entries are staged already
                 self._deferred.add(int(row[0]))
 
     def _kept(self, db: PgStagedDatabase, set_name: str) -> tuple[IndexRow, ...]:
@@ -223,7 +222,6 @@ class PgRestoreWriter:
         if sid is None:
             with self._step():
                 sid = self._set(db, set_name)
-        self._filled.add(sid)
         staging = _Staging(sid, entries, self._kept(db, set_name))
         self._settled()
         self._in_flight = self._writer.submit(self._store, staging)
@@ -253,7 +251,8 @@ class PgRestoreWriter:
         with self._step() as tx:
             gone = tx.q("DELETE FROM fb_entries WHERE set_id = %s AND key = ANY(%s) RETURNING key, value",
                         (sid, [stored_key(k) for k in keys])).fetchall()
-            self._counts[sid] -= len(gone)
+            if gone:
+                self._counts[sid] -= len(gone)
             kept = self._kept(db, set_name)
             if kept:
                 delete_records(tx.conn, kept, gone)

@@ -580,13 +580,17 @@ def stored_key(key: str) -> str:
     return key
 
 
+def _each_where_needed(texts: list[str], marks: str, convert: Callable[[str], str]) -> list[str]:
+    """`convert` of each text, with one look at them all first: almost none holds any of `marks`."""
+    joined = "".join(texts)
+    if any(mark in joined for mark in marks):
+        return [convert(text) for text in texts]
+    return texts
+
+
 def stored_keys(keys: list[str]) -> list[str]:
-    """Many keys as `stored_key` writes them: one look at them all first, as almost none
-    holds U+0000 or U+0001."""
-    joined = "".join(keys)
-    if "\x00" in joined or "\x01" in joined:
-        return [stored_key(key) for key in keys]
-    return keys
+    """Many keys as `stored_key` writes them."""
+    return _each_where_needed(keys, "\x00\x01", stored_key)
 
 
 def api_key(stored: str) -> str:
@@ -1277,12 +1281,8 @@ def copy_text(text: str) -> str:
 
 
 def copy_texts(texts: list[str]) -> list[str]:
-    """Values as COPY's text format writes them: one look at them all first, as almost
-    none needs escaping."""
-    joined = "".join(texts)
-    if "\\" in joined or "\n" in joined or "\t" in joined or "\r" in joined:
-        return [copy_text(t) for t in texts]
-    return texts
+    """Values as COPY's text format writes them."""
+    return _each_where_needed(texts, "\\\n\t\r", copy_text)
 
 
 def _drop_if_abandoned(tx: Tx, index_id: int) -> bool:
