@@ -84,6 +84,8 @@ BUILD_LOCK_SQL = "SELECT {op}(hashtextextended('fuckbase:build:' || %s, 0))"  # 
 RECLAIM_CHUNK = 10_000  # rows housekeeping deletes per statement
 STATEMENT_TIMEOUT_MS = 60_000
 GROUPS_UNDER_THE_ROW_AFTER_A_MOVE = 16  # contended entries: planning again and again wastes the work
+GUESS_AFTER = 8  # groups in a row whose entries were all new before the next ones are guessed new unread
+GUESS_AFTER_MOST = 1024  # each wrong guess doubles GUESS_AFTER, up to this
 # Sessions run with enable_seqscan off, and merge and hash joins off: every statement here
 # reaches its rows through an index, one lookup per row it names, and a plan cached while a
 # table was small (a new database) must not go on scanning it whole once it grew (until the
@@ -630,6 +632,7 @@ class PostgresStorage:
         self._groups = threading.local()
         self._groups_under_the_row = 0  # groups to run under the sequence row before planning again
         self.replanned_groups = 0  # planned groups whose entries moved before they took the row
+        self._new_keys = _NewKeys()
         self.catalogs = CatalogCache()
         self._leading: dict[str, Conn] = {}  # a connection per role asked for
         self._held: set[str] = set()  # the roles whose lock those hold
@@ -712,9 +715,12 @@ class PostgresStorage:
     def _planned_group(self, conn: Conn, group: _Group) -> list[BaseException | None] | None:
         """The group's writes done before the sequence row is taken, on entries read without
         it, then written, checked and committed in one round trip: the writers of every node
-        hold the row for that round trip only. None when the writes need statements of their
-        own (a new set, a batch), or when what they read moved meanwhile (a few groups after
-        that go straight to the row); the group is then to run under the row."""
+        hold the row for that round trip only. While groups come whose entries are all new
+        (keys loaded or appended), the read is skipped: the writes run on the guess that none
+        of their entries exists, which the commit checks like a read. None when the writes
+        need statements of their own (a new set, a batch), or when what they read moved
+        meanwhile (a few groups after that go straight to the row); the group is then to run
+        under the row."""
         if self._groups_under_the_row > 0:
             self._groups_under_the_row -= 1
             return None
@@ -724,11 +730,28 @@ class PostgresStorage:
         wanted = _known_entries(catalog, group.entries)
         if not wanted:
             return None
+        if self._new_keys.likely():
+            try:
+                return self._planned_on(conn, group, catalog.version, wanted, [])
+            except psycopg.errors.SerializationFailure:
+                self._new_keys.wrong()
         peeked = conn.execute(PEEK_SQL, (_read_ahead_param(wanted, catalog.has_indexes),), prepare=True).fetchall()
         if not peeked or int(peeked[0][0]) != catalog.version:
             return None
         rows = [r[1:] for r in peeked if r[1] is not None]
-        tx = Tx(conn, self.catalogs, catalog.version, planned=True)
+        self._new_keys.read(found=bool(rows))
+        try:
+            return self._planned_on(conn, group, catalog.version, wanted, rows)
+        except psycopg.errors.SerializationFailure:
+            self.replanned_groups += 1
+            self._groups_under_the_row = GROUPS_UNDER_THE_ROW_AFTER_A_MOVE
+            return None
+
+    def _planned_on(self, conn: Conn, group: _Group, version: int, wanted: list[EntryKey],
+                    rows: list[tuple[Any, ...]]) -> list[BaseException | None] | None:
+        """The group run and committed on catalog `version` and the entries of `wanted` as
+        `rows` found them (the others absent); SerializationFailure if any of that moved."""
+        tx = Tx(conn, self.catalogs, version, planned=True)
         tx.took(wanted, rows)
         versions: dict[int, str] = {i: version for i, _, version in rows}
         seen = orjson.dumps([[sid, key, versions.get(i)] for i, (sid, key) in enumerate(wanted)]).decode()
@@ -736,12 +759,7 @@ class PostgresStorage:
             results = _run_writes(tx, group.queue)
         except _NeedsLock:
             return None
-        try:
-            tx.finish(seen=(catalog.version, seen))
-        except psycopg.errors.SerializationFailure:
-            self.replanned_groups += 1
-            self._groups_under_the_row = GROUPS_UNDER_THE_ROW_AFTER_A_MOVE
-            return None
+        tx.finish(seen=(version, seen))
         return results
 
     def _locked_group(self, conn: Conn, group: _Group) -> list[BaseException | None]:
@@ -1037,6 +1055,8 @@ class PostgresStorage:
                    [({"kind": kind}, n) for kind, n in sorted(ERRORS.items())]),
             Figure("write_groups_replanned", "Groups of writes run again under the sequence row: what they"
                    " had read moved before they took it", "counter", [({}, self.replanned_groups)]),
+            Figure("write_groups_guessed_wrong", "Groups of writes run on the guess that their keys were new,"
+                   " which a key was not", "counter", [({}, self._new_keys.wrong_guesses)]),
         ]
 
     def lead(self, role: str) -> bool:
@@ -1109,6 +1129,29 @@ class PostgresStorage:
         self.pool.close()
 
 
+class _NewKeys:
+    """Whether a group's entries are likely all new, from the groups before it: after
+    GUESS_AFTER groups in a row whose read found none of their entries, and for as long as
+    that guess holds. Each wrong guess costs a commit's round trip, so it doubles the groups
+    needed before the next."""
+
+    def __init__(self) -> None:
+        self._streak = 0
+        self._needed = GUESS_AFTER
+        self.wrong_guesses = 0
+
+    def likely(self) -> bool:
+        return self._streak >= self._needed
+
+    def read(self, found: bool) -> None:
+        self._streak = 0 if found else self._streak + 1
+
+    def wrong(self) -> None:
+        self.wrong_guesses += 1
+        self._streak = 0
+        self._needed = min(self._needed * 2, GUESS_AFTER_MOST)
+
+
 @dataclass
 class _Group:
     queue: list[tuple[Callable[[Tx], Any], bool]] = field(default_factory=list)  # (write, savepoint)
@@ -1154,13 +1197,16 @@ def _known_entries(catalog: Catalog, entries: Sequence[tuple[str, str, str]]) ->
 
 def _put(tx: Tx, t: Target, key: str, value: Any, raw: bytes) -> None:
     """Written at once when not read ahead (fb_put returns the value it replaces), else at
-    the transaction's end."""
+    the transaction's end; a value read ahead as the very text it is to become is not
+    written again (a row version, its WAL and its vacuuming for nothing)."""
     assert t.set_id is not None
     entry = (t.set_id, stored_key(key))
     old = tx.current(entry)
     if isinstance(old, _Unknown):
         row = tx.q("SELECT fb_put(%s, %s, %s::json)", (*entry, raw.decode())).fetchone()
         old = row[0] if row else None
+    elif old == raw:
+        return
     else:
         tx.pending[entry] = raw
     tx.known[entry] = raw
