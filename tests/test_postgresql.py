@@ -119,20 +119,72 @@ def test_indexes_stay_exact_under_concurrent_writes_to_the_same_keys_from_severa
     for t in threads:
         t.join()
     assert not errors, errors[:3]
+    _assert_indexes_exact([a, b], keys, [f"g{n}" for n in range(4)])
+
+
+def _assert_indexes_exact(nodes: list[ServerProcess], keys: list[str], groups: list[str]) -> None:
+    """Every node's basic index "g" and sortable index "by" (on g, sorted by n) hold exactly
+    the stored values of `keys`."""
     current = {}
     for key in keys:
-        r = a.post("/set/get", {"database": "d", "set": "s", "key": key})
+        r = nodes[0].post("/set/get", {"database": "d", "set": "s", "key": key})
         if r.status_code == 200:
             current[key] = r.json()["data"]
-    for g in ("g0", "g1", "g2", "g3"):
+    for g in groups:
         want = sorted(k for k, v in current.items() if v["g"] == g)
-        for node in (a, b):
+        for node in nodes:
             found = node.ok("/index/query", {"database": "d", "set": "s", "index": "g", "value": g})["data"]["data"]
             assert sorted(d["key"] for d in found) == want, g
             page = node.ok("/index/query/sorted", {"database": "d", "set": "s", "index": "by", "value": g,
-                                                   "pagination": {"limit": 100}})
+                                                   "pagination": {"limit": 10_000}})
             assert page["total"] == len(want)
             assert [d["key"] for d in page["data"]] == sorted(want, key=lambda k: (current[k]["n"], k))
+
+
+def test_indexes_stay_exact_when_several_nodes_write_the_same_new_keys_at_once(make_server: Any,
+                                                                              pg_url: str) -> None:
+    """One node writes new keys in order, so that it skips reading its groups' entries; the
+    other writes every fiftieth of the same keys, running ahead of it: the first node's guess
+    that its keys are new is now right, now wrong, and the indexes must come out exact."""
+    a, b = nodes(make_server, pg_url, 2)
+    a.ok("/create", {"name": "d"})
+    a.ok("/set/create", {"database": "d", "name": "s"})
+    a.ok("/index/create", {"database": "d", "set": "s", "name": "g", "field": "g"})
+    a.ok("/index/create/sortable", {"database": "d", "set": "s", "name": "by", "primary_field": "g",
+                                    "sort_fields": ["n"]})
+    keys = [f"k{i:05}" for i in range(3000)]
+    errors: list[str] = []
+
+    ahead = threading.Semaphore(0)  # a release per key the other node wrote
+
+    def write(node: ServerProcess, writer: int, numbers: range) -> None:
+        with httpx.Client(base_url=node.url, timeout=30) as client:
+            if node is a:
+                for _ in range(10):
+                    ahead.acquire(timeout=30)
+            for i in numbers:
+                value = {"g": f"g{writer}", "n": i % 7}
+                r = client.post("/set/put", json={"database": "d", "set": "s", "key": keys[i], "value": value})
+                if r.status_code != 200:
+                    errors.append(r.text)
+                if node is b:
+                    ahead.release()
+
+    threads = [threading.Thread(target=write, args=(b, 2, range(0, len(keys), 100))),
+               threading.Thread(target=write, args=(b, 3, range(50, len(keys), 100))),
+               threading.Thread(target=write, args=(a, 0, range(0, len(keys), 2))),
+               threading.Thread(target=write, args=(a, 1, range(1, len(keys), 2)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    _assert_indexes_exact([a, b], keys, [f"g{n}" for n in range(4)])
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT n FROM fb_set_counts").fetchall() == [(len(keys),)]
+    wrong = [line for node in (a, b) for line in httpx.get(node.url + "/metrics").text.splitlines()
+             if line.startswith("fuckbase_storage_write_groups_guessed_wrong_total ")]
+    assert sum(float(line.split()[1]) for line in wrong) >= 1, wrong
 
 
 def test_a_node_killed_under_load_leaves_the_others_serving_every_acknowledged_write(
