@@ -1056,7 +1056,8 @@ class PostgresStorage:
             Figure("write_groups_replanned", "Groups of writes run again under the sequence row: what they"
                    " had read moved before they took it", "counter", [({}, self.replanned_groups)]),
             Figure("write_groups_guessed_wrong", "Groups of writes run on the guess that their keys were new,"
-                   " which a key was not", "counter", [({}, self._new_keys.wrong_guesses)]),
+                   " run again: a key was not, or the catalog had moved", "counter",
+                   [({}, self._new_keys.wrong_guesses)]),
         ]
 
     def lead(self, role: str) -> bool:
