@@ -7,7 +7,9 @@ A throw-away PostgreSQL cluster (Debian's package, as tests/pgserver.py starts i
 PostgreSQL nodes; every figure is side by side with the LMDB backend's from the same run.
 
 http:   get, put and query req/s (wrk -t2 -c64, bench/lua) of one LMDB node and one PostgreSQL
-        node, preloaded alike, run alternately (A B A B …), medians and the ratio PG/LMDB.
+        node, preloaded alike, run alternately (A B A B …), medians and the ratio PG/LMDB;
+        put_changed: puts whose values differ from the ones stored (put's are the same
+        value for a key every time, which PostgreSQL does not write again).
 nodes:  put and get req/s of two PostgreSQL nodes loaded at once (a wrk each, -t1 -c32)
         against one node (-t2 -c64), alternately; with the CPU each process took.
 page:   a sorted page of 10 out of 100,000 matches (first, middle and last pages, both
@@ -62,7 +64,7 @@ def http(pg: Any, args: argparse.Namespace) -> None:
     try:
         for s in servers:
             asyncio.run(preload(s.url, args.keys))
-        for script in ("get", "put", "query"):
+        for script in ("get", "put", "put_changed", "query"):
             results: dict[str, list[float]] = {s.name: [] for s in servers}
             for r in range(args.rounds):
                 for s in servers if r % 2 == 0 else reversed(servers):
