@@ -231,6 +231,28 @@ def test_original_format_with_plaintext_auth(server: ServerProcess) -> None:
     assert json.loads(text)["name"] == "legacy"  # plain JSON in the original's shape
 
 
+def test_numbers_beyond_64_bits_in_the_originals_backup_restore_as_a_put_stores_them(server: ServerProcess) -> None:
+    """The original writes numbers from 2^64 up to 1e21 as integers (1e20 as
+    100000000000000000000): a restore reads every number as a put of the same text does."""
+    numbers = ('{"wei": 100000000000000000000, "max": 18446744073709552000, "low": -9223372036854775809,'
+               ' "fits": 18446744073709551615, "half": 1.5, "e": 1e5, "neg": -0.0}')
+    text = ('{\n  "indexes": {"wei": {"field": "wei", "name": "wei", "set_name": "s", "type": 0}},\n'
+            '  "name": "big",\n  "sets": {"s": {"data": {"k": ' + numbers + '}, "name": "s"}}\n}')
+    path = backup_dir(server) / "backups" / "big" / "20250318-123456.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    server.ok("/backup/restore", {"backup_name": "backups/big/20250318-123456.json"})
+    server.ok("/create", {"name": "put"})
+    assert server.post("/set/put", b'{"database":"put","set":"s","key":"k","value":' + numbers.encode() + b"}").status_code == 200
+    restored = server.post("/set/get", {"database": "big", "set": "s", "key": "k"}).content
+    assert restored == server.post("/set/get", {"database": "put", "set": "s", "key": "k"}).content
+    assert json.loads(restored)["data"]["fits"] == 18446744073709551615
+    found = server.ok("/index/query", {"database": "big", "set": "s", "index": "wei", "value": "100000000000000000000"})
+    assert found["data"]["count"] == 1
+    path.write_text(text.replace("1.5", "1e400"))
+    err(server, "/backup/restore", {"backup_name": "backups/big/20250318-123456.json"}, 422, "BACKUP_INVALID")
+
+
 def test_our_backup_reads_as_the_originals_shape(server: ServerProcess) -> None:
     fill(server, "shop", 3)
     name = server.ok("/backup/create", {"database": "shop"})["backup_name"]

@@ -15,7 +15,9 @@ Full backup:      {"databases": {name: <database backup>}, "metadata": {…}}
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import ijson
@@ -247,7 +249,9 @@ class EventReader:
 
     def __init__(self) -> None:
         self._events = ijson.sendable_list()
-        self._coro = ijson.parse_coro(self._events, use_float=True)
+        # not use_float: yajl's own integers stop at 64 bits ("integer overflow"), and the
+        # original writes larger ones (1e20 as 100000000000000000000); see _as_parsed
+        self._coro = ijson.parse_coro(self._events)
         self.full: bool | None = None
         self.metadata: dict[str, Any] = {}
         self._path: list[str] = []
@@ -280,6 +284,8 @@ class EventReader:
         del self._events[:]
 
     def _event(self, event: str, value: Any, out: list[Record]) -> None:
+        if event == "number":
+            value = _as_parsed(value)
         if self._builder is not None:
             self._builder.event(event, value)
             if event in ("start_map", "start_array"):
@@ -376,6 +382,23 @@ class EventReader:
             raise BackupInvalid(f"{p[-1]!r} must be an object")
         elif n == (5 if self.full else 3) and p[-1] == "data":
             raise BackupInvalid('a set\'s "data" must be an object')
+
+
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def _as_parsed(number: int | Decimal) -> int | float:
+    """A number as the API's parser reads the same text: integers that fit 64 bits as they
+    are, every other number as a double; one beyond a double's range is refused."""
+    if type(number) is int and _INT_MIN <= number <= _INT_MAX:
+        return number
+    try:
+        double = float(number)
+    except OverflowError:
+        double = math.inf
+    if math.isinf(double):
+        raise BackupInvalid(f"the number {str(number)[:40]} is beyond a double's range")
+    return double
 
 
 def _first_line(exc: Exception) -> str:
