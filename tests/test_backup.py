@@ -7,6 +7,7 @@ import gzip
 import json
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,24 @@ def test_numbers_beyond_64_bits_in_the_originals_backup_restore_as_a_put_stores_
     assert found["data"]["count"] == 1
     path.write_text(text.replace("1.5", "1e400"))
     err(server, "/backup/restore", {"backup_name": "backups/big/20250318-123456.json"}, 422, "BACKUP_INVALID")
+
+
+def test_a_backup_never_takes_the_name_of_one_the_original_wrote(server: ServerProcess) -> None:
+    """The original, sharing the target, writes no sidecar: a name whose object exists is
+    skipped, and that object is left as it was, with no sidecar of ours beside it."""
+    fill(server, "shop", 3)
+    folder = backup_dir(server) / "backups" / "shop"
+    folder.mkdir(parents=True)
+    now = datetime.now(UTC)
+    theirs = {folder / f"{(now + timedelta(seconds=s)).strftime('%Y%m%d-%H%M%S')}.json" for s in range(-1, 4)}
+    for path in theirs:
+        path.write_text('{"name": "shop", "sets": {}}')
+    name = server.ok("/backup/create", {"database": "shop"})["backup_name"]
+    assert name.endswith("_02.json") and backup_dir(server) / name not in theirs
+    for path in theirs:
+        assert path.read_text() == '{"name": "shop", "sets": {}}'
+        assert not path.with_name(path.name + ".sha256").exists()
+    server.ok("/backup/verify", {"backup_name": name})
 
 
 def test_our_backup_reads_as_the_originals_shape(server: ServerProcess) -> None:

@@ -281,16 +281,20 @@ class BackupService:
                 await asyncio.sleep(CLEANUP_PAUSE * (attempt + 1))
 
     async def _claim(self, folder: str) -> str:
-        """Reserves a fresh name by creating its sidecar; later names in one second get _2, _3…"""
+        """Reserves a fresh name by creating its sidecar; later names in one second get _2, _3…
+        A name whose object exists without a sidecar of ours (the original implementation,
+        sharing the bucket, writes none) is given back and skipped."""
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         ext = EXTENSIONS[self.compression]
         for n in range(1, 1000):
             name = f"{PREFIX}{folder}/{stamp}{'' if n == 1 else f'_{n:02d}'}{ext}"
             try:
                 await self.store.put_bytes(name + SIDECAR, PENDING, create_only=True)
-                return name
             except AlreadyExists:
                 continue
+            if not any(o.key == name for o in await self.store.list(name)):
+                return name
+            await self.store.delete(name + SIDECAR)
         raise ApiError(503, ErrorCode.BACKUP_FAILED, "too many backups in one second")
 
     async def remove_abandoned(self) -> None:
