@@ -243,6 +243,20 @@ def test_bad_auth_shapes(server: ServerProcess) -> None:
     err(server, "/create", {"name": "a", "auth": {"username": "", "password": ""}}, 400, "INVALID_REQUEST")
 
 
+def test_credentials_left_out_or_null_read_as_the_original_reads_them(server: ServerProcess) -> None:
+    """Clients fill "auth" from variables that may be unset: an open database answers, a
+    protected one refuses, and only a wrong type is bad input."""
+    server.ok("/create", {"name": "open"})
+    server.ok("/create", {"name": "sec", "auth": {"username": "alice", "password": "s3cr3t"}})
+    body = {"set": "s", "key": "k", "value": 1}
+    for auth in ({}, {"username": "u"}, {"password": "p"}, {"username": None, "password": None}):
+        server.ok("/set/put", {**body, "database": "open", "auth": auth})
+        err(server, "/set/put", {**body, "database": "sec", "auth": auth}, 401, "AUTH_FAILED")
+    err(server, "/set/put", {**body, "database": "sec", "auth": {"username": "alice"}}, 401, "AUTH_FAILED")
+    err(server, "/set/put", {**body, "database": "open", "auth": {"username": 5}}, 400, "INVALID_REQUEST")
+    err(server, "/set/put", {**body, "database": "open", "auth": []}, 400, "INVALID_REQUEST")
+
+
 def test_admin_auth(make_server: Any) -> None:
     srv = make_server(args=["--admin-username", "root", "--admin-password", "hunter2"])
     for path, body in [("/create", {"name": "d"}), ("/drop", {"name": "d"}), ("/server/info", {})]:

@@ -68,16 +68,20 @@ def parse_basic(header: str | None) -> tuple[str, str] | None:
 
 
 def body_credentials(body: dict[str, Any], field: str) -> tuple[str, str] | None:
-    """(user, password) from a body object such as `"auth": {"username", "password"}`."""
+    """(user, password) from a body object such as `"auth": {"username", "password"}`. As
+    the original reads it, a part left out or null is empty, and an object with neither
+    (clients that fill it from unset variables send `{}`) is no credentials at all."""
     raw = body.get(field)
     if raw is None:
         return None
     if not isinstance(raw, dict):
         raise invalid(f'"{field}" must be an object with "username" and "password"')
     user, password = raw.get("username"), raw.get("password")
-    if not isinstance(user, str) or not isinstance(password, str):
+    if user is None and password is None:
+        return None
+    if not isinstance(user, str | None) or not isinstance(password, str | None):
         raise invalid(f'"{field}" must have string "username" and "password"')
-    return user, password
+    return user or "", password or ""
 
 
 class AdminGuard:

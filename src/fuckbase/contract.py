@@ -119,8 +119,8 @@ KEY = Kind("string", {"minLength": 1, "maxLength": MAX_KEY_BYTES, "description":
            blank_is_missing=True)
 ANY_JSON = Kind("any", {"description": "any JSON value, nested at most 254 levels deep"})
 MATCH_VALUE = Kind("string", {"description": "matched against the indexed field's value written as text"})
-CREDENTIALS = Kind("object", fields=(
-    Field("username", STRING, required=True), Field("password", STRING, required=True),
+CREDENTIALS = Kind("object", fields=(  # either may be left out, as the original reads them: see body_credentials
+    Field("username", STRING), Field("password", STRING),
 ))
 NEW_CREDENTIALS = Kind("object", fields=(
     Field("username", Kind("string", {"minLength": 1}), required=True),
