@@ -222,7 +222,7 @@ class CorruptingProxy:
         self.needle, self.replacement = needle, replacement
         self.target_port = target_port
         self.changed = 0
-        self.gets = 0  # GET requests seen (roughly: request lines at the start of a read)
+        self.gets = 0  # objects read: GET requests seen, listings aside (roughly: request lines at the start of a read)
         self._listener = socket.create_server((HOST, 0))
         self.endpoint = f"http://{HOST}:{self._listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -244,7 +244,7 @@ class CorruptingProxy:
                 if not corrupt:
                     dst.sendall(data)
                     continue
-                self.gets += data.startswith(b"GET /")
+                self.gets += data.startswith(b"GET /") and b"list-type=" not in data.partition(b"\r\n")[0]
                 data = held + data
                 self.changed += data.count(self.needle)
                 data = data.replace(self.needle, self.replacement)
