@@ -272,6 +272,21 @@ def test_a_backup_never_takes_the_name_of_one_the_original_wrote(server: ServerP
     server.ok("/backup/verify", {"backup_name": name})
 
 
+def test_a_backup_of_a_database_whose_name_is_not_one_of_ours_restores_under_another(server: ServerProcess) -> None:
+    """The original takes any database name ("my db"); its backup lists, and restores with "as"."""
+    name = "backups/my db/20250318-123456.json"
+    path = backup_dir(server) / name
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"name": "my db", "sets": {"s": {"name": "s", "data": {"k": 1}}}, "indexes": {}}))
+    assert [b["name"] for b in server.ok("/backup/list", {})["backups"]] == [name]
+    refused = err(server, "/backup/restore", {"backup_name": name}, 422, "BACKUP_INVALID")
+    assert '"as"' in refused["message"]
+    server.ok("/backup/restore", {"backup_name": name, "as": "mydb"})
+    assert server.ok("/set/get", {"database": "mydb", "set": "s", "key": "k"})["data"] == 1
+    for bad in ("backups/../x/20250318-123456.json", "backups/a/b/20250318-123456.json", "backups/a\x01/20250318-123456.json"):
+        err(server, "/backup/restore", {"backup_name": bad}, 400, "INVALID_REQUEST")
+
+
 def test_our_backup_reads_as_the_originals_shape(server: ServerProcess) -> None:
     fill(server, "shop", 3)
     name = server.ok("/backup/create", {"database": "shop"})["backup_name"]

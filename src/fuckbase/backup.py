@@ -355,7 +355,8 @@ class BackupService:
             staging = self.storage.restore_writer()
             try:
                 staged: dict[str, StagedDatabase] = {}
-                result = await self.read(m.group(0), m.group(1) == FULL_FOLDER, m.group(4), staging, staged=staged)
+                result = await self.read(m.group(0), m.group(1) == FULL_FOLDER, m.group(4), staging, staged=staged,
+                                         renamed=into is not None)
                 if into is not None:
                     for db in staged.values():
                         db.name = into
@@ -378,14 +379,16 @@ class BackupService:
         return await self.read(m.group(0), m.group(1) == FULL_FOLDER, m.group(4), None)
 
     async def read(self, name: str, full: bool, extension: str, staging: RestoreWriter | None,
-                   only: str | None = None, staged: dict[str, StagedDatabase] | None = None) -> dict[str, Any]:
+                   only: str | None = None, staged: dict[str, StagedDatabase] | None = None,
+                   renamed: bool = False) -> dict[str, Any]:
         """Streams the object through the parser; with staging, also writes it aside: every
-        database, or with `only` that one alone. `staged` receives the staged databases by name."""
+        database, or with `only` that one alone. `staged` receives the staged databases by name;
+        `renamed`: they are restored under another name, so theirs need not be one of ours."""
         op = "restore" if staging is not None else "verify"
         try:
             expected = await self._sidecar(name)
             stream = await self.store.get_stream(name)
-            applier = _Applier(staging, full, only, staged)
+            applier = _Applier(staging, full, only, staged, renamed)
             reader = BackupReader()
             checksum = Checksummer()
             unsealer = Unsealer(self.keyring)
@@ -717,10 +720,11 @@ class _Applier:
     thread: each batch of entries is a commit of its own)."""
 
     def __init__(self, staging: RestoreWriter | None, full: bool, only: str | None = None,
-                 staged: dict[str, StagedDatabase] | None = None) -> None:
+                 staged: dict[str, StagedDatabase] | None = None, renamed: bool = False) -> None:
         self.staging = staging
         self.full = full
         self.only = only
+        self.renamed = renamed
         self.staged = staged if staged is not None else {}
         self._undecided = False  # with `only`: the current database's name is not known yet
         self.names: list[str] = []
@@ -767,8 +771,11 @@ class _Applier:
         self._db_fields.update(fields)
         if "name" in fields:
             name = fields["name"]
-            if not is_database_name(name):
+            if not isinstance(name, str) or not name:
                 raise BackupInvalid(f"bad database name {name!r}")
+            if not self.renamed and not is_database_name(name):
+                raise BackupInvalid(f"bad database name {name!r}" + ("" if self.full else
+                                    ': restore it under a name of ours with "as"'))
             if db.name is not None and db.name != name:
                 raise BackupInvalid("a database has two names")
             db.name = name
