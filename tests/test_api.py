@@ -233,7 +233,8 @@ def test_database_auth_header_and_body(server: ServerProcess) -> None:
     assert b"s3cr3t" not in stored_bytes(server)
     assert "s3cr3t" not in server.log()
     # without an admin configured, dropping a protected database needs its credentials
-    err(server, "/drop", {"name": "sec"}, 401, "AUTH_FAILED")
+    refused = err(server, "/drop", {"name": "sec"}, 401, "AUTH_FAILED")
+    assert "'sec' is a protected database" in refused["message"] and "admin" in refused["message"]
     server.ok("/drop", {"name": "sec"}, headers={"Authorization": basic("alice", "s3cr3t")})
 
 

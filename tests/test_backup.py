@@ -448,7 +448,8 @@ def test_restores_over_protected_databases_need_their_credentials(server: Server
     server.ok("/set/put", {"database": "vault", "set": "s", "key": "k", "value": "after"}, headers=alice)
     err(server, "/drop", {"name": "vault"}, 401, "AUTH_FAILED")
     for name in (full, one):
-        err(server, "/backup/restore", {"backup_name": name}, 401, "AUTH_FAILED")
+        refused = err(server, "/backup/restore", {"backup_name": name}, 401, "AUTH_FAILED")
+        assert "the protected database 'vault'" in refused["message"] and "admin" in refused["message"]
         r = server.post("/backup/restore", {"backup_name": name}, headers={"Authorization": basic("alice", "wrong")})
         assert r.status_code == 401
         assert server.ok("/set/get", {"database": "vault", "set": "s", "key": "k"}, headers=alice)["data"] == "after"

@@ -10,9 +10,10 @@ about HTTP framing or which process runs it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -163,6 +164,20 @@ def value_json(value: Any) -> bytes:
         return orjson.dumps(value)
     except orjson.JSONEncodeError as exc:
         raise invalid(f'"value" cannot be stored: {exc}') from None
+
+
+@contextlib.contextmanager
+def _naming_the_protected(what: str) -> Iterator[None]:
+    """A refusal, with no admin configured, of an operation that a protected database's
+    credentials open: which database, and that an admin's credentials open any of them."""
+    try:
+        yield
+    except ApiError as exc:
+        if exc.code is not ErrorCode.AUTH_FAILED:
+            raise
+        raise ApiError(401, ErrorCode.AUTH_FAILED, f"Authentication failed: {what}; send its credentials, or"
+                       " configure an admin user (--admin-username), whose credentials open any drop or restore"
+                       ) from None
 
 
 def _int_field(obj: dict[str, Any], name: str, default: int) -> int:
@@ -324,7 +339,13 @@ class Api:
         if self.admin.enabled:
             self.storage.drop_database(name, lambda stored: None)
         else:
-            self.storage.drop_database(name, self._access(body, headers))
+            access = self._access(body, headers)
+
+            def check(stored: Any) -> None:  # wherever the storage runs it (a write group: later)
+                with _naming_the_protected(f"{name!r} is a protected database"):
+                    access(stored)
+
+            self.storage.drop_database(name, check)
         return DROP_OK
 
     def server_info(self, body: dict[str, Any], headers: Headers) -> bytes:
@@ -537,10 +558,11 @@ class Api:
         with self.storage.read() as view:
             present = view.database_names()
             names = present if target is None else [target] if target in present else []
-            protected = [db.auth for db in map(view.database, names) if db.auth]
-        for stored in protected:  # each raises 401 unless the request's credentials open it
-            await asyncio.to_thread(self.db_guard.check, stored, headers.get("authorization"), body)
-        verified = {stored["hash"] for stored in protected}
+            protected = [(db.name, db.auth) for db in map(view.database, names) if db.auth]
+        for name, stored in protected:  # each raises 401 unless the request's credentials open it
+            with _naming_the_protected(f"the restore replaces or removes the protected database {name!r}"):
+                await asyncio.to_thread(self.db_guard.check, stored, headers.get("authorization"), body)
+        verified = {stored["hash"] for _, stored in protected}
 
         def check(replaced: Database) -> None:
             if replaced.auth and replaced.auth["hash"] not in verified:
