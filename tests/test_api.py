@@ -258,6 +258,19 @@ def test_credentials_left_out_or_null_read_as_the_original_reads_them(server: Se
     err(server, "/set/put", {**body, "database": "open", "auth": []}, 400, "INVALID_REQUEST")
 
 
+def test_a_surrogate_with_no_partner_reads_as_the_replacement_character(server: ServerProcess) -> None:
+    """JavaScript's JSON.stringify of an emoji cut in half sends "\\ud83d" alone: U+FFFD, as
+    the original reads it; a body that is not UTF-8 is still refused."""
+    server.ok("/create", {"name": "d"})
+    put = b'{"database":"d","set":"s","key":"k\\ud83d","value":{"t":"a\\udc00b","\\ud83d":1}}'
+    assert server.post("/set/put", put).status_code == 200
+    got = server.ok("/set/get", {"database": "d", "set": "s", "key": "k\ufffd"})["data"]
+    assert got == {"t": "a\ufffdb", "\ufffd": 1}
+    assert server.post("/set/get", b'{"database":"d","set":"s","key":"k\\ud83d"}').json()["data"] == got
+    err(server, "/set/put", b'{"database":"d","set":"s","key":"\xff","value":1}', 400, "INVALID_REQUEST")
+    err(server, "/set/put", b'{"database":"d","set":"\\ud83d","key":"k","value":NaN}', 400, "INVALID_REQUEST")
+
+
 def test_admin_auth(make_server: Any) -> None:
     srv = make_server(args=["--admin-username", "root", "--admin-password", "hunter2"])
     for path, body in [("/create", {"name": "d"}), ("/drop", {"name": "d"}), ("/server/info", {})]:

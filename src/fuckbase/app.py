@@ -9,6 +9,7 @@ answered once a flush covers its commit.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -42,10 +43,34 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise invalid(f"request body is not valid JSON: {exc}") from None
+        if "surrogate" not in str(exc):
+            raise invalid(f"request body is not valid JSON: {exc}") from None
+        body = _lone_surrogates_replaced(raw, exc)
     if not isinstance(body, dict):
         raise invalid("request body must be a JSON object")
     return body
+
+
+def _lone_surrogates_replaced(raw: bytes, exc: orjson.JSONDecodeError) -> Any:
+    """A body whose strings hold an escaped surrogate with no partner (`"\\ud83d"`: what
+    JavaScript sends for an emoji cut in half), read as the original reads it: each such
+    one becomes U+FFFD. Parsed again from the repaired text, so that every other rule of
+    the usual parse holds (nesting, numbers)."""
+    try:
+        repaired = json.dumps(_replace_surrogates(json.loads(raw)), ensure_ascii=False).encode()
+        return orjson.loads(repaired)
+    except (ValueError, RecursionError):  # not JSON after all, or nested too deep
+        raise invalid(f"request body is not valid JSON: {exc}") from None
+
+
+def _replace_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_replace_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def run_handler(handler: Callable[..., bytes], *args: Any) -> Response:
