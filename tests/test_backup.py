@@ -497,6 +497,12 @@ def test_backup_cli(make_server: Any) -> None:
     assert name in cli("list").stdout
     assert "valid" in cli("verify", name).stdout
     assert "restored shop" in cli("restore", name).stdout
+    assert "restored copy" in cli("restore", name, "--as", "copy").stdout
+    assert "no backups of nothing" in cli("list", "--database", "nothing").stderr
+    assert "NAME or --at" in cli("restore", ok=False).stderr
+    assert "NAME or --at" in cli("restore", name, "--at", "2026-01-01T00:00:00Z", ok=False).stderr
+    r = cli("restore", "--at", "2026-01-01T00:00:00Z", "--database", "shop", "--as", "then", ok=False)
+    assert "BACKUP_NOT_FOUND" in r.stderr and "no continuous backup" in r.stderr, r.stderr  # the request went out
     r = cli("restore", "backups/shop/20200101-000000.json", ok=False)
     assert "BACKUP_NOT_FOUND" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     env["FUCKBASE_ADMIN_PASSWORD"] = "wrong"

@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -403,6 +405,10 @@ def test_continuous_backup_to_the_local_folder(make_server: Any, tmp_path: Path)
     srv.ok("/backup/restore", {"at": at})
     assert srv.ok("/set/get", {"database": "shop", "set": "s", "key": "a"})["data"] == 1
     assert list((srv.data_dir / "backups" / "continuous").glob("*/segments/*.jsonl.zst"))
+    cli = subprocess.run([sys.executable, "-m", "fuckbase", "backup", "--url", srv.url, "restore", "--at", at,
+                          "--database", "shop", "--as", "then"], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0 and "restored then" in cli.stdout, cli.stderr
+    assert srv.ok("/set/get", {"database": "then", "set": "s", "key": "a"})["data"] == 1
     off = make_server([], data_dir=tmp_path / "off")
     assert off.ok("/server/info")["backup_continuous"] is False
     assert "continuous" not in off.ok("/backup/list")

@@ -257,20 +257,37 @@ def backup_create(obj: Any, database: str | None) -> None:
 @click.pass_obj
 def backup_list(obj: Any, database: str | None) -> None:
     """List backups, newest first."""
-    for b in _remote(obj, "listing backups", lambda c: c.backups.list(database)):
+    found = _remote(obj, "listing backups", lambda c: c.backups.list(database))
+    for b in found:
         click.echo(f"{b.timestamp}  {b.database:<20} {b.size:>12}  {b.name}")
+    if not found:
+        click.echo(f"no backups{f' of {database}' if database else ''}", err=True)
 
 
 @backup.command("restore")
-@click.argument("name")
+@click.argument("name", required=False)
+@click.option("--at", default=None, help="Instead of NAME: the state at this instant (ISO 8601), from the"
+              " continuous backup.")
+@click.option("--database", default=None, help="With --at: only this database.")
+@click.option("--as", "into", default=None, help="Restore one database under this new name (not in use)"
+              " instead of replacing it.")
 @_opt("--username", env="FUCKBASE_DB_USERNAME", default="",
       help="With no admin on the server: the credentials of the protected database it replaces.")
 @_opt("--password", env="FUCKBASE_DB_PASSWORD", default="", help="That database's password.")
 @click.pass_obj
-def backup_restore(obj: Any, name: str, username: str, password: str) -> None:
-    """Restore a backup (replaces that database, or every database for a full backup)."""
+def backup_restore(obj: Any, name: str | None, at: str | None, database: str | None, into: str | None,
+                   username: str, password: str) -> None:
+    """Restore backup NAME (replaces that database, or every database for a full backup), or
+    with --at the state at an instant."""
+    if (name is None) == (at is None):
+        raise click.UsageError("give a backup NAME or --at INSTANT, not both")
+    if database is not None and at is None:
+        raise click.UsageError("--database goes with --at (a backup NAME names its database)")
     auth = (username, password) if username else None
-    result = _remote(obj, f"restoring {name}", lambda c: c.backups.restore(name, auth))
+    if at is not None:
+        result = _remote(obj, f"restoring to {at}", lambda c: c.backups.restore_to(at, database, into, auth))
+    else:
+        result = _remote(obj, f"restoring {name}", lambda c: c.backups.restore(name, auth, into))
     click.echo(f"restored {', '.join(result['databases'])}: {result['entries']} entries")
 
 
