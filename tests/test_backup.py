@@ -279,6 +279,9 @@ def test_a_backup_of_a_database_whose_name_is_not_one_of_ours_restores_under_ano
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"name": "my db", "sets": {"s": {"name": "s", "data": {"k": 1}}}, "indexes": {}}))
     assert [b["name"] for b in server.ok("/backup/list", {})["backups"]] == [name]
+    assert [b["name"] for b in server.ok("/backup/list", {"database": "my db"})["backups"]] == [name]
+    for bad in ("a/b", "..", "a\x01"):
+        err(server, "/backup/list", {"database": bad}, 400, "INVALID_REQUEST")
     refused = err(server, "/backup/restore", {"backup_name": name}, 422, "BACKUP_INVALID")
     assert '"as"' in refused["message"]
     server.ok("/backup/restore", {"backup_name": name, "as": "mydb"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
@@ -22,6 +23,7 @@ import orjson
 from fuckbase import __version__
 from fuckbase.auth import AdminGuard, DatabaseGuard, body_credentials, make_db_auth
 from fuckbase.contract import (
+    BACKUP_FOLDER_PATTERN,
     BY_PATH,
     ENDPOINTS,
     MAX_KEY_BYTES,
@@ -506,7 +508,9 @@ class Api:
 
         self.admin.check(headers.get("x-admin-authorization"), body)
         backups = self._backup_service()
-        database = self._optional_database(body)
+        database = body.get("database") or None  # absent, null or "": all (the contract checked its type)
+        if database is not None and not re.fullmatch(BACKUP_FOLDER_PATTERN, database):
+            raise invalid('"database" must be a database name: no slash or control character, at most 256')
         listed = await backups.list(database)
         try:
             gens = await continuous.timeline(backups.store, backups.shipped(), histories=True, keyring=backups.keyring)

@@ -60,6 +60,7 @@ OBJECT_NAME_PATTERN = r"^[^\x00-\x1f\x7f]{1,256}$"
 INSTANT_PATTERN = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})$"
 # the folder: any database name the original accepted (a backup of one outside our names is
 # restored with "as")
+BACKUP_FOLDER_PATTERN = r"^(?!\.\.?$)[^/\x00-\x1f\x7f]{1,256}$"
 BACKUP_NAME_PATTERN = r"^backups/((?!\.\.?/)[^/\x00-\x1f\x7f]{1,256})/(\d{8}-\d{6})(?:_(\d+))?(\.json(?:\.gz|\.zst)?)$"
 MAX_SORT_FIELDS = 32
 MAX_KEY_BYTES = 1024
@@ -146,6 +147,9 @@ OPERATION = Kind("object", {"if": {"properties": {"op": {"const": "put"}}}, "the
 ))
 OPERATIONS = Kind("array", {"items": OPERATION.json_schema()})  # items checked by the handler, by index
 BACKUP_NAME = Kind("string", {"pattern": BACKUP_NAME_PATTERN}, blank_is_missing=True)
+BACKUP_FOLDER = Kind("string", {"pattern": BACKUP_FOLDER_PATTERN, "description": "a database name as backups"
+                                " name it: ours, or any the original took (no slash or control character)"},
+                     blank_is_missing=True)
 INSTANT = Kind("string", {"pattern": INSTANT_PATTERN, "description": "RFC 3339, e.g. 2026-12-01T14:00:00Z"},
                blank_is_missing=True)
 
@@ -262,7 +266,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              (Field("database", DATABASE_NAME, description="absent, null or empty: all databases"),),
              "admin", _success(backup_name=_STR, size=_INT, entries=_INT, target=_STR), long=True),
     Endpoint("/backup/list", "List backups, newest first", "backup_list",
-             (Field("database", DATABASE_NAME, description="absent, null or empty: all databases"),),
+             (Field("database", BACKUP_FOLDER, description="absent, null or empty: all databases"),),
              "admin", _success(backups={"type": "array", "items": _BACKUP}), long=True),
     Endpoint("/backup/restore", "Restore a backup, or the state at an instant, atomically", "backup_restore",
              (Field("backup_name", BACKUP_NAME, description="the backup to restore; or give \"at\""),
