@@ -267,7 +267,8 @@ def test_a_surrogate_with_no_partner_reads_as_the_replacement_character(server: 
     got = server.ok("/set/get", {"database": "d", "set": "s", "key": "k\ufffd"})["data"]
     assert got == {"t": "a\ufffdb", "\ufffd": 1}
     assert server.post("/set/get", b'{"database":"d","set":"s","key":"k\\ud83d"}').json()["data"] == got
-    err(server, "/set/put", b'{"database":"d","set":"s","key":"\xff","value":1}', 400, "INVALID_REQUEST")
+    refused = err(server, "/set/put", b'{"database":"d","set":"s","key":"\xff","value":1}', 400, "INVALID_REQUEST")
+    assert refused["message"] == "request body is not valid UTF-8"
     err(server, "/set/put", b'{"database":"d","set":"\\ud83d","key":"k","value":NaN}', 400, "INVALID_REQUEST")
 
 

@@ -228,7 +228,8 @@ def test_round_trip_with_host_port_endpoint_creates_bucket(make_server: Any, s3:
     stamps = [b["timestamp"] for b in everything["backups"]]
     assert stamps == sorted(stamps, reverse=True)  # newest first
 
-    assert srv.ok("/backup/verify", {"backup_name": name})["checksum"] == "verified"
+    verified = srv.ok("/backup/verify", {"backup_name": name})
+    assert verified["checksum"] == "verified" and verified["target"] == target
     assert srv.ok("/backup/verify", {"backup_name": full["backup_name"]})["entries"] == 40
 
     # database restore: exactly the old state of that database, indexes included
@@ -238,6 +239,7 @@ def test_round_trip_with_host_port_endpoint_creates_bucket(make_server: Any, s3:
     srv.ok("/set/put", {"database": "shop", "set": "extra", "key": "k", "value": 1})
     srv.ok("/set/put", {"database": "sho", "set": "users", "key": "u1", "value": "sho changed"})
     restored = srv.ok("/backup/restore", {"backup_name": name})
+    assert restored["target"] == target
     assert restored["message"] == "Database restored successfully"
     assert get(srv, "shop", "users", "u1") == {"email": "u1@x", "n": 1}
     assert get(srv, "shop", "users", "u2")["n"] == 2

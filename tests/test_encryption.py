@@ -162,7 +162,7 @@ def test_backups_are_encrypted_and_need_their_key(make_server: Any, tmp_path: Pa
         for path in ("/backup/restore", "/backup/verify"):
             r = other.post(path, {"backup_name": name})
             assert (r.status_code, r.json()["code"]) == (422, "BACKUP_ENCRYPTED"), r.text
-            assert "key" in r.json()["message"]
+            assert f"key id {key_id(OLD).hex()}" in r.json()["message"], r.text  # the key it needs
         assert other.ok("/set/get", {"database": "shop", "set": "s", "key": "k"})["data"] == "now"
         other.stop()
 

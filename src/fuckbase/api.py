@@ -552,7 +552,7 @@ class Api:
             result = await backups.restore(name, check, into)
             restored = "restored successfully"
         message = f"All databases {restored}" if result["full"] else f"Database {restored}"
-        return success(message, **result)
+        return success(message, **result, target=backups.target)
 
     async def _may_replace(self, target: str | None, body: dict[str, Any], headers: Headers) -> Callable[[Database], None]:
         """With no admin configured, a restore may replace or remove a protected database only
@@ -576,5 +576,6 @@ class Api:
 
     async def backup_verify(self, body: dict[str, Any], headers: Headers) -> bytes:
         self.admin.check(headers.get("x-admin-authorization"), body)
-        result = await self._backup_service().verify(body.get("backup_name"))
-        return success("Backup is valid", **result)
+        backups = self._backup_service()
+        result = await backups.verify(body.get("backup_name"))
+        return success("Backup is valid", **result, target=backups.target)

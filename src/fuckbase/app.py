@@ -59,6 +59,8 @@ def _lone_surrogates_replaced(raw: bytes, exc: orjson.JSONDecodeError) -> Any:
     try:
         repaired = json.dumps(_replace_surrogates(json.loads(raw)), ensure_ascii=False).encode()
         return orjson.loads(repaired)
+    except UnicodeDecodeError:  # orjson says "surrogates" of bytes that are not UTF-8 too
+        raise invalid("request body is not valid UTF-8") from None
     except (ValueError, RecursionError):  # not JSON after all, or nested too deep
         raise invalid(f"request body is not valid JSON: {exc}") from None
 

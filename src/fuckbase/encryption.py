@@ -61,6 +61,11 @@ def parse_key(text: str) -> bytes:
     return key
 
 
+def _named_key(header: bytes) -> str:
+    """The key id an encrypted object's header names, as the refusals print it."""
+    return f"key id {header[len(MAGIC) : len(MAGIC) + 8].hex()}"
+
+
 def key_id(key: bytes) -> bytes:
     return hashlib.sha256(b"fuckbase backup key id\x00" + key).digest()[:8]
 
@@ -99,8 +104,7 @@ class Keyring:
     def decryptor(self, header: bytes) -> Decryptor:
         key = self._by_id.get(header[len(MAGIC) : len(MAGIC) + 8])
         if key is None:
-            raise KeyMissing("the backup is encrypted under a key this server was not given"
-                             f" (key id {header[len(MAGIC):len(MAGIC) + 8].hex()})")
+            raise KeyMissing(f"the backup is encrypted under a key this server was not given ({_named_key(header)})")
         return Decryptor(key, header)
 
     def seal(self, data: bytes) -> bytes:
@@ -197,7 +201,7 @@ def open_sealed(keyring: Keyring | None, data: bytes) -> bytes:
     if not is_encrypted(data):
         return data
     if keyring is None:
-        raise KeyMissing("the object is encrypted and this server was given no encryption key")
+        raise KeyMissing(f"the object is encrypted ({_named_key(data)}) and this server was given no encryption key")
     dec = keyring.decryptor(data[:HEADER_BYTES])
     plain = dec.feed(data[HEADER_BYTES:])
     dec.finish()
@@ -229,7 +233,7 @@ class Unsealer:
             return head
         self.encrypted = True
         if self._keyring is None:
-            raise KeyMissing("the backup is encrypted and this server was given no encryption key")
+            raise KeyMissing(f"the backup is encrypted ({_named_key(head)}) and this server was given no encryption key")
         self._decryptor = self._keyring.decryptor(head)
         return self._decryptor.feed(b"")
 
