@@ -130,5 +130,10 @@ def test_import_a_jsonl_file(shop: ServerProcess, tmp_path: Path) -> None:
         done = subprocess.run([*cmd[:4], str(bad), *cmd[5:]], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and error in done.stderr, (line, done.stderr)
     assert shop.post("/set/get", {"database": "shop", "set": "users", "key": "x1"}).status_code == 404
+    # refused by the server: the line of the operation named, counted as the file counts them
+    bad.write_text('{"key": "x1", "value": 1}\n\n{"op": "delete", "key": "missing"}\n')
+    done = subprocess.run([*cmd[:4], str(bad), *cmd[5:]], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "line 3: KEY_NOT_FOUND" in done.stderr and "lines 1-3" in done.stderr, done.stderr
+    assert shop.post("/set/get", {"database": "shop", "set": "users", "key": "x1"}).status_code == 404
     done = subprocess.run([*cmd[:6], "nope", *cmd[7:]], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "DB_NOT_FOUND" in done.stderr

@@ -409,6 +409,9 @@ def test_continuous_backup_to_the_local_folder(make_server: Any, tmp_path: Path)
                           "--database", "shop", "--as", "then"], capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0 and "restored then" in cli.stdout, cli.stderr
     assert srv.ok("/set/get", {"database": "then", "set": "s", "key": "a"})["data"] == 1
+    scraped = httpx.get(srv.url + "/metrics").text  # every kind of failure from 0, for alerts written ahead
+    assert all(f'fuckbase_continuous_failures_total{{kind="{kind}"}} 0.0' in scraped
+               for kind in ("lease", "stream", "error", "retention")), scraped
     off = make_server([], data_dir=tmp_path / "off")
     assert off.ok("/server/info")["backup_continuous"] is False
     assert "continuous" not in off.ok("/backup/list")

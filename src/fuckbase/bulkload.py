@@ -9,6 +9,7 @@ the file's order decides which value a key keeps.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,18 +55,18 @@ def import_lines(lines: Iterable[bytes], url: str, database: str, set_name: str,
         target = client.database(database).set(set_name)
         in_flight: list[tuple[Future[int], set[str]]] = []
 
-        def send(ops: list[bytes], keys: set[str], first: int) -> None:
+        def send(ops: list[bytes], keys: set[str], lines: list[int]) -> None:
             nonlocal applied
             for future, busy in list(in_flight):  # order matters only where keys meet
                 if len(in_flight) >= IN_FLIGHT or not busy.isdisjoint(keys):
                     applied += future.result()
                     in_flight.remove((future, busy))
             body = b"[" + b",".join(ops) + b"]"
-            in_flight.append((sender.submit(_send, target, body, first), keys))
+            in_flight.append((sender.submit(_send, target, body, lines), keys))
 
         batch: list[bytes] = []
         keys: set[str] = set()
-        first_line = 1
+        numbers: list[int] = []  # the line number of each of the batch's operations
         read = 0  # bytes not yet reported to `progress` (once a batch: a call per line cost more than parsing it)
         loads = orjson.loads
         for number, line in enumerate(lines, 1):
@@ -84,22 +85,30 @@ def import_lines(lines: Iterable[bytes], url: str, database: str, set_name: str,
                 key, encoded = encode_line(line, number)
                 batch.append(encoded)
             keys.add(key)
+            numbers.append(number)
             count += 1
             if len(batch) >= batch_size:
                 progress(read)
                 read = 0
-                send(batch, keys, first_line)
-                batch, keys, first_line = [], set(), number + 1
+                send(batch, keys, numbers)
+                batch, keys, numbers = [], set(), []
         progress(read)
         if batch:
-            send(batch, keys, first_line)
+            send(batch, keys, numbers)
         for future, _ in in_flight:
             applied += future.result()
     return ImportResult(count, applied, time.monotonic() - started)
 
 
-def _send(target: Any, body: bytes, first_line: int) -> int:
+_OPERATION = re.compile(r"operation (\d+): ")
+
+
+def _send(target: Any, body: bytes, lines: list[int]) -> int:
     try:
         return int(target.batch_encoded(body))
     except FuckBaseError as exc:
-        raise ValueError(f"the batch from line {first_line} on was refused: {exc.code}: {exc.message}") from None
+        refused = f"the batch of lines {lines[0]}-{lines[-1]} was refused, nothing of it applied"
+        named = _OPERATION.match(exc.message)  # the server counts a batch's operations from 0
+        if named is not None and int(named[1]) < len(lines):
+            raise ValueError(f"line {lines[int(named[1])]}: {exc.code}: {exc.message[named.end():]} ({refused})") from None
+        raise ValueError(f"{refused}: {exc.code}: {exc.message}") from None

@@ -197,11 +197,11 @@ def _opt(*decls: str, env: str, **kw: Any) -> Any:
     help="How far back point-in-time restores reach (e.g. 7d, 12h); older continuous-backup objects no "
     "longer needed are deleted. Default: keep everything. Named backups are never touched.",
 )
-@_opt("--backup-keep-daily", env="FUCKBASE_BACKUP_KEEP_DAILY", type=int, default=0,
+@_opt("--backup-keep-daily", env="FUCKBASE_BACKUP_KEEP_DAILY", type=int, default=0, show_default=True,
       help="Beyond the retention age, keep the newest base snapshot of each of this many days.")
-@_opt("--backup-keep-weekly", env="FUCKBASE_BACKUP_KEEP_WEEKLY", type=int, default=0,
+@_opt("--backup-keep-weekly", env="FUCKBASE_BACKUP_KEEP_WEEKLY", type=int, default=0, show_default=True,
       help="… and of this many ISO weeks.")
-@_opt("--backup-keep-monthly", env="FUCKBASE_BACKUP_KEEP_MONTHLY", type=int, default=0,
+@_opt("--backup-keep-monthly", env="FUCKBASE_BACKUP_KEEP_MONTHLY", type=int, default=0, show_default=True,
       help="… and of this many months.")
 @_opt(
     "--backup-encryption-key-file",
@@ -300,6 +300,10 @@ def backup_verify(obj: Any, name: str) -> None:
     click.echo(f"valid: {result['entries']} entries, checksum {result['checksum']}")
 
 
+def _counted(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
+
+
 @cli.command("import")
 @click.argument("file", type=click.File("rb"))
 @click.option("--database", required=True, help="The database to load into (it must exist).")
@@ -327,7 +331,8 @@ def import_file(file: Any, database: str, set_name: str, url: str, username: str
             result = import_lines(file, url, database, set_name, auth, batch_size, bar.update)
         except ValueError as exc:
             fail(str(exc))
-    click.echo(f"imported {result.applied} operations from {result.lines} lines in {result.seconds:.1f}s")
+    click.echo(f"imported {_counted(result.applied, 'operation')} from {_counted(result.lines, 'line')}"
+               f" in {result.seconds:.1f}s")
 
 
 def _file_size(file: Any) -> int:

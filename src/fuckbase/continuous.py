@@ -69,6 +69,7 @@ log = logging.getLogger("fuckbase.continuous")
 ROOT = "continuous/"
 LEASE = ROOT + "lease.json"
 CONSUMER = "continuous"  # the storage's change-sequence consumer
+FAILURE_KINDS = ("lease", "stream", "error", "retention")  # what /metrics counts by kind
 STATE_FILE = "continuous.json"  # in the data dir: this node's id and generation
 SEGMENT_FORMAT = 1
 LEASE_TTL = 60.0  # a lease not renewed for this long may be taken over by another node
@@ -777,7 +778,8 @@ class ShipStatus:
     pending_changes: int = 0
     lag_seconds: float = 0.0
     requests: dict[str, int] = field(default_factory=dict)
-    failures: dict[str, int] = field(default_factory=dict)
+    # by kind, each from 0 so that an alert on one finds it before the first failure
+    failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_KINDS, 0))
     window: dict[str, str] = field(default_factory=dict)  # the restorable range: earliest, latest
 
     def count(self, op: str, n: int = 1) -> None:

@@ -187,8 +187,9 @@ class Supervisor:
             # (it answers 503 until it is back); at the first start that is a configuration error
             self.rt = replace(self.rt, started=True)
             log.info(
-                "fuckbase listening on %s:%d, data in %s, durability %s, %d workers",
+                "fuckbase listening on %s:%d, data in %s, durability %s, %d worker%s",
                 settings.host, settings.port, settings.storage_label, settings.durability, settings.workers,
+                "" if settings.workers == 1 else "s",
             )
             self._watch()
         finally:
