@@ -471,15 +471,20 @@ def test_a_node_whose_processes_restart_while_postgresql_is_away_stays_up_and_re
     assert node.ok("/set/get", {"database": "d", "set": "s", "key": "k"})["data"] == 1
 
 
+def _indexed_set(storage: PostgresStorage) -> None:
+    """Database "d", set "s" and a basic index "g" on field "g"."""
+    storage.create_database("d", None)
+    storage.create_set("d", "s", allow_all)
+    storage.create_index("d", "s", IndexDef("g", "g", BASIC), allow_all)
+
+
 def test_a_group_whose_entry_another_node_wrote_meanwhile_runs_again_under_the_sequence_row(pg_url: str) -> None:
     """A group's writes run before it takes the sequence row; here another node writes the
     same entry in between (from inside the group's access check): the group must see that
     and run again under the row, so the index loses the other node's record, not a stale one."""
     a, b = PostgresStorage(pg_url), PostgresStorage(pg_url)
     try:
-        a.create_database("d", None)
-        a.create_set("d", "s", allow_all)
-        a.create_index("d", "s", IndexDef("g", "g", BASIC), allow_all)
+        _indexed_set(a)
         a.put("d", "s", "k", {"g": "one"}, b'{"g":"one"}', allow_all)
         checks: list[Credentials | None] = []
 
@@ -512,9 +517,7 @@ def test_groups_guessed_to_write_new_keys_run_again_when_a_key_was_not_new(pg_ur
     record and the delete finds its entry."""
     a, b = PostgresStorage(pg_url), PostgresStorage(pg_url)
     try:
-        a.create_database("d", None)
-        a.create_set("d", "s", allow_all)
-        a.create_index("d", "s", IndexDef("g", "g", BASIC), allow_all)
+        _indexed_set(a)
         for n in range(GUESS_AFTER + 1):  # the first reads the catalog the index changed
             a.begin_group()
             a.put("d", "s", f"new{n}", {"g": "new"}, b'{"g":"new"}', allow_all)
@@ -539,9 +542,7 @@ def test_groups_guessed_to_write_new_keys_run_again_when_a_key_was_not_new(pg_ur
 def test_a_put_of_the_value_an_entry_holds_is_logged_but_not_written_again(pg_url: str) -> None:
     storage = PostgresStorage(pg_url)
     try:
-        storage.create_database("d", None)
-        storage.create_set("d", "s", allow_all)
-        storage.create_index("d", "s", IndexDef("g", "g", BASIC), allow_all)
+        _indexed_set(storage)
         for key in ("same", "other"):
             storage.put("d", "s", key, {"g": 1}, b'{"g":1}', allow_all)
         acked = storage.retain_changes("t")
