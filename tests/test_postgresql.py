@@ -471,20 +471,39 @@ def test_a_node_whose_processes_restart_while_postgresql_is_away_stays_up_and_re
     assert node.ok("/set/get", {"database": "d", "set": "s", "key": "k"})["data"] == 1
 
 
+@contextlib.contextmanager
+def _two_nodes_on_an_indexed_set(pg_url: str) -> Iterator[tuple[PostgresStorage, PostgresStorage]]:
+    """Two nodes on one database, which holds database "d", set "s" and a basic index "g"
+    on field "g"."""
+    a, b = PostgresStorage(pg_url), PostgresStorage(pg_url)
+    try:
+        _indexed_set(a)
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
 def _indexed_set(storage: PostgresStorage) -> None:
-    """Database "d", set "s" and a basic index "g" on field "g"."""
     storage.create_database("d", None)
     storage.create_set("d", "s", allow_all)
     storage.create_index("d", "s", IndexDef("g", "g", BASIC), allow_all)
+
+
+def _keys_in(storage: PostgresStorage, groups: tuple[str, ...]) -> list[list[str]]:
+    """The keys index "g" finds under each of `groups`."""
+    return [[e.key for e in found] for found in storage.fetch([Lookup("d", "s", "g", g, allow_all) for g in groups])]
+
+
+def _samples(storage: PostgresStorage, figure: str) -> list[Any]:
+    return next(f for f in storage.figures() if f.name == figure).samples
 
 
 def test_a_group_whose_entry_another_node_wrote_meanwhile_runs_again_under_the_sequence_row(pg_url: str) -> None:
     """A group's writes run before it takes the sequence row; here another node writes the
     same entry in between (from inside the group's access check): the group must see that
     and run again under the row, so the index loses the other node's record, not a stale one."""
-    a, b = PostgresStorage(pg_url), PostgresStorage(pg_url)
-    try:
-        _indexed_set(a)
+    with _two_nodes_on_an_indexed_set(pg_url) as (a, b):
         a.put("d", "s", "k", {"g": "one"}, b'{"g":"one"}', allow_all)
         checks: list[Credentials | None] = []
 
@@ -498,16 +517,11 @@ def test_a_group_whose_entry_another_node_wrote_meanwhile_runs_again_under_the_s
         a.put("d", "s", "j", {"g": "three"}, b'{"g":"three"}', allow_all)
         assert a.end_group() == [None, None]
         assert len(checks) == 2  # before the row, then again under it
-        found = a.fetch([Lookup("d", "s", "g", g, allow_all) for g in ("one", "two", "three")])
-        assert [[e.key for e in f] for f in found] == [[], [], ["j", "k"]]
+        assert _keys_in(a, ("one", "two", "three")) == [[], [], ["j", "k"]]
         assert a.fetch([Get("d", "s", "k", allow_all)]) == [b'{"g":"three"}']
         with a.read() as view:
             assert view.key_counts() == {"d": 2}
-        replanned = next(f for f in a.figures() if f.name == "write_groups_replanned")
-        assert replanned.samples == [({}, 1)]
-    finally:
-        a.close()
-        b.close()
+        assert _samples(a, "write_groups_replanned") == [({}, 1)]
 
 
 def test_groups_guessed_to_write_new_keys_run_again_when_a_key_was_not_new(pg_url: str) -> None:
@@ -515,9 +529,7 @@ def test_groups_guessed_to_write_new_keys_run_again_when_a_key_was_not_new(pg_ur
     their entries first; here another node wrote two of them meanwhile: the commit must see
     that, and the group run again on what is stored, so the index loses the other node's
     record and the delete finds its entry."""
-    a, b = PostgresStorage(pg_url), PostgresStorage(pg_url)
-    try:
-        _indexed_set(a)
+    with _two_nodes_on_an_indexed_set(pg_url) as (a, b):
         for n in range(GUESS_AFTER + 1):  # the first reads the catalog the index changed
             a.begin_group()
             a.put("d", "s", f"new{n}", {"g": "new"}, b'{"g":"new"}', allow_all)
@@ -528,15 +540,10 @@ def test_groups_guessed_to_write_new_keys_run_again_when_a_key_was_not_new(pg_ur
         a.put("d", "s", "k", {"g": "mine"}, b'{"g":"mine"}', allow_all)
         a.delete("d", "s", "gone", allow_all)
         assert a.end_group() == [None, None]
-        found = a.fetch([Lookup("d", "s", "g", g, allow_all) for g in ("other", "mine")])
-        assert [[e.key for e in f] for f in found] == [[], ["k"]]
+        assert _keys_in(a, ("other", "mine")) == [[], ["k"]]
         with a.read() as view:
             assert view.key_counts() == {"d": GUESS_AFTER + 2}
-        guessed = next(f for f in a.figures() if f.name == "write_groups_guessed_wrong")
-        assert guessed.samples == [({}, 1)]
-    finally:
-        a.close()
-        b.close()
+        assert _samples(a, "write_groups_guessed_wrong") == [({}, 1)]
 
 
 def test_a_put_of_the_value_an_entry_holds_is_logged_but_not_written_again(pg_url: str) -> None:
@@ -560,8 +567,7 @@ def test_a_put_of_the_value_an_entry_holds_is_logged_but_not_written_again(pg_ur
         assert after["same"] == before["same"] and after["other"] != before["other"]
         assert [op for c in storage.changes(acked, 10) for op in c.ops] == [
             ("put", "d", "s", "same", b'{"g":1}'), ("put", "d", "s", "other", b'{"g":2}')]
-        found = storage.fetch([Lookup("d", "s", "g", g, allow_all) for g in ("1", "2")])
-        assert [[e.key for e in f] for f in found] == [["same"], ["other"]]
+        assert _keys_in(storage, ("1", "2")) == [["same"], ["other"]]
     finally:
         storage.close()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
@@ -23,7 +22,6 @@ import orjson
 from fuckbase import __version__
 from fuckbase.auth import AdminGuard, DatabaseGuard, body_credentials, make_db_auth
 from fuckbase.contract import (
-    BACKUP_FOLDER_PATTERN,
     BY_PATH,
     ENDPOINTS,
     MAX_KEY_BYTES,
@@ -34,7 +32,7 @@ from fuckbase.contract import (
     validator,
 )
 from fuckbase.errors import ApiError, invalid
-from fuckbase.names import is_database_name, is_key, is_object_name, sort_fields_problem
+from fuckbase.names import is_backup_folder, is_database_name, is_key, is_object_name, sort_fields_problem
 from fuckbase.storage import (
     BASIC,
     SORTABLE,
@@ -509,7 +507,7 @@ class Api:
         self.admin.check(headers.get("x-admin-authorization"), body)
         backups = self._backup_service()
         database = body.get("database") or None  # absent, null or "": all (the contract checked its type)
-        if database is not None and not re.fullmatch(BACKUP_FOLDER_PATTERN, database):
+        if database is not None and not is_backup_folder(database):
             raise invalid('"database" must be a database name: no slash or control character, at most 256')
         listed = await backups.list(database)
         try:

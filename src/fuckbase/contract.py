@@ -58,10 +58,11 @@ DB_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 RESERVED_DB_NAMES = frozenset({"full", ".", ".."})  # "full" names the full-backup folder
 OBJECT_NAME_PATTERN = r"^[^\x00-\x1f\x7f]{1,256}$"
 INSTANT_PATTERN = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})$"
-# the folder: any database name the original accepted (a backup of one outside our names is
-# restored with "as")
-BACKUP_FOLDER_PATTERN = r"^(?!\.\.?$)[^/\x00-\x1f\x7f]{1,256}$"
-BACKUP_NAME_PATTERN = r"^backups/((?!\.\.?/)[^/\x00-\x1f\x7f]{1,256})/(\d{8}-\d{6})(?:_(\d+))?(\.json(?:\.gz|\.zst)?)$"
+# a backup's folder: any database name the original accepted, not "." or ".." (a backup of
+# one outside our names is restored with "as")
+_BACKUP_FOLDER = r"(?!\.\.?(?:/|$))[^/\x00-\x1f\x7f]{1,256}"
+BACKUP_FOLDER_PATTERN = rf"^{_BACKUP_FOLDER}$"
+BACKUP_NAME_PATTERN = rf"^backups/({_BACKUP_FOLDER})/(\d{{8}}-\d{{6}})(?:_(\d+))?(\.json(?:\.gz|\.zst)?)$"
 MAX_SORT_FIELDS = 32
 MAX_KEY_BYTES = 1024
 MAX_NAME_CHARS = 256

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from fuckbase.contract import (
+    BACKUP_FOLDER_PATTERN,
     DB_NAME_PATTERN,
     MAX_KEY_BYTES,
     MAX_NAME_CHARS,
@@ -15,11 +16,17 @@ from fuckbase.contract import (
 
 _DB_NAME = re.compile(DB_NAME_PATTERN)
 _OBJECT_NAME = re.compile(OBJECT_NAME_PATTERN)
+_BACKUP_FOLDER = re.compile(BACKUP_FOLDER_PATTERN)
 
 
 def is_database_name(name: object) -> bool:
     """1-64 of A-Z a-z 0-9 _ - ., not "." or "..", and not the reserved "full"."""
     return isinstance(name, str) and bool(_DB_NAME.fullmatch(name)) and name not in RESERVED_DB_NAMES
+
+
+def is_backup_folder(name: object) -> bool:
+    """A database name as a backup's folder holds it: ours, or any the original took."""
+    return isinstance(name, str) and bool(_BACKUP_FOLDER.fullmatch(name))
 
 
 def is_object_name(name: object) -> bool:
