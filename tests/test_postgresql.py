@@ -102,11 +102,7 @@ def _hammer(node: ServerProcess, keys: list[str], stop: threading.Event, acked: 
 def test_indexes_stay_exact_under_concurrent_writes_to_the_same_keys_from_several_nodes(
         make_server: Any, pg_url: str) -> None:
     a, b = nodes(make_server, pg_url, 2)
-    a.ok("/create", {"name": "d"})
-    a.ok("/set/create", {"database": "d", "name": "s"})
-    a.ok("/index/create", {"database": "d", "set": "s", "name": "g", "field": "g"})
-    b.ok("/index/create/sortable", {"database": "d", "set": "s", "name": "by", "primary_field": "g",
-                                    "sort_fields": ["n"]})
+    _create_indexed_set(a, b)
     keys = [f"k{i}" for i in range(40)]
     stop = threading.Event()
     errors: list[str] = []
@@ -120,6 +116,16 @@ def test_indexes_stay_exact_under_concurrent_writes_to_the_same_keys_from_severa
         t.join()
     assert not errors, errors[:3]
     _assert_indexes_exact([a, b], keys, [f"g{n}" for n in range(4)])
+
+
+def _create_indexed_set(node: ServerProcess, sortable_by: ServerProcess) -> None:
+    """Database "d", set "s", a basic index "g" on field g, and (made by `sortable_by`, which
+    may be another node) a sortable index "by" on g sorted by n."""
+    node.ok("/create", {"name": "d"})
+    node.ok("/set/create", {"database": "d", "name": "s"})
+    node.ok("/index/create", {"database": "d", "set": "s", "name": "g", "field": "g"})
+    sortable_by.ok("/index/create/sortable", {"database": "d", "set": "s", "name": "by", "primary_field": "g",
+                                              "sort_fields": ["n"]})
 
 
 def _assert_indexes_exact(nodes: list[ServerProcess], keys: list[str], groups: list[str]) -> None:
@@ -147,11 +153,7 @@ def test_indexes_stay_exact_when_several_nodes_write_the_same_new_keys_at_once(m
     other writes every fiftieth of the same keys, running ahead of it: the first node's guess
     that its keys are new is now right, now wrong, and the indexes must come out exact."""
     a, b = nodes(make_server, pg_url, 2)
-    a.ok("/create", {"name": "d"})
-    a.ok("/set/create", {"database": "d", "name": "s"})
-    a.ok("/index/create", {"database": "d", "set": "s", "name": "g", "field": "g"})
-    a.ok("/index/create/sortable", {"database": "d", "set": "s", "name": "by", "primary_field": "g",
-                                    "sort_fields": ["n"]})
+    _create_indexed_set(a, a)
     keys = [f"k{i:05}" for i in range(3000)]
     errors: list[str] = []
 
