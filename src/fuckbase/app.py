@@ -278,17 +278,20 @@ def _answer(waiting: list[_Deferred], outcomes: list[BaseException | None],
             flush: Callable[[], Awaitable[None]] | None) -> None:
     """Each write's answer from the outcomes of its queued writes (in order), after a flush
     when durability asks for one; a write whose credentials were not verified is redone."""
-    results = iter(outcomes)
-    answers: list[tuple[_Deferred, Response]] = []
-    for d in waiting:
-        failure = next((o for o in (next(results) for _ in range(d.count)) if o is not None), None)
-        if failure is None:
-            answers.append((d, d.response))
-        elif isinstance(failure, NeedsVerification):
-            d.pending.joinable = False
-            asyncio.ensure_future(d.redo(failure)).add_done_callback(d.redone)
-        else:
-            answers.append((d, _error_response(failure)))
+    if outcomes.count(None) == len(outcomes):  # the common case: every write committed
+        answers = [(d, d.response) for d in waiting]
+    else:
+        results = iter(outcomes)
+        answers = []
+        for d in waiting:
+            failure = next((o for o in (next(results) for _ in range(d.count)) if o is not None), None)
+            if failure is None:
+                answers.append((d, d.response))
+            elif isinstance(failure, NeedsVerification):
+                d.pending.joinable = False
+                asyncio.ensure_future(d.redo(failure)).add_done_callback(d.redone)
+            else:
+                answers.append((d, _error_response(failure)))
     if flush is not None and any(r.status == 200 for _, r in answers):
         asyncio.ensure_future(flush()).add_done_callback(lambda f: _flushed(f, answers))
     else:

@@ -267,6 +267,38 @@ def test_a_group_applies_each_write_alone_in_order_in_one_commit(storage: Storag
         assert set(view.database("d").sets) == {"s", "plain", "fresh"}
 
 
+def test_writes_of_a_group_see_the_catalog_changes_of_the_writes_before_them(storage: Storage) -> None:
+    storage.create_database("d", None)
+    storage.create_database("gone", None)
+    put(storage, "d", "s", "a", {"e": "x"})
+    storage.create_index("d", "s", IndexDef("e", "e"), allow_all)
+    storage.begin_group()
+    put(storage, "gone", "s", "k", 1)
+    storage.drop_database("gone", allow_all)
+    put(storage, "gone", "s", "k", 2)  # the database the group dropped
+    put(storage, "d", "s", "b", {"e": "x"})
+    storage.create_set("d", "t", allow_all)
+    put(storage, "d", "t", "c", {"e": "x"})  # into the set the group made
+    put(storage, "d", "new", "n1", 1)  # creates the set
+    put(storage, "d", "new", "n2", 2)  # and finds it
+    storage.create_database("gone", {"username": "u", "hash": "h"})
+    put(storage, "gone", "s", "k", 3)  # the database the group made anew
+
+    def refuse(stored: Any) -> None:
+        raise PermissionError(stored)
+
+    storage.put("gone", "s", "k", 4, b"4", refuse)
+    results = storage.end_group()
+    assert [type(r) if r else None for r in results] == [
+        None, None, DatabaseNotFound, None, None, None, None, None, None, None, PermissionError]
+    assert lookup(storage, "d", "s", "e", "x") == ["a", "b"]
+    assert get(storage, "d", "t", "c") == {"e": "x"} and get(storage, "gone", "s", "k") == 3
+    assert [get(storage, "d", "new", k) for k in ("n1", "n2")] == [1, 2]
+    with storage.read() as view:
+        assert view.key_counts() == {"d": 5, "gone": 1}
+
+
+
 def test_batch_is_all_or_nothing(storage: Storage) -> None:
     storage.create_database("d", None)
     put(storage, "d", "s", "a", {"e": "x"})

@@ -175,8 +175,7 @@ class LmdbRestoreWriter:
                 for old in replaced:
                     check(old)
             for old in replaced:
-                w.txn.delete(old.name.encode(), db=s.catalog)
-                w.forget(old)
+                w.remove(old)
             for staged in self._dbs:
                 sets: dict[str, Any] = {}
                 for st in staged.sets.values():

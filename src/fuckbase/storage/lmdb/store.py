@@ -251,9 +251,7 @@ class LmdbStorage:
 
     def drop_database(self, name: str, check: AccessCheck) -> None:
         def op(w: Writer) -> None:
-            db = w.database(name, check)
-            w.txn.delete(name.encode(), db=self.catalog)
-            w.forget(db)
+            w.remove(w.database(name, check))
             w.log(("drop_database", name))
 
         self.write(op)
@@ -617,7 +615,8 @@ def _index_op_json(definition: IndexDef) -> dict[str, Any]:
 class Writer:
     """The operations of one write transaction on the catalog, the data and the indexes."""
 
-    __slots__ = ("storage", "txn", "logging", "_ops", "_numbered", "_sequence", "_deltas", "_data", "_index")
+    __slots__ = ("storage", "txn", "logging", "_ops", "_numbered", "_sequence", "_deltas", "_data", "_index",
+                 "_databases")
 
     def __init__(self, storage: LmdbStorage, txn: lmdb.Transaction, numbered: bool = True) -> None:
         self.storage = storage
@@ -629,6 +628,7 @@ class Writer:
         self._deltas: dict[bytes, int] = {}  # count key -> change, written once at the end
         self._data = storage.data
         self._index = storage.index
+        self._databases: dict[str, StoredDatabase] = {}  # read in this transaction; a group's writes share them
 
     def finish(self) -> None:
         """Writes the counts; numbers the commit and, while changes are retained, records it."""
@@ -657,7 +657,9 @@ class Writer:
     # catalog
 
     def database(self, name: str, check: AccessCheck) -> StoredDatabase:
-        db = self.storage.load_database(self.txn, name)
+        db = self._databases.get(name)
+        if db is None:
+            db = self._databases[name] = self.storage.load_database(self.txn, name)
         check(db.auth)
         return db
 
@@ -667,6 +669,17 @@ class Writer:
 
     def save(self, name: str, record: dict[str, Any]) -> None:
         self.txn.put(name.encode(), orjson.dumps(record), db=self.storage.catalog)
+        self._databases.pop(name, None)
+
+    def remove(self, db: StoredDatabase) -> None:
+        """Removes the database's catalog record and marks its sets and indexes for reclaiming:
+        O(sets), not O(entries)."""
+        self.txn.delete(db.name.encode(), db=self.storage.catalog)
+        self._databases.pop(db.name, None)
+        for st in db.states.values():
+            self.mark_for_reclaim(_GC_SET, st.prefix)
+            for ix in st.indexes:
+                self.mark_for_reclaim(_GC_INDEX, ix.prefix)
 
     def new_id(self) -> int:
         n = K.count_of(self.txn.get(_IDS, db=self.storage.meta)) + 1
@@ -680,13 +693,6 @@ class Writer:
         self.save(db.name, rec)
         self.log(("create_set", db.name, name))
         return st
-
-    def forget(self, db: StoredDatabase) -> None:
-        """Marks a removed database's sets and indexes for reclaiming: O(sets), not O(entries)."""
-        for st in db.states.values():
-            self.mark_for_reclaim(_GC_SET, st.prefix)
-            for ix in st.indexes:
-                self.mark_for_reclaim(_GC_INDEX, ix.prefix)
 
     def mark_for_reclaim(self, kind: bytes, prefix: bytes) -> None:
         self.txn.put(kind + prefix, b"", db=self.storage.gc)
