@@ -52,7 +52,16 @@ end
 
 def memory_mb(pid: int) -> tuple[float, float]:
     """(anonymous, file-backed) resident memory of a process and its children, in MB."""
-    anon = file = 0.0
+    anon, _, file = memory_parts_mb(pid)
+    return anon, file
+
+
+def memory_parts_mb(pid: int) -> tuple[float, float, float]:
+    """(anonymous, anonymous counted once, file-backed) resident memory of a process and its
+    children, in MB. The first sums each process's anonymous pages, so the pages that forked
+    workers still share with the supervisor count once per process; the second sums their
+    proportional shares (Pss_Anon), each page counted once in all."""
+    anon = once = file = 0.0
     for p in descendants(pid):
         try:
             text = Path(f"/proc/{p}/smaps_rollup").read_text()
@@ -60,8 +69,9 @@ def memory_mb(pid: int) -> tuple[float, float]:
             continue
         fields = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in text.splitlines()[1:])}
         anon += fields.get("Anonymous", 0) / 1024
+        once += fields.get("Pss_Anon", 0) / 1024
         file += (fields.get("Rss", 0) - fields.get("Anonymous", 0)) / 1024
-    return anon, file
+    return anon, once, file
 
 
 class PeakRss:
@@ -171,9 +181,10 @@ def memory(s: Server, keys: int) -> None:
     """At rest: the shipping of the load's changes to S3 holds buffers while it runs (the
     growth during a backup and a restore is measured on its own)."""
     waited = settled(s)
-    anon, file = memory_mb(s.pid)
+    anon, once, file = memory_parts_mb(s.pid)
     say(s.name, f"memory with {keys} entries and one index (at rest, after {waited:.1f} s): private/anonymous"
-                f" {anon:.0f} MB, file mapping resident {file:.0f} MB, RSS {anon + file:.0f} MB (all processes)")
+                f" {once:.0f} MB with each page counted once ({anon:.0f} MB summed per process), file mapping"
+                f" resident {file:.0f} MB, RSS {anon + file:.0f} MB (all processes)")
 
 
 def restart(s: Server, keys: int) -> bool:
