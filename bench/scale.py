@@ -177,10 +177,15 @@ def index(s: Server, keys: int) -> float:
     return took
 
 
+REST_SECONDS = 3.0  # idle before memory is read: the workers give back what requests freed after 2 s
+
+
 def memory(s: Server, keys: int) -> None:
     """At rest: the shipping of the load's changes to S3 holds buffers while it runs (the
     growth during a backup and a restore is measured on its own)."""
     waited = settled(s)
+    time.sleep(REST_SECONDS)
+    waited += REST_SECONDS
     anon, once, file = memory_parts_mb(s.pid)
     say(s.name, f"memory with {keys} entries and one index (at rest, after {waited:.1f} s): private/anonymous"
                 f" {once:.0f} MB with each page counted once ({anon:.0f} MB summed per process), file mapping"

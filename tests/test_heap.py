@@ -5,7 +5,8 @@
   reference count. A request path that starts making cycles would make every worker's memory
   swing by thousands of objects between collections; the first test names it instead.
 - The allocator keeps freed memory for reuse while a long operation runs, and the job process
-  gives it back once the operation has ended.
+  gives it back once the operation has ended; a worker gives back what its requests freed
+  once they stop for a while.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from conftest import ServerProcess
 from inprocess import in_process_app
 
+from fuckbase import heap
 from fuckbase.app import App
 from fuckbase.http import Request, Response
 
@@ -106,3 +108,11 @@ def test_the_job_process_gives_back_what_a_restore_freed(server: ServerProcess) 
     time.sleep(0.5)
     grown = _anonymous_kib(job) - before
     assert grown < 16 * 1024, f"the job process kept {grown} KiB after a restore"
+
+
+def test_a_worker_gives_back_freed_memory_once_per_burst_when_requests_stop() -> None:
+    quiet = heap.Quiet(0, ticks=2)
+    assert [quiet.tick(0) for _ in range(3)] == [False] * 3  # nothing happened: nothing to give back
+    assert [quiet.tick(n) for n in (3, 9, 9, 14)] == [False] * 4  # a burst, with a pause shorter than the wait
+    assert [quiet.tick(14) for _ in range(4)] == [False, True, False, False]  # quiet since: once
+    assert [quiet.tick(15), quiet.tick(15), quiet.tick(15)] == [False, False, True]  # the next burst

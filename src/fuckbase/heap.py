@@ -6,10 +6,13 @@ and free the same kinds of objects over and over.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
+from collections.abc import Callable
 
 KEPT_FREE_BYTES = 64 << 20
+QUIET_SECONDS = 2.0  # without activity before a worker gives back what its requests freed
 HEAP_BUFFER_BYTES = 32 << 20  # glibc's own upper bound for this setting
 # net allocations between collections of the youngest generation: above what one request keeps
 # alive at once (a 5,000-operation batch: ~30,000 objects; at 10,000 a batch set off three
@@ -62,3 +65,35 @@ def settle() -> None:
     process: frozen, no collection walks it again."""
     gc.freeze()
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, 10, 10)
+
+
+class Quiet:
+    """Tells, tick by tick, when a count of activity has not moved for `ticks` ticks after it
+    last moved: once per burst."""
+
+    def __init__(self, count: int, ticks: int) -> None:
+        self._seen = self._given = count
+        self._ticks = ticks
+        self._quiet = 0
+
+    def tick(self, count: int) -> bool:
+        if count != self._seen:
+            self._seen, self._quiet = count, 0
+            return False
+        self._quiet += 1
+        if self._quiet >= self._ticks and count != self._given:
+            self._given = count
+            return True
+        return False
+
+
+async def give_back_when_quiet(activity: Callable[[], int]) -> None:
+    """Gives back what a burst of activity freed once `activity()` (a count that grows with
+    it) has not moved for QUIET_SECONDS. glibc keeps a freed heap top below its threshold and
+    the free memory inside a heap: after a load of 1M puts each worker held ~4 MB so, for as
+    long as it ran idle."""
+    quiet = Quiet(activity(), int(QUIET_SECONDS))
+    while True:
+        await asyncio.sleep(1.0)
+        if quiet.tick(activity()):
+            give_back()
