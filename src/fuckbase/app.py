@@ -391,7 +391,6 @@ class App:
         self.group = group
         self.flush = flush  # durability "fsync": awaits a flush covering every commit so far
         self.password_checks = PasswordChecks()
-        self.answered = 0  # requests answered so far
 
     def joins(self, req: Request) -> bool:
         """Whether the request would be a write of the current group."""
@@ -523,7 +522,6 @@ class App:
 
     def _record(self, req: Request, label: str, status: int, *, started: float) -> None:
         elapsed = time.perf_counter() - started
-        self.answered += 1
         self.metrics.observe(label, status, elapsed)
         if self.access_log is not None:
             self.access_log.record(req.method, req.path, status, elapsed)

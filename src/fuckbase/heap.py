@@ -12,8 +12,8 @@ import gc
 from collections.abc import Callable
 
 KEPT_FREE_BYTES = 64 << 20
-QUIET_SECONDS = 2.0  # without activity before a worker gives back what its requests freed
 HEAP_BUFFER_BYTES = 32 << 20  # glibc's own upper bound for this setting
+QUIET_SECONDS = 2  # without activity before a worker gives back what its requests freed
 # net allocations between collections of the youngest generation: above what one request keeps
 # alive at once (a 5,000-operation batch: ~30,000 objects; at 10,000 a batch set off three
 # collections that walked them all, 6 % of an import's server CPU)
@@ -92,8 +92,8 @@ async def give_back_when_quiet(activity: Callable[[], int]) -> None:
     it) has not moved for QUIET_SECONDS. glibc keeps a freed heap top below its threshold and
     the free memory inside a heap: after a load of 1M puts each worker held ~4 MB so, for as
     long as it ran idle."""
-    quiet = Quiet(activity(), int(QUIET_SECONDS))
+    quiet = Quiet(activity(), QUIET_SECONDS)
     while True:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1)  # a tick
         if quiet.tick(activity()):
             give_back()

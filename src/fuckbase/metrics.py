@@ -67,6 +67,10 @@ class Tallies:
         slots[h + bisect_left(BUCKETS, seconds)] += 1
         slots[h + _HIST - 1] += int(seconds * 1e6)
 
+    def answered(self) -> int:
+        """The requests this process has counted, of every endpoint and status."""
+        return sum(self._slots[: self._hist_base])
+
     @staticmethod
     def read(path: Path, endpoints: Sequence[str]) -> list[int] | None:
         """Another process's slots, or None when the file is not one of this layout."""

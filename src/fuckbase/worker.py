@@ -178,7 +178,7 @@ def worker_process(rt: Runtime, slot: int, backup_target: str) -> None:
     tasks = [loop.create_task(publish_backend_figures(storage.figures, Published(rt.run_dir, f"{BACKEND_FIGURES}worker-{slot}")))]
     if access_log is not None:
         tasks.append(loop.create_task(access_log.run()))
-    tasks.append(loop.create_task(heap.give_back_when_quiet(lambda: app.answered)))
+    tasks.append(loop.create_task(heap.give_back_when_quiet(metrics.tallies.answered)))
     heap.settle()
     loop.run_until_complete(stopping.wait())
     listener.close()
